@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - create the venv, generate a synthetic temperature series, cluster it
+#   make test   - create the venv, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/xtec-flows synth demo-output/volume.zarr --shape 24,64,64,64 --seed 0 --overwrite
+	$(BIN)/xtec-flows cluster demo-output/volume.zarr -o demo-output/d --mode d -k 4 --seed 0 --overwrite
+	$(BIN)/xtec-flows cluster demo-output/volume.zarr -o demo-output/s --mode s -k 4 --seed 0 --overwrite
+	$(BIN)/xtec-flows cluster demo-output/volume.zarr -o demo-output/peaks --mode peaks -k 3 --seed 0 --overwrite
+	@echo "demo results in demo-output/{d,s,peaks}: labels.zarr result.json qmap.png trajectories.png"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_engine.py
+
+clean:
+	rm -rf demo-output .pytest_cache

@@ -1,0 +1,424 @@
+"""Diagonal-covariance Gaussian mixture fitted by EM, as a reduction of sufficient statistics.
+
+The E-step of a block of trajectories yields responsibilities; the M-step needs
+only their sums (``nk``), the responsibility-weighted sums of x and of x**2 and
+the block's log-likelihood. Those add up over blocks, so the same code fits
+trajectories held in one array, split over threads, or spread over a dask
+cluster; responsibilities for the whole data set are never held at once
+(except in smoothing mode, which needs them on the grid: n_samples x K).
+
+Conventions follow scikit-learn: ``n_components``, ``reg_covar``, ``tol`` on the
+change of the *mean* per-sample log-likelihood (so it does not depend on N),
+``max_iter``, ``n_init``, ``random_state``. The log-likelihood is the true one:
+the Gaussian normalising constant uses the data dimension T.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import logsumexp
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass
+class MixtureParams:
+    """Parameters of a diagonal Gaussian mixture.
+
+    Attributes
+    ----------
+    weights : ndarray of shape (K,)
+    means : ndarray of shape (K, T)
+    variances : ndarray of shape (K, T)
+    """
+
+    weights: np.ndarray
+    means: np.ndarray
+    variances: np.ndarray
+
+    @property
+    def n_components(self) -> int:
+        return self.weights.size
+
+    def permuted(self, order: np.ndarray) -> "MixtureParams":
+        return MixtureParams(self.weights[order], self.means[order], self.variances[order])
+
+
+@dataclass
+class SufficientStats:
+    """Per-block sums that an M-step needs; they add.
+
+    nk : (K,)  sum of responsibilities
+    sx : (K, T) sum of resp * x
+    sxx : (K, T) sum of resp * x**2
+    log_likelihood : float, sum over samples of log p(x)
+    n : int, number of samples
+    """
+
+    nk: np.ndarray
+    sx: np.ndarray
+    sxx: np.ndarray
+    log_likelihood: float
+    n: int
+
+    def __add__(self, other: "SufficientStats") -> "SufficientStats":
+        return SufficientStats(
+            self.nk + other.nk,
+            self.sx + other.sx,
+            self.sxx + other.sxx,
+            self.log_likelihood + other.log_likelihood,
+            self.n + other.n,
+        )
+
+
+def n_parameters(n_components: int, n_features: int) -> int:
+    """Free parameters of a diagonal mixture: means, variances, K-1 weights."""
+    return 2 * n_components * n_features + n_components - 1
+
+
+def bic(log_likelihood_total: float, n_samples: int, n_components: int, n_features: int) -> float:
+    """Bayesian information criterion, -2 log L + p log N (lower is better)."""
+    return -2.0 * log_likelihood_total + n_parameters(n_components, n_features) * math.log(n_samples)
+
+
+def estimate_log_gaussian_prob(X: np.ndarray, means: np.ndarray, variances: np.ndarray) -> np.ndarray:
+    """log N(x | mean_k, diag(var_k)) for every sample and component.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, T)
+    means, variances : ndarray of shape (K, T)
+
+    Returns
+    -------
+    log_prob : ndarray of shape (n_samples, K)
+    """
+    precisions = 1.0 / variances
+    n_features = X.shape[1]
+    # log-det as a sum of logs: the product of T small variances underflows.
+    log_det = np.log(variances).sum(axis=1)
+    # |x - mu|^2_P = x^2.P - 2 x.(mu P) + mu^2.P; two small matmuls beat K passes over X.
+    quad = (X * X) @ precisions.T
+    quad -= 2.0 * (X @ (means * precisions).T)
+    quad += (means * means * precisions).sum(axis=1)
+    return -0.5 * (n_features * LOG_2PI + log_det + quad)
+
+
+def estimate_weighted_log_prob(X: np.ndarray, params: MixtureParams) -> np.ndarray:
+    """log w_k + log N(x | k); shape (n_samples, K)."""
+    out = estimate_log_gaussian_prob(X, params.means, params.variances)
+    out += np.log(params.weights)
+    return out
+
+
+def e_step(X: np.ndarray, params: MixtureParams) -> tuple[np.ndarray, np.ndarray]:
+    """Responsibilities (n_samples, K) and per-sample log-likelihood (n_samples,)."""
+    wlp = estimate_weighted_log_prob(X, params)
+    log_norm = logsumexp(wlp, axis=1)
+    wlp -= log_norm[:, None]
+    np.exp(wlp, out=wlp)
+    return wlp, log_norm
+
+
+def stats_from_responsibilities(X: np.ndarray, resp: np.ndarray, log_likelihood: float = 0.0) -> SufficientStats:
+    """Sufficient statistics of one block given its responsibilities (n_samples, K)."""
+    return SufficientStats(
+        nk=resp.sum(axis=0),
+        sx=resp.T @ X,
+        sxx=resp.T @ (X * X),
+        log_likelihood=float(log_likelihood),
+        n=X.shape[0],
+    )
+
+
+def e_step_stats(X: np.ndarray, params: MixtureParams) -> SufficientStats:
+    """Fused E-step and statistics of one block: responsibilities are dropped after use."""
+    resp, log_norm = e_step(X, params)
+    return stats_from_responsibilities(X, resp, log_norm.sum())
+
+
+def m_step(stats: SufficientStats, reg_covar: float) -> MixtureParams:
+    """Maximum-likelihood parameters from summed statistics.
+
+    ``reg_covar`` is added to every variance so that a component collapsing on
+    a few identical trajectories cannot reach zero variance.
+    """
+    # 10 eps keeps an empty component finite (its mean goes to 0, weight ~0),
+    # as scikit-learn does, instead of a NaN that poisons the next E-step.
+    nk = stats.nk + 10 * np.finfo(np.float64).eps
+    means = stats.sx / nk[:, None]
+    variances = stats.sxx / nk[:, None] - means * means
+    np.maximum(variances, 0.0, out=variances)
+    variances += reg_covar
+    weights = nk / nk.sum()
+    return MixtureParams(weights, means, variances)
+
+
+def log_likelihood_per_sample(X: np.ndarray, params: MixtureParams) -> np.ndarray:
+    """log p(x) of each sample under the mixture; shape (n_samples,)."""
+    return logsumexp(estimate_weighted_log_prob(X, params), axis=1)
+
+
+def kmeans_plusplus(X: np.ndarray, n_components: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (greedy, 2 + log K local trials as in scikit-learn).
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, T)
+    Returns
+    -------
+    centres : ndarray of shape (K, T)
+    """
+    n = X.shape[0]
+    n_trials = 2 + int(math.log(n_components))
+    centres = np.empty((n_components, X.shape[1]))
+    x_sq = np.einsum("ij,ij->i", X, X)
+    first = rng.integers(n)
+    centres[0] = X[first]
+    closest = np.maximum(x_sq - 2 * X @ X[first] + x_sq[first], 0.0)
+    potential = closest.sum()
+    for c in range(1, n_components):
+        if potential <= 0:
+            # All remaining points coincide with a centre: pick uniformly.
+            candidates = rng.integers(n, size=n_trials)
+        else:
+            cum = np.cumsum(closest)
+            candidates = np.searchsorted(cum, rng.random(n_trials) * cum[-1])
+            np.clip(candidates, 0, n - 1, out=candidates)
+        d = np.maximum(x_sq[None, :] - 2 * X[candidates] @ X.T + x_sq[candidates, None], 0.0)
+        d = np.minimum(closest[None, :], d)
+        best = int(np.argmin(d.sum(axis=1)))
+        closest = d[best]
+        potential = closest.sum()
+        centres[c] = X[candidates[best]]
+    return centres
+
+
+def nearest_centre_stats(X: np.ndarray, centres: np.ndarray) -> SufficientStats:
+    """Statistics of a hard assignment of each sample to its nearest centre (initial M-step)."""
+    d = (X * X).sum(axis=1)[:, None] - 2 * X @ centres.T + (centres * centres).sum(axis=1)
+    labels = np.argmin(d, axis=1)
+    resp = np.zeros((X.shape[0], centres.shape[0]))
+    resp[np.arange(X.shape[0]), labels] = 1.0
+    return stats_from_responsibilities(X, resp)
+
+
+def canonical_order(params: MixtureParams, counts: np.ndarray | None = None) -> np.ndarray:
+    """Deterministic component order, so reprocessing a scan gives the same colours.
+
+    Components are sorted by decreasing standard deviation over temperature of
+    their mean trajectory: label 0 is the most temperature-dependent cluster
+    (an order parameter or a critical halo), the last one the flattest
+    (typically Bragg peaks or background after rescaling). Ties are broken by
+    larger weight, then by the mean trajectory itself, lexicographically.
+
+    Returns
+    -------
+    order : ndarray of shape (K,), a permutation; ``params.permuted(order)`` is canonical.
+    """
+    spread = params.means.std(axis=1)
+    weight = params.weights if counts is None else np.asarray(counts, dtype=float)
+    # Round so that bit-level noise between runs cannot flip the order.
+    keys = [tuple(np.round(m, 10)) for m in params.means]
+    idx = list(range(params.n_components))
+    idx.sort(key=lambda k: (-round(float(spread[k]), 10), -float(weight[k]), keys[k]))
+    return np.asarray(idx, dtype=np.intp)
+
+
+# --------------------------------------------------------------------------------------
+# The EM loop. Blocks of rows are mapped over a thread pool (numpy input; numpy
+# releases the GIL in the matmuls and ufuncs) or over dask (dask input, which
+# uses a distributed.Client when one is active). Either way a step is
+# sum(per-block statistics).
+# --------------------------------------------------------------------------------------
+
+
+class _Blocks:
+    """Row blocks of a trajectories array, numpy or dask, with a parallel map."""
+
+    def __init__(self, X, block_size: int, n_threads: int | None):
+        self.is_dask = hasattr(X, "dask") and hasattr(X, "to_delayed")
+        if self.is_dask:
+            if len(X.chunks[1]) != 1:
+                X = X.rechunk({1: -1})
+            self.blocks = list(X.to_delayed().ravel())
+            starts = np.cumsum((0,) + X.chunks[0])
+        else:
+            X = np.asarray(X, dtype=np.float64)
+            starts = np.arange(0, X.shape[0], block_size).tolist() + [X.shape[0]]
+            self.blocks = [X[a:b] for a, b in zip(starts[:-1], starts[1:])]
+        self.slices = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+        self.n_samples = int(starts[-1])
+        self.n_features = int(X.shape[1])
+        self.X = X
+        self.n_threads = n_threads
+        self._pool = None
+
+    def map(self, func, *per_block_args):
+        """[func(block_i, *args_i) for each block], computed in parallel."""
+        if self.is_dask:
+            import dask
+
+            tasks = [
+                dask.delayed(func)(b, *(a[i] for a in per_block_args)) for i, b in enumerate(self.blocks)
+            ]
+            return list(dask.compute(*tasks))
+        if len(self.blocks) == 1 or self.n_threads == 1:
+            return [func(b, *(a[i] for a in per_block_args)) for i, b in enumerate(self.blocks)]
+        if self._pool is None:
+            import os
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.n_threads or os.cpu_count() or 1)
+        futures = [
+            self._pool.submit(func, b, *(a[i] for a in per_block_args)) for i, b in enumerate(self.blocks)
+        ]
+        return [f.result() for f in futures]
+
+    def reduce(self, func, *per_block_args) -> SufficientStats:
+        parts = self.map(func, *per_block_args)
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        return total
+
+    def sample(self, size: int, rng: np.random.Generator) -> np.ndarray:
+        """A uniform random subset of rows (size, T) for seeding."""
+        if size >= self.n_samples:
+            idx = np.arange(self.n_samples)
+        else:
+            idx = np.sort(rng.choice(self.n_samples, size=size, replace=False))
+        if self.is_dask:
+            return np.asarray(self.X[idx].compute(), dtype=np.float64)
+        return self.X[idx]
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+@dataclass
+class MixtureFit:
+    """A fitted mixture and its diagnostics.
+
+    params : canonical-order parameters (see :func:`canonical_order`)
+    labels : ndarray of shape (n_samples,), int8 (component of highest responsibility)
+    counts : ndarray of shape (K,), samples per label
+    log_likelihood : total log-likelihood of the data under ``params`` (unsmoothed)
+    bic : Bayesian information criterion
+    n_iter, converged : EM iterations of the best restart and whether |Δ mean log L| < tol
+    history : mean log-likelihood after every E-step of the best restart
+    n_init_best : index of the restart that won
+    """
+
+    params: MixtureParams
+    labels: np.ndarray
+    counts: np.ndarray
+    log_likelihood: float
+    bic: float
+    n_iter: int
+    converged: bool
+    history: list
+    n_init_best: int
+
+
+def _final_assignment(X, params: MixtureParams):
+    resp, log_norm = e_step(X, params)
+    return np.argmax(resp, axis=1).astype(np.int8), float(log_norm.sum())
+
+
+def fit_mixture(
+    X,
+    n_components: int,
+    *,
+    reg_covar: float = 1e-6,
+    tol: float = 1e-4,
+    max_iter: int = 300,
+    n_init: int = 1,
+    random_state: int | None = 0,
+    smoother=None,
+    init_sample_size: int = 50_000,
+    block_size: int = 65_536,
+    n_threads: int | None = None,
+) -> MixtureFit:
+    """Fit a diagonal Gaussian mixture by EM.
+
+    Parameters
+    ----------
+    X : ndarray or dask array of shape (n_samples, T)
+        Rescaled trajectories.
+    n_components : int
+    smoother : callable or None
+        ``smoother(resp) -> resp`` applied between E and M steps (XTEC-s label
+        smoothing), with ``resp`` of shape (n_samples, K). Needs all
+        responsibilities at once, so with a smoother the E-step keeps them.
+    init_sample_size : int
+        k-means++ seeds are drawn from at most this many random rows.
+
+    Returns
+    -------
+    MixtureFit
+    """
+    rng = np.random.default_rng(random_state)
+    blocks = _Blocks(X, block_size, n_threads)
+    n, n_features = blocks.n_samples, blocks.n_features
+    try:
+        best = None
+        for restart in range(n_init):
+            seed_rows = blocks.sample(init_sample_size, rng)
+            centres = kmeans_plusplus(seed_rows, n_components, rng)
+            params = m_step(blocks.reduce(nearest_centre_stats, [centres] * len(blocks.blocks)), reg_covar)
+            history: list[float] = []
+            converged = False
+            n_iter = 0
+            resp_blocks = None
+            for n_iter in range(1, max_iter + 1):
+                args = [params] * len(blocks.blocks)
+                if smoother is None:
+                    stats = blocks.reduce(e_step_stats, args)
+                    ll = stats.log_likelihood
+                else:
+                    parts = blocks.map(e_step, args)
+                    resp = smoother(np.concatenate([p[0] for p in parts]))
+                    ll = float(sum(p[1].sum() for p in parts))
+                    resp_blocks = [resp[s] for s in blocks.slices]
+                    stats = blocks.reduce(stats_from_responsibilities, resp_blocks)
+                history.append(ll / n)
+                params = m_step(stats, reg_covar)
+                if len(history) > 1 and abs(history[-1] - history[-2]) < tol:
+                    converged = True
+                    break
+            if smoother is None:
+                parts = blocks.map(_final_assignment, [params] * len(blocks.blocks))
+                labels = np.concatenate([p[0] for p in parts])
+                total_ll = float(sum(p[1] for p in parts))
+            else:
+                # XTEC-s labels come from the smoothed responsibilities.
+                parts = blocks.map(e_step, [params] * len(blocks.blocks))
+                resp = smoother(np.concatenate([p[0] for p in parts]))
+                labels = np.argmax(resp, axis=1).astype(np.int8)
+                total_ll = float(sum(p[1].sum() for p in parts))
+            if best is None or total_ll > best[3]:
+                best = (params, labels, history, total_ll, n_iter, converged, restart)
+    finally:
+        blocks.close()
+    params, labels, history, total_ll, n_iter, converged, restart = best
+    counts = np.bincount(labels, minlength=n_components)
+    order = canonical_order(params, counts)
+    relabel = np.empty(n_components, dtype=np.int8)
+    relabel[order] = np.arange(n_components, dtype=np.int8)
+    return MixtureFit(
+        params=params.permuted(order),
+        labels=relabel[labels],
+        counts=counts[order],
+        log_likelihood=total_ll,
+        bic=bic(total_ll, n, n_components, n_features),
+        n_iter=n_iter,
+        converged=converged,
+        history=history,
+        n_init_best=restart,
+    )

@@ -1,0 +1,764 @@
+"""The chunked XTEC pipeline: volume -> statistics -> threshold -> trajectories -> fit -> labels.
+
+The 4-D input (T, *spatial) is read twice, block by block, through dask:
+
+1. *statistics*: the temperature mean of every voxel (0 where masked, NaN where
+   the trajectory holds NaN/Inf), kept as a 3-D scratch array (1/T of the input);
+   the threshold histogram is built from it by cheap extra passes;
+2. *trajectories*: the trajectories of the voxels above the cut are gathered
+   into an in-memory (n_samples, T) array, sorted by flat voxel index so that
+   every later step is independent of the chunking.
+
+The fit then runs on the gathered trajectories (EM as a reduction over row
+blocks), and labels are written block by block into a chunked int8 zarr array.
+dask's default scheduler is used, so an active ``distributed.Client`` takes the
+block tasks; otherwise the local threaded scheduler does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from . import validation
+from ._version import __version__
+from .io import zarr_io
+from .numerics import masking, peaks, threshold
+from .numerics.mixture import MixtureParams, fit_mixture
+from .numerics.rescale import RESCALE_METHODS, rescale
+from .numerics.smoothing import LabelSmoother, SmoothingKernel
+
+log = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("raise", "mask")
+# Voxels per spatial block when the input does not suggest a chunking: 64**3
+# voxels x 24 temperatures x 4 bytes = 25 MB per block.
+DEFAULT_BLOCK_VOXELS = 64**3
+# Scratch arrays smaller than this stay in memory (compressed); larger ones go to disk.
+SCRATCH_IN_MEMORY_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class ClusterParams:
+    """Every parameter of an XTEC run (recorded in the result's metadata).
+
+    mode : "d" (every thresholded voxel), "s" (with label smoothing) or
+        "peaks" (one averaged trajectory per connected peak)
+    n_components : number of clusters K (1..127)
+    threshold : "kl", "simple", "none", or a number: an explicit cut on <I>_T
+    rescale : "mean", "zscore", "log-mean" or "none"
+    mask : "zero-mean" or "any-zero" (which voxels count as empty)
+    nonfinite : "raise" (NaN/Inf is an error) or "mask" (drop those voxels)
+    smoothing : label-smoothing kernel for mode "s" (default: local, L = 1 voxel)
+    reg_covar, tol, max_iter, n_init, random_state : EM settings (scikit-learn meaning)
+    """
+
+    mode: str = "d"
+    n_components: int = 4
+    threshold: str | float = "kl"
+    rescale: str = "mean"
+    mask: str = "zero-mean"
+    nonfinite: str = "raise"
+    smoothing: SmoothingKernel | None = None
+    reg_covar: float = 1e-6
+    tol: float = 1e-4
+    max_iter: int = 300
+    n_init: int = 3
+    random_state: int | None = 0
+    init_sample_size: int = 50_000
+
+    def __post_init__(self):
+        validation.check_choice("mode", self.mode, validation.MODES)
+        validation.check_int("n_components", self.n_components, 1)
+        if self.n_components > 127:
+            raise ValueError(f"n_components must be <= 127 (labels are int8); got {self.n_components}")
+        if isinstance(self.threshold, str):
+            validation.check_choice("threshold", self.threshold, threshold.THRESHOLD_METHODS)
+        else:
+            validation.check_positive("threshold (explicit mean-intensity cutoff)", self.threshold)
+        validation.check_choice("rescale", self.rescale, RESCALE_METHODS)
+        validation.check_choice("mask", self.mask, masking.MASK_TYPES)
+        validation.check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        validation.check_positive("reg_covar", self.reg_covar)
+        validation.check_positive("tol", self.tol)
+        validation.check_int("max_iter", self.max_iter, 1)
+        validation.check_int("n_init", self.n_init, 1)
+        validation.check_int("init_sample_size", self.init_sample_size, 2)
+        if self.random_state is not None:
+            validation.check_int("random_state", self.random_state, 0)
+        if self.smoothing is not None and not isinstance(self.smoothing, SmoothingKernel):
+            raise TypeError(f"smoothing must be a SmoothingKernel or None; got {type(self.smoothing).__name__}")
+        if self.mode == "s" and self.smoothing is None:
+            object.__setattr__(self, "smoothing", SmoothingKernel())
+        if self.mode != "s" and self.smoothing is not None:
+            raise ValueError(f"smoothing applies to mode 's' only; got mode {self.mode!r} with smoothing")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.smoothing is not None:
+            d["smoothing"] = asdict(self.smoothing)
+            d["smoothing"]["unit_cell"] = list(self.smoothing.unit_cell)
+        return d
+
+
+@dataclass
+class Trajectories:
+    """Output of the two streaming passes: what the fit needs, in memory.
+
+    flat : (n_samples,) int64, C-order flat index of each thresholded voxel, ascending
+    raw : (n_samples, T) float32, their intensities
+    peak_ids : (n_samples,) int32, peak of each voxel (1..n_peaks), mode "peaks" only
+    histogram : threshold histogram of log(<I>_T)
+    cutoff : the threshold result
+    """
+
+    spatial_shape: tuple
+    spatial_chunks: tuple
+    temperatures: np.ndarray
+    flat: np.ndarray
+    raw: np.ndarray
+    histogram: threshold.LogMeanHistogram
+    cutoff: threshold.Cutoff
+    n_valid: int
+    n_masked_nonfinite: int
+    peak_ids: np.ndarray | None = None
+    n_peaks: int = 0
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.flat.size)
+
+    @property
+    def coords(self) -> np.ndarray:
+        """(n_samples, ndim) grid indices."""
+        return np.stack(np.unravel_index(self.flat, self.spatial_shape), axis=1)
+
+
+@dataclass
+class ClusterResult:
+    """Everything an XTEC run produced.
+
+    labels : zarr.Array of shape spatial, int8; -1 = not clustered, else 0..K-1
+        in canonical order (see ``numerics.mixture.canonical_order``)
+    means, variances : (K, T) per-cluster trajectories in rescaled units
+    weights : (K,) mixing weights; counts : (K,) voxels per label
+    """
+
+    labels: zarr.Array
+    temperatures: np.ndarray
+    means: np.ndarray
+    variances: np.ndarray
+    weights: np.ndarray
+    counts: np.ndarray
+    log_likelihood: float
+    bic: float
+    n_iter: int
+    converged: bool
+    log_cutoff: float
+    threshold_success: bool
+    histogram_edges: np.ndarray
+    histogram_counts: np.ndarray
+    n_valid: int
+    n_thresholded: int
+    n_samples: int
+    n_peaks: int
+    params: ClusterParams
+    timings: dict
+    version: str = __version__
+
+    @property
+    def intensity_cutoff(self) -> float:
+        return math.exp(self.log_cutoff) if math.isfinite(self.log_cutoff) else 0.0
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (everything but the label volume)."""
+        return {
+            "xtec_flows": self.version,
+            "params": self.params.to_dict(),
+            "shape": list(self.labels.shape),
+            "temperatures": self.temperatures.tolist(),
+            "n_components": int(self.means.shape[0]),
+            "means": self.means.tolist(),
+            "variances": self.variances.tolist(),
+            "weights": self.weights.tolist(),
+            "counts": [int(c) for c in self.counts],
+            "log_likelihood": self.log_likelihood,
+            "bic": self.bic,
+            "n_iter": self.n_iter,
+            "converged": self.converged,
+            "threshold": {
+                "method": self.params.threshold,
+                "log_cutoff": self.log_cutoff if math.isfinite(self.log_cutoff) else None,
+                "intensity_cutoff": self.intensity_cutoff,
+                "success": self.threshold_success,
+                "histogram_edges": self.histogram_edges.tolist(),
+                "histogram_counts": [int(c) for c in self.histogram_counts],
+            },
+            "n_valid": self.n_valid,
+            "n_thresholded": self.n_thresholded,
+            "n_samples": self.n_samples,
+            "n_peaks": self.n_peaks,
+            "timings": self.timings,
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# input normalisation
+# ---------------------------------------------------------------------------------------
+
+
+def _default_spatial_chunks(shape: tuple, hint: tuple | None) -> tuple:
+    ndim = len(shape)
+    if hint is None:
+        side = max(int(round(DEFAULT_BLOCK_VOXELS ** (1.0 / ndim))), 1)
+        return tuple(min(side, s) for s in shape)
+    # Grow the storage chunks until a block holds enough voxels to amortise task overhead.
+    chunks = [min(c, s) for c, s in zip(hint, shape)]
+    while math.prod(chunks) < DEFAULT_BLOCK_VOXELS // 8:
+        grown = False
+        for i in range(ndim):
+            if chunks[i] < shape[i]:
+                chunks[i] = min(chunks[i] * 2, shape[i])
+                grown = True
+        if not grown:
+            break
+    return tuple(chunks)
+
+
+def as_dask(volume, chunks: tuple | None = None) -> da.Array:
+    """(T, *spatial) dask array with the whole temperature axis in every block and
+    regular spatial chunks (so blocks line up with zarr chunks of scratch arrays)."""
+    shape = tuple(volume.shape)
+    if isinstance(volume, da.Array):
+        hint = tuple(max(c) for c in volume.chunks[1:])
+        x = volume
+    else:
+        hint = tuple(volume.chunks[1:]) if isinstance(volume, zarr.Array) else None
+        x = None
+    spatial = tuple(chunks) if chunks is not None else _default_spatial_chunks(shape[1:], hint)
+    if len(spatial) != len(shape) - 1:
+        raise ValueError(f"chunks must give one size per spatial axis ({len(shape) - 1}); got {chunks!r}")
+    target = (shape[0],) + tuple(int(c) for c in spatial)
+    if x is None:
+        return da.from_array(volume, chunks=target, asarray=True, name=False if isinstance(volume, np.ndarray) else None)
+    return x.rechunk(target)
+
+
+def _scratch_store(nbytes: int, scratch):
+    if scratch is not None:
+        return zarr.storage.LocalStore(str(scratch)), None
+    if nbytes <= SCRATCH_IN_MEMORY_BYTES:
+        return zarr.storage.MemoryStore(), None
+    tmp = tempfile.TemporaryDirectory(prefix="xtec-flows-scratch-")
+    return zarr.storage.LocalStore(tmp.name), tmp
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    from dask.diagnostics import ProgressBar
+
+    return ProgressBar(out=sys.stderr, minimum=1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# block kernels (run inside dask tasks)
+# ---------------------------------------------------------------------------------------
+
+
+def _block_statistic(block: np.ndarray, mask_type: str) -> np.ndarray:
+    """<I>_T of each voxel: > 0 for a usable voxel, 0 when masked, NaN/Inf when
+    the trajectory is not finite. Shape (*spatial), float32."""
+    mean = block.mean(axis=0, dtype=np.float64)
+    keep = masking.valid_voxels(block, mask_type) if mask_type != "zero-mean" else mean > 0
+    out = np.where(keep, mean, 0.0)
+    bad = ~np.isfinite(mean)
+    out[bad] = np.nan
+    return out.astype(np.float32)
+
+
+def _log_valid(stat: np.ndarray) -> np.ndarray:
+    v = stat[np.isfinite(stat) & (stat > 0)]
+    return np.log(v.astype(np.float64))
+
+
+def _block_range(stat):
+    v = _log_valid(stat)
+    if v.size == 0:
+        return (0, math.inf, -math.inf)
+    return (v.size, float(v.min()), float(v.max()))
+
+
+def _block_counts(stat, edges):
+    return threshold.partial_histogram(_log_valid(stat), edges)[0]
+
+
+def _block_values_in(stat, lo, hi):
+    v = _log_valid(stat)
+    return v[(v >= lo) & (v < hi)]
+
+
+def _block_hist(stat, edges):
+    return threshold.partial_histogram(_log_valid(stat), edges)
+
+
+def _block_mask(stat: np.ndarray, log_cut: float) -> np.ndarray:
+    ok = np.isfinite(stat) & (stat > 0)
+    if math.isfinite(log_cut):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ok &= np.log(np.where(ok, stat, 1.0).astype(np.float64)) > log_cut
+    return ok
+
+
+def _block_flat(offset: tuple, block_shape: tuple, shape: tuple, mask: np.ndarray) -> np.ndarray:
+    local = np.nonzero(mask)
+    return np.ravel_multi_index(tuple(l + o for l, o in zip(local, offset)), shape).astype(np.int64)
+
+
+def _gather(block, stat, prov, offset, shape, log_cut):
+    mask = _block_mask(stat, log_cut)
+    flat = _block_flat(offset, stat.shape, shape, mask)
+    traj = np.ascontiguousarray(block[:, mask].T, dtype=np.float32)
+    ids = prov[mask] if prov is not None else None
+    return flat, traj, ids
+
+
+def _label_count(stat, log_cut):
+    return peaks.label_mask(_block_mask(stat, log_cut))[1]
+
+
+def _label_write(stat, log_cut, label_offset, region, offset, shape, target):
+    labels, n = peaks.label_mask(_block_mask(stat, log_cut))
+    glob = np.where(labels > 0, labels.astype(np.int64) + label_offset, 0)
+    target[region] = glob.astype(np.int32)
+    grids = np.meshgrid(*[np.arange(o, o + s) for o, s in zip(offset, stat.shape)], indexing="ij")
+    flat = np.ravel_multi_index(tuple(grids), shape)
+    return peaks.first_voxel_per_label(labels, n, flat)
+
+
+# ---------------------------------------------------------------------------------------
+# the two streaming passes
+# ---------------------------------------------------------------------------------------
+
+
+def _block_regions(chunks: tuple):
+    """(block index, offset, slices) for every block of a chunk grid."""
+    starts = [np.cumsum((0,) + c)[:-1] for c in chunks]
+    for idx in np.ndindex(*[len(c) for c in chunks]):
+        offset = tuple(int(starts[a][i]) for a, i in enumerate(idx))
+        region = tuple(slice(o, o + chunks[a][i]) for a, (o, i) in enumerate(zip(offset, idx)))
+        yield idx, offset, region
+
+
+def _compute(*tasks, progress=False):
+    with _progress(progress):
+        return dask.compute(*tasks)
+
+
+def _exact_quartiles(stat_d: da.Array, n: int, lo: float, hi: float, progress: bool) -> tuple[float, float]:
+    """Order statistics at the quartile ranks, exactly, in two cheap passes: a fine
+    histogram to find the bins that hold them, then the values of those bins."""
+    r25, r75 = threshold.quartile_ranks(n)
+    if hi <= lo:
+        return lo, hi
+    edges = np.linspace(lo, hi, 4097)
+    blocks = stat_d.to_delayed().ravel()
+    counts = sum(_compute(*[dask.delayed(_block_counts)(b, edges) for b in blocks], progress=progress))
+    cum = np.cumsum(counts)
+    out = []
+    for r in (r25, r75):
+        b = int(np.searchsorted(cum, r, side="right"))
+        below = int(cum[b - 1]) if b > 0 else 0
+        a_edge, b_edge = edges[b], edges[b + 1] if b + 1 < edges.size - 1 else math.inf
+        vals = np.concatenate(
+            _compute(*[dask.delayed(_block_values_in)(blk, a_edge, b_edge) for blk in blocks])
+        )
+        vals.sort()
+        out.append(float(vals[min(r - below, vals.size - 1)]))
+    return out[0], out[1]
+
+
+def gather_trajectories(
+    volume,
+    temperatures,
+    params: ClusterParams,
+    *,
+    chunks: tuple | None = None,
+    scratch=None,
+    progress: bool = False,
+) -> Trajectories:
+    """Statistics, threshold and trajectory gathering (the two reads of the input).
+
+    Parameters
+    ----------
+    volume : numpy, zarr or dask array of shape (T, *spatial), 2 or 3 spatial dims
+    temperatures : array-like of shape (T,)
+    chunks : spatial block shape (default: from the input's chunks, or 64^3-ish)
+    scratch : directory for intermediate arrays (default: memory when small, else a temp dir)
+
+    Returns
+    -------
+    Trajectories
+    """
+    shape = validation.check_volume(volume)
+    temps = validation.check_temperatures(temperatures, shape[0])
+    timings = {}
+    x = as_dask(volume, chunks)
+    spatial_shape = shape[1:]
+    spatial_chunks = x.chunks[1:]
+    regular = tuple(c[0] for c in spatial_chunks)
+    store, tmp = _scratch_store(4 * math.prod(spatial_shape), scratch)
+    try:
+        t0 = time.perf_counter()
+        stat_arr = zarr_io.scratch_array(store, "statistic", spatial_shape, regular, "float32")
+        stat = x.map_blocks(_block_statistic, params.mask, drop_axis=0, dtype=np.float32)
+        store_task = da.store(stat, stat_arr, lock=False, compute=False)
+        n_bad = da.isnan(stat).sum() + da.isinf(stat).sum()
+        _, n_bad = _compute(store_task, n_bad, progress=progress)
+        n_bad = int(n_bad)
+        stat_d = da.from_zarr(stat_arr, chunks=regular)
+        if n_bad and params.nonfinite == "raise":
+            first = np.unravel_index(int(da.argmax(~da.isfinite(stat_d).ravel()).compute()), spatial_shape)
+            raise ValueError(
+                f"volume holds NaN or Inf in {n_bad} voxel trajectories (first at spatial index "
+                f"{tuple(int(i) for i in first)}); clean the data, or pass nonfinite='mask' "
+                "(CLI: --mask-nonfinite) to leave those voxels unclustered"
+            )
+        timings["statistics"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        blocks = stat_d.to_delayed().ravel()
+        ranges = _compute(*[dask.delayed(_block_range)(b) for b in blocks])
+        n_valid = int(sum(r[0] for r in ranges))
+        if n_valid == 0:
+            raise ValueError(
+                "volume has no voxel with positive mean intensity (all zero, negative or masked); "
+                "check that the right dataset was given and that it is not empty"
+            )
+        lo = min(r[1] for r in ranges)
+        hi = max(r[2] for r in ranges)
+        if n_valid >= 2 and hi > lo:
+            q25, q75 = _exact_quartiles(stat_d, n_valid, lo, hi, progress=False)
+            bin_size = threshold.half_freedman_diaconis_width(q25, q75, n_valid)
+            if not bin_size > 0:
+                bin_size = (hi - lo) / max(int(math.sqrt(n_valid)), 1)
+            edges = np.linspace(lo, hi, threshold.n_bins_for(lo, hi, bin_size) + 1)
+        else:
+            bin_size = 1.0
+            edges = np.array([lo, lo + 1.0])
+        parts = _compute(*[dask.delayed(_block_hist)(b, edges) for b in blocks])
+        hist = threshold.LogMeanHistogram(
+            edges,
+            sum(p[0] for p in parts),
+            sum(p[1] for p in parts),
+            sum(p[2] for p in parts),
+            float(bin_size),
+        )
+        cutoff = threshold.find_cutoff(hist, params.threshold)
+        timings["threshold"] = time.perf_counter() - t0
+
+        peak_ids = None
+        n_peaks = 0
+        prov_d = None
+        if params.mode == "peaks":
+            t0 = time.perf_counter()
+            mapping, n_peaks, prov_arr = _chunked_components(stat_d, store, spatial_shape, regular, cutoff.log_cutoff)
+            prov_d = da.from_zarr(prov_arr, chunks=regular)
+            timings["components"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        xb = x.to_delayed().reshape(x.numblocks[1:])
+        sb = stat_d.to_delayed()
+        pb = prov_d.to_delayed() if prov_d is not None else None
+        tasks = []
+        for idx, offset, _region in _block_regions(spatial_chunks):
+            tasks.append(
+                dask.delayed(_gather)(
+                    xb[idx], sb[idx], pb[idx] if pb is not None else None, offset, spatial_shape, cutoff.log_cutoff
+                )
+            )
+        results = _compute(*tasks, progress=progress)
+        flat = np.concatenate([r[0] for r in results])
+        order = np.argsort(flat, kind="stable")
+        flat = flat[order]
+        raw = np.concatenate([r[1] for r in results])[order] if flat.size else np.empty((0, shape[0]), np.float32)
+        if params.mode == "peaks":
+            prov = np.concatenate([r[2] for r in results])[order]
+            peak_ids = mapping[prov]
+        del results
+        timings["trajectories"] = time.perf_counter() - t0
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if flat.size == 0:
+        raise ValueError(
+            f"no voxel passed the threshold ({params.threshold!r}, cut at <I>_T > "
+            f"{math.exp(cutoff.log_cutoff) if math.isfinite(cutoff.log_cutoff) else 0:.4g}); "
+            "lower an explicit threshold or use threshold='simple'/'none'"
+        )
+    return Trajectories(
+        spatial_shape=spatial_shape,
+        spatial_chunks=spatial_chunks,
+        temperatures=temps,
+        flat=flat,
+        raw=raw,
+        histogram=hist,
+        cutoff=cutoff,
+        n_valid=n_valid,
+        n_masked_nonfinite=n_bad,
+        peak_ids=peak_ids,
+        n_peaks=n_peaks,
+        timings=timings,
+    )
+
+
+def _chunked_components(stat_d, store, shape, chunks, log_cut):
+    """Connected components of the threshold mask, block by block (see numerics.peaks).
+
+    Returns (mapping from provisional to final label, number of peaks, the
+    provisional-label scratch array)."""
+    prov = zarr_io.scratch_array(store, "provisional_labels", shape, chunks, "int32")
+    blocks = stat_d.to_delayed()
+    regions = list(_block_regions(stat_d.chunks))
+    counts = _compute(*[dask.delayed(_label_count)(blocks[idx], log_cut) for idx, _, _ in regions])
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    n_prov = int(sum(counts))
+    if n_prov >= np.iinfo(np.int32).max:
+        raise ValueError(f"too many provisional peaks ({n_prov}) for int32 labels; raise the threshold")
+    firsts = _compute(
+        *[
+            dask.delayed(_label_write)(blocks[idx], log_cut, int(off), region, offset, shape, prov)
+            for (idx, offset, region), off in zip(regions, offsets)
+        ]
+    )
+    first_flat = np.concatenate([[0]] + [f for f in firsts]).astype(np.int64)
+    edges = []
+    for axis, c in enumerate(stat_d.chunks):
+        for boundary in np.cumsum(c)[:-1]:
+            sl = [slice(None)] * len(shape)
+            sl[axis] = slice(int(boundary) - 1, int(boundary) + 1)
+            slab = np.moveaxis(prov[tuple(sl)], axis, 0)
+            edges.append(peaks.slab_edges(slab))
+    edges = np.concatenate(edges) if edges else np.empty((0, 2), np.int64)
+    mapping, n_final = peaks.resolve_labels(n_prov, edges, first_flat)
+    return mapping, n_final, prov
+
+
+# ---------------------------------------------------------------------------------------
+# fit and labels
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class FitOutput:
+    params: MixtureParams
+    sample_labels: np.ndarray  # (n_samples,) int8, per thresholded voxel
+    counts: np.ndarray
+    log_likelihood: float
+    bic: float
+    n_iter: int
+    converged: bool
+    history: list
+
+
+def fit_trajectories(traj: Trajectories, params: ClusterParams, n_components: int | None = None) -> FitOutput:
+    """Rescale and cluster gathered trajectories; labels per thresholded voxel."""
+    k = params.n_components if n_components is None else n_components
+    if params.mode == "peaks":
+        means, _sizes = peaks.peak_means(traj.raw, traj.peak_ids, traj.n_peaks)
+        X = rescale(means, params.rescale)
+        unit = "peaks"
+    else:
+        X = rescale(traj.raw, params.rescale)
+        unit = "thresholded voxels"
+    if k > X.shape[0]:
+        raise ValueError(
+            f"n_components={k} is larger than the number of {unit} ({X.shape[0]}); "
+            "lower n_components or the threshold"
+        )
+    smoother = None
+    if params.mode == "s":
+        smoother = LabelSmoother(traj.coords, traj.spatial_shape, params.smoothing)
+    fit = fit_mixture(
+        X,
+        k,
+        reg_covar=params.reg_covar,
+        tol=params.tol,
+        max_iter=params.max_iter,
+        n_init=params.n_init,
+        random_state=params.random_state,
+        smoother=smoother,
+        init_sample_size=params.init_sample_size,
+    )
+    labels = fit.labels
+    counts = fit.counts
+    if params.mode == "peaks":
+        labels = labels[traj.peak_ids - 1]
+        counts = np.bincount(labels, minlength=k)
+    return FitOutput(fit.params, labels, counts, fit.log_likelihood, fit.bic, fit.n_iter, fit.converged, fit.history)
+
+
+def write_labels(traj: Trajectories, sample_labels: np.ndarray, store=None, attrs: dict | None = None) -> zarr.Array:
+    """Scatter per-voxel labels into a chunked int8 zarr array (−1 elsewhere), block by block."""
+    chunks = tuple(c[0] for c in traj.spatial_chunks)
+    arr = zarr_io.create_labels(store if store is not None else zarr.storage.MemoryStore(), traj.spatial_shape, chunks, attrs)
+    coords = traj.coords
+    block_of = coords // np.asarray(chunks)
+    nblocks = tuple(len(c) for c in traj.spatial_chunks)
+    block_flat = np.ravel_multi_index(block_of.T, nblocks) if coords.size else np.empty(0, np.int64)
+    order = np.argsort(block_flat, kind="stable")
+    bounds = np.searchsorted(block_flat[order], np.arange(math.prod(nblocks) + 1))
+
+    def write_one(item):
+        b, (idx, offset, region) = item
+        sel = order[bounds[b] : bounds[b + 1]]
+        if sel.size == 0:
+            return
+        out = np.full(tuple(r.stop - r.start for r in region), -1, dtype=np.int8)
+        local = coords[sel] - np.asarray(offset)
+        out[tuple(local.T)] = sample_labels[sel]
+        arr[region] = out
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor() as pool:
+        list(pool.map(write_one, enumerate(_block_regions(traj.spatial_chunks))))
+    return arr
+
+
+def cluster(
+    volume,
+    temperatures,
+    *,
+    mode: str = "d",
+    n_components: int = 4,
+    threshold: str | float = "kl",
+    rescale: str = "mean",
+    mask: str = "zero-mean",
+    nonfinite: str = "raise",
+    smoothing: SmoothingKernel | None = None,
+    reg_covar: float = 1e-6,
+    tol: float = 1e-4,
+    max_iter: int = 300,
+    n_init: int = 3,
+    random_state: int | None = 0,
+    chunks: tuple | None = None,
+    labels_store=None,
+    scratch=None,
+    progress: bool = False,
+) -> ClusterResult:
+    """Cluster the temperature trajectories of a reciprocal-space volume (XTEC).
+
+    Parameters
+    ----------
+    volume : numpy, zarr or dask array of shape (T, *spatial), 2 or 3 spatial dims
+        Intensities I(T, L, K, H). Never loaded whole: read block by block.
+    temperatures : array-like of shape (T,), strictly monotonic
+    mode : {"d", "s", "peaks"}
+        XTEC-d (every voxel), XTEC-s (label smoothing between E and M steps), or
+        clustering of connected-peak averages.
+    n_components : int
+    threshold : {"kl", "simple", "none"} or float (explicit cut on <I>_T)
+    rescale : {"mean", "zscore", "log-mean", "none"}
+    labels_store : zarr store or path for the label array (default: in memory)
+    chunks : spatial block shape for the streaming passes
+
+    Returns
+    -------
+    ClusterResult
+
+    Examples
+    --------
+    >>> from xtec_flows.synthetic import make_volume
+    >>> from xtec_flows import cluster
+    >>> volume, temps, truth = make_volume((8, 32, 32), seed=0)
+    >>> result = cluster(volume, temps, n_components=3)
+    >>> result.labels.shape
+    (32, 32)
+    """
+    params = ClusterParams(
+        mode=mode,
+        n_components=n_components,
+        threshold=threshold,
+        rescale=rescale,
+        mask=mask,
+        nonfinite=nonfinite,
+        smoothing=smoothing,
+        reg_covar=reg_covar,
+        tol=tol,
+        max_iter=max_iter,
+        n_init=n_init,
+        random_state=random_state,
+    )
+    return run(volume, temperatures, params, chunks=chunks, labels_store=labels_store, scratch=scratch, progress=progress)
+
+
+def run(volume, temperatures, params: ClusterParams, *, chunks=None, labels_store=None, scratch=None, progress=False) -> ClusterResult:
+    """:func:`cluster` with a ready :class:`ClusterParams`."""
+    traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress)
+    t0 = time.perf_counter()
+    fit = fit_trajectories(traj, params)
+    traj.timings["fit"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    labels = write_labels(
+        traj, fit.sample_labels, labels_store, attrs={zarr_io.PRODUCER_KEY: __version__, "params": params.to_dict()}
+    )
+    traj.timings["labels"] = time.perf_counter() - t0
+    return ClusterResult(
+        labels=labels,
+        temperatures=traj.temperatures,
+        means=fit.params.means,
+        variances=fit.params.variances,
+        weights=fit.params.weights,
+        counts=fit.counts,
+        log_likelihood=fit.log_likelihood,
+        bic=fit.bic,
+        n_iter=fit.n_iter,
+        converged=fit.converged,
+        log_cutoff=traj.cutoff.log_cutoff,
+        threshold_success=traj.cutoff.success,
+        histogram_edges=traj.histogram.edges,
+        histogram_counts=traj.histogram.counts,
+        n_valid=traj.n_valid,
+        n_thresholded=traj.n_samples,
+        n_samples=traj.n_peaks if params.mode == "peaks" else traj.n_samples,
+        n_peaks=traj.n_peaks,
+        params=params,
+        timings=traj.timings,
+    )
+
+
+def select_n_components(volume, temperatures, k_values=range(2, 11), *, chunks=None, scratch=None, progress=False, **kwargs) -> list[dict]:
+    """Sweep K and report BIC (lower is better); the volume is read only twice.
+
+    Returns
+    -------
+    table : list of dicts with keys n_components, bic, log_likelihood, n_iter, converged,
+        sorted by K; the best row has ``"best": True``.
+    """
+    k_values = [validation.check_int("k", k, 1) for k in k_values]
+    if not k_values:
+        raise ValueError("k_values is empty; give at least one number of components, e.g. 2..10")
+    params = ClusterParams(n_components=max(k_values), **kwargs)
+    traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress)
+    table = []
+    for k in sorted(set(k_values)):
+        fit = fit_trajectories(traj, params, n_components=k)
+        table.append(
+            {"n_components": k, "bic": fit.bic, "log_likelihood": fit.log_likelihood, "n_iter": fit.n_iter, "converged": fit.converged}
+        )
+    best = min(table, key=lambda r: r["bic"])
+    for r in table:
+        r["best"] = r is best
+    return table
