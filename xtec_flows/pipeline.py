@@ -251,7 +251,9 @@ def as_dask(volume, chunks: tuple | None = None) -> da.Array:
         raise ValueError(f"chunks must give one size per spatial axis ({len(shape) - 1}); got {chunks!r}")
     target = (shape[0],) + tuple(int(c) for c in spatial)
     if x is None:
-        return da.from_array(volume, chunks=target, asarray=True, name=False if isinstance(volume, np.ndarray) else None)
+        # h5py is not thread-safe for concurrent reads of one file: serialise them.
+        lock = type(volume).__module__.startswith("h5py")
+        return da.from_array(volume, chunks=target, asarray=True, lock=lock)
     return x.rechunk(target)
 
 

@@ -1,0 +1,312 @@
+"""``xtec-flows`` command line: synth, cluster, bic.
+
+The CLI orchestrates; numerics live in ``xtec_flows.numerics`` and storage in
+``xtec_flows.io``. Every input is validated before anything is written, and an
+output directory appears only once the run has succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+log = logging.getLogger("xtec_flows.cli")
+
+
+class CLIError(Exception):
+    """An error whose message is meant for the user as is."""
+
+
+# ---------------------------------------------------------------------------------------
+# argument parsing helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _int_tuple(text: str) -> tuple:
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 24,64,64,64; got {text!r}")
+
+
+def _float_list(text: str) -> list:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 10,20,30; got {text!r}")
+
+
+def _k_range(text: str) -> list:
+    """'2..10' or '2,3,5' -> list of ints."""
+    try:
+        if ".." in text:
+            a, b = text.split("..")
+            lo, hi = int(a), int(b)
+            if hi < lo:
+                raise ValueError
+            return list(range(lo, hi + 1))
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a range like 2..10 or a list like 2,3,4; got {text!r}")
+
+
+def _threshold(text: str):
+    if text in ("kl", "simple", "none"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--threshold must be kl, simple, none or a mean intensity (number); got {text!r}"
+        )
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="zarr array/group path, or NeXus/HDF5 as file.nxs:/entry/data/data")
+    p.add_argument("--temperatures", type=_float_list, help="comma-separated temperatures, one per slice (overrides the file)")
+    p.add_argument("--threshold", type=_threshold, default="kl", help="kl (default), simple, none, or an explicit <I>_T cutoff")
+    p.add_argument("--rescale", choices=["mean", "zscore", "log-mean", "none"], default="mean")
+    p.add_argument("--mask", choices=["zero-mean", "any-zero"], default="zero-mean", help="which voxels count as empty")
+    p.add_argument("--mask-nonfinite", action="store_true", help="leave voxels with NaN/Inf unclustered instead of failing")
+    p.add_argument("--mode", choices=["d", "s", "peaks"], default="d", help="XTEC-d, XTEC-s (label smoothing) or peak averages")
+    p.add_argument("--seed", type=int, default=0, help="random_state of the fit (default 0)")
+    p.add_argument("--n-init", type=int, default=3, help="EM restarts; the best log-likelihood wins")
+    p.add_argument("--max-iter", type=int, default=300)
+    p.add_argument("--tol", type=float, default=1e-4, help="convergence on the change of mean log-likelihood")
+    p.add_argument("--reg-covar", type=float, default=1e-6)
+    p.add_argument("--kernel", choices=["local", "periodic"], default="local", help="mode s: smoothing kernel")
+    p.add_argument("--length-scale", type=float, default=1.0, help="mode s: kernel length scale L")
+    p.add_argument("--zero-cutoff", type=float, default=1e-2, help="mode s: kernel values below this are 0")
+    p.add_argument("--smoothing-weights", choices=["uniform", "gaussian"], default="uniform")
+    p.add_argument("--smoothing-iterations", type=int, default=1)
+    p.add_argument("--unit-cell", type=_int_tuple, help="mode s, periodic kernel: voxels per r.l.u. per axis, e.g. 16,16,16")
+    p.add_argument("--chunks", type=_int_tuple, help="spatial block shape for streaming, e.g. 64,64,64")
+    p.add_argument("--scratch", help="directory for intermediate arrays (default: memory or a temp dir)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(prog="xtec-flows", description="X-ray TEmperature Clustering (XTEC), out of core.")
+    parser.add_argument("--version", action="version", version=f"xtec-flows {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="generate a synthetic temperature series with ground truth (zarr v3)")
+    s.add_argument("output", help="zarr group to create")
+    s.add_argument("--shape", type=_int_tuple, default=(24, 64, 64, 64), help="T,L,K,H or T,K,H (default 24,64,64,64)")
+    s.add_argument("--chunks", type=_int_tuple, help="chunk shape (T first), default full T x <=64 per axis")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--pixels-per-zone", type=int, default=None, help="voxels per reciprocal-lattice unit")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+
+    c = sub.add_parser("cluster", help="cluster a temperature series and write labels, result.json and figures")
+    _add_engine_options(c)
+    c.add_argument("-o", "--output", required=True, help="output directory (created)")
+    c.add_argument("-k", "--n-components", type=int, default=4)
+    c.add_argument("--overwrite", action="store_true", help="replace an earlier xtec-flows result in OUTPUT")
+    c.add_argument("--no-plots", action="store_true", help="skip qmap.png and trajectories.png")
+
+    b = sub.add_parser("bic", help="sweep the number of clusters and report BIC")
+    _add_engine_options(b)
+    b.add_argument("--k", type=_k_range, default=list(range(2, 11)), help="K values, e.g. 2..10 (default) or 2,4,6")
+    b.add_argument("-o", "--output", help="directory for bic.json, bic.csv and bic.png")
+    b.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------
+
+
+def _open_input(spec: str, temperatures):
+    """(volume, temperatures, description) for a zarr or HDF5 input spec."""
+    from .io import nexus, zarr_io
+
+    h5 = nexus.split_hdf5_spec(spec)
+    if h5 is not None:
+        volume, temps = nexus.open_volume(*h5)
+    else:
+        volume, temps, _ = zarr_io.open_volume(spec)
+    if temperatures is not None:
+        temps = temperatures
+    return volume, temps
+
+
+def _params_from(args, n_components: int):
+    from .numerics.smoothing import SmoothingKernel
+    from .pipeline import ClusterParams
+
+    smoothing = None
+    if args.mode == "s":
+        smoothing = SmoothingKernel(
+            kind=args.kernel,
+            length_scale=args.length_scale,
+            zero_cutoff=args.zero_cutoff,
+            weights=args.smoothing_weights,
+            unit_cell=tuple(args.unit_cell or ()),
+            iterations=args.smoothing_iterations,
+        )
+    return ClusterParams(
+        mode=args.mode,
+        n_components=n_components,
+        threshold=args.threshold,
+        rescale=args.rescale,
+        mask=args.mask,
+        nonfinite="mask" if args.mask_nonfinite else "raise",
+        smoothing=smoothing,
+        reg_covar=args.reg_covar,
+        tol=args.tol,
+        max_iter=args.max_iter,
+        n_init=args.n_init,
+        random_state=args.seed,
+    )
+
+
+def cmd_synth(args) -> dict:
+    from . import synthetic
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"{out} already exists; pass --overwrite to replace it")
+    model = synthetic.SeriesModel() if args.pixels_per_zone is None else synthetic.SeriesModel(pixels_per_zone=args.pixels_per_zone)
+    t0 = time.perf_counter()
+    synthetic.write_zarr(out, args.shape, model=model, seed=args.seed, chunks=args.chunks, overwrite=args.overwrite, progress=not args.quiet)
+    return {"output": str(out), "shape": list(args.shape), "seed": args.seed, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def cmd_cluster(args) -> dict:
+    import zarr
+
+    from . import pipeline
+    from .io import zarr_io
+
+    params = _params_from(args, args.n_components)
+    out = zarr_io.prepare_output_dir(args.output, args.overwrite)
+    volume, temps = _open_input(args.input, args.temperatures)
+    # Work next to the destination and move into place only on success: a
+    # failed run leaves no partial output and does not destroy an old one.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        result = pipeline.run(
+            volume,
+            temps,
+            params,
+            chunks=args.chunks,
+            labels_store=zarr.storage.LocalStore(str(work / "labels.zarr")),
+            scratch=args.scratch,
+            progress=not args.quiet,
+        )
+        summary = result.to_dict()
+        summary["input"] = args.input
+        (work / "result.json").write_text(json.dumps(summary, indent=1))
+        if not args.no_plots:
+            from . import plotting
+
+            plotting.qmap(result.labels, work / "qmap.png", result.means.shape[0], title=f"XTEC-{args.mode}: {args.input}")
+            plotting.trajectories(result.temperatures, result.means, result.variances, result.counts, work / "trajectories.png",
+                                  ylabel=f"rescaled I(T) ({args.rescale})")
+        if out.exists():
+            zarr_io.prepare_output_dir(out, args.overwrite)  # re-check: nothing foreign appeared meanwhile
+            shutil.rmtree(out)
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    summary["output"] = str(out)
+    return summary
+
+
+def cmd_bic(args) -> dict:
+    from . import pipeline
+    from .io import zarr_io
+
+    out = None
+    if args.output:
+        out = zarr_io.prepare_output_dir(args.output, args.overwrite)
+    volume, temps = _open_input(args.input, args.temperatures)
+    params = _params_from(args, max(args.k))
+    kwargs = params.to_dict()
+    kwargs.pop("n_components")
+    kwargs["smoothing"] = params.smoothing
+    table = pipeline.select_n_components(volume, temps, args.k, chunks=args.chunks, scratch=args.scratch,
+                                         progress=not args.quiet, **kwargs)
+    doc = {"xtec_flows": __import__("xtec_flows").__version__, "input": args.input, "params": params.to_dict(), "table": table}
+    if out is not None:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        (out / "bic.json").write_text(json.dumps(doc, indent=1))
+        lines = ["n_components,bic,log_likelihood,n_iter,converged,best"]
+        lines += [f"{r['n_components']},{r['bic']:.6f},{r['log_likelihood']:.6f},{r['n_iter']},{r['converged']},{r['best']}" for r in table]
+        (out / "bic.csv").write_text("\n".join(lines) + "\n")
+        from . import plotting
+
+        plotting.bic_curve(table, out / "bic.png")
+        doc["output"] = str(out)
+    return doc
+
+
+def _human(command: str, doc: dict) -> str:
+    if command == "synth":
+        return f"wrote {doc['output']} shape {doc['shape']} in {doc['seconds']} s"
+    if command == "cluster":
+        t = doc["threshold"]
+        lines = [
+            f"XTEC-{doc['params']['mode']} on {doc['input']}: {doc['n_thresholded']} of {doc['n_valid']} voxels above "
+            f"<I>_T > {t['intensity_cutoff']:.4g} ({t['method']})",
+            f"K = {doc['n_components']}, log L = {doc['log_likelihood']:.6g}, BIC = {doc['bic']:.6g}, "
+            f"{doc['n_iter']} iterations, converged = {doc['converged']}",
+        ]
+        for k, (c, w) in enumerate(zip(doc["counts"], doc["weights"])):
+            lines.append(f"  cluster {k}: {c} voxels (weight {w:.3f})")
+        lines.append(f"results in {doc['output']}: labels.zarr result.json qmap.png trajectories.png")
+        return "\n".join(lines)
+    rows = [f"{'K':>3} {'BIC':>16} {'log L':>16} {'iter':>5}"]
+    for r in doc["table"]:
+        rows.append(f"{r['n_components']:>3} {r['bic']:>16.6g} {r['log_likelihood']:>16.6g} {r['n_iter']:>5}" + ("  <- best" if r["best"] else ""))
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    commands = {"synth": cmd_synth, "cluster": cmd_cluster, "bic": cmd_bic}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            doc = commands[args.command](args)
+    except (CLIError, ValueError, TypeError, FileExistsError, FileNotFoundError) as exc:
+        sys.stderr.write(f"xtec-flows {args.command}: error: {exc}\n")
+        return 2
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(_compact(doc)) + "\n")
+    else:
+        sys.stdout.write(_human(args.command, doc) + "\n")
+    return 0
+
+
+def _compact(doc: dict) -> dict:
+    """The --json summary: drop the bulky histogram arrays (they are in result.json)."""
+    d = dict(doc)
+    if "threshold" in d:
+        d["threshold"] = {k: v for k, v in d["threshold"].items() if not k.startswith("histogram")}
+    return d
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""NeXus/HDF5 backend: open a temperature series stored in an HDF5 file.
+
+Inputs are written ``file.nxs:/entry/data/data``. Temperatures are looked up,
+in order, in: the dataset's ``temperatures`` attribute; the NXdata group's
+first axis (``@axes``) if it has one value per slice; a sibling dataset named
+``temperature(s)``; the entry's ``sample/temperature``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+HDF5_SUFFIXES = (".nxs", ".h5", ".hdf5", ".hdf", ".nx5", ".cxi")
+
+
+def split_hdf5_spec(spec: str) -> tuple[str, str] | None:
+    """``'file.nxs:/entry/data/data'`` -> ``('file.nxs', '/entry/data/data')``; None if not HDF5."""
+    if ":" in spec:
+        path, inner = spec.rsplit(":", 1)
+        if Path(path).suffix.lower() in HDF5_SUFFIXES or (Path(path).is_file() and _is_hdf5(path)):
+            return path, inner or "/"
+    if Path(spec).suffix.lower() in HDF5_SUFFIXES:
+        return spec, ""
+    return None
+
+
+def _is_hdf5(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
+
+
+def _find_default_signal(f):
+    """Follow NeXus @default / @signal attributes to the plottable dataset."""
+    import h5py
+
+    node = f
+    for _ in range(4):
+        if isinstance(node, h5py.Dataset):
+            return node
+        signal = node.attrs.get("signal")
+        if signal is not None:
+            signal = signal.decode() if isinstance(signal, bytes) else str(signal)
+            if signal in node:
+                return node[signal]
+        default = node.attrs.get("default")
+        if default is None:
+            break
+        default = default.decode() if isinstance(default, bytes) else str(default)
+        if default not in node:
+            break
+        node = node[default]
+    return None
+
+
+def open_volume(path: str | os.PathLike, inner: str = ""):
+    """Open an HDF5 dataset lazily.
+
+    Returns
+    -------
+    dataset : h5py.Dataset of shape (T, *spatial) (the file stays open)
+    temperatures : ndarray of shape (T,) or None
+    """
+    import h5py
+
+    path = str(path)
+    if not Path(path).exists():
+        raise FileNotFoundError(f"input file {path!r} does not exist")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise ValueError(f"input {path!r} is not a readable HDF5/NeXus file: {exc}") from exc
+    if inner in ("", "/"):
+        ds = _find_default_signal(f)
+        if ds is None:
+            raise ValueError(
+                f"{path!r}: no dataset path given and no NeXus default signal found; "
+                f"write it as {path}:/entry/data/data"
+            )
+    else:
+        if inner not in f:
+            raise ValueError(f"{path!r} has no dataset {inner!r}; check the path inside the file (h5ls -r {path})")
+        ds = f[inner]
+        if not isinstance(ds, h5py.Dataset):
+            sig = _find_default_signal(ds)
+            if sig is None:
+                raise ValueError(f"{path}:{inner} is a group, not a dataset; give the dataset path")
+            ds = sig
+    return ds, _temperatures_near(ds)
+
+
+def _temperatures_near(ds) -> np.ndarray | None:
+    n = ds.shape[0] if ds.ndim else 0
+    t = ds.attrs.get("temperatures")
+    if t is not None:
+        return np.asarray(t, dtype=np.float64)
+    parent = ds.parent
+    axes = parent.attrs.get("axes")
+    if axes is not None:
+        axes = [a.decode() if isinstance(a, bytes) else str(a) for a in np.atleast_1d(axes)]
+        if axes and axes[0] in parent and parent[axes[0]].shape == (n,):
+            return np.asarray(parent[axes[0]][...], dtype=np.float64)
+    for name in ("temperatures", "temperature", "T"):
+        if name in parent and parent[name].shape == (n,):
+            return np.asarray(parent[name][...], dtype=np.float64)
+    root = ds.file
+    for candidate in ("entry/sample/temperature", "entry/sample/temperatures"):
+        if candidate in root and root[candidate].shape == (n,):
+            return np.asarray(root[candidate][...], dtype=np.float64)
+    return None
+
+
+def write_series(path: str | os.PathLike, volume: np.ndarray, temperatures: np.ndarray, chunks=None) -> str:
+    """Write a (T, *spatial) series as a NeXus NXdata group (for tests and examples).
+
+    Returns the input spec ``'path:/entry/data/data'``.
+    """
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        entry = f.create_group("entry")
+        entry.attrs["NX_class"] = "NXentry"
+        entry.attrs["default"] = "data"
+        data = entry.create_group("data")
+        data.attrs["NX_class"] = "NXdata"
+        data.attrs["signal"] = "data"
+        data.attrs["axes"] = ["temperature"] + ["."] * (volume.ndim - 1)
+        data.create_dataset("data", data=volume, chunks=chunks)
+        data.create_dataset("temperature", data=np.asarray(temperatures, dtype=np.float64))
+    return f"{path}:/entry/data/data"

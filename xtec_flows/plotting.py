@@ -1,0 +1,100 @@
+"""Figures for a clustering result (matplotlib, imported only here, Agg backend).
+
+Colours are fixed per label, so label 0 is always the same colour across runs
+and scans; unclustered voxels are grey, masked/empty voxels white.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PALETTE = [
+    "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#e377c2", "#8c564b",
+    "#bcbd22", "#7f7f7f",
+]
+UNCLUSTERED = "#c8c8c8"
+
+
+def _colour(k: int) -> str:
+    return PALETTE[k % len(PALETTE)]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def qmap(labels, path, n_components: int, slices: int = 3, title: str = "") -> None:
+    """Colour-coded slices of reciprocal space.
+
+    Parameters
+    ----------
+    labels : array-like of shape (L, K, H) or (K, H), int8 (−1 = not clustered)
+        Read slice by slice (a zarr array is never loaded whole for 3-D).
+    """
+    from matplotlib.colors import ListedColormap
+
+    plt = _pyplot()
+    cmap = ListedColormap([UNCLUSTERED] + [_colour(k) for k in range(n_components)])
+    if labels.ndim == 2:
+        planes = [("", np.asarray(labels[...]))]
+    else:
+        n = labels.shape[0]
+        idx = np.unique(np.linspace(0, n - 1, slices + 2).astype(int)[1:-1])
+        planes = [(f"axis 0 = {i}", np.asarray(labels[int(i)])) for i in idx]
+    fig, axes = plt.subplots(1, len(planes), figsize=(4.2 * len(planes), 4.2), squeeze=False)
+    for ax, (name, plane) in zip(axes[0], planes):
+        ax.imshow(plane + 1, cmap=cmap, vmin=0, vmax=n_components, origin="lower", interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=_colour(k)) for k in range(n_components)]
+    handles.append(plt.Rectangle((0, 0), 1, 1, color=UNCLUSTERED))
+    fig.legend(handles, [f"cluster {k}" for k in range(n_components)] + ["not clustered"], loc="lower center",
+               ncol=min(n_components + 1, 6), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def trajectories(temperatures, means, variances, counts, path, ylabel: str = "rescaled I(T)") -> None:
+    """Cluster mean trajectories ± 1σ versus temperature.
+
+    means, variances : (K, T); counts : (K,)
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    t = np.asarray(temperatures)
+    for k, (m, v) in enumerate(zip(means, variances)):
+        s = np.sqrt(v)
+        ax.plot(t, m, color=_colour(k), lw=2, label=f"cluster {k} ({int(counts[k])})")
+        ax.fill_between(t, m - s, m + s, color=_colour(k), alpha=0.25)
+    ax.set_xlabel("T")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bic_curve(table, path) -> None:
+    """BIC versus number of components; the best K marked."""
+    plt = _pyplot()
+    ks = [r["n_components"] for r in table]
+    b = [r["bic"] for r in table]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(ks, b, "o-")
+    best = min(table, key=lambda r: r["bic"])
+    ax.plot([best["n_components"]], [best["bic"]], "r*", ms=14, label=f"best K = {best['n_components']}")
+    ax.set_xlabel("number of clusters K")
+    ax.set_ylabel("BIC (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
