@@ -257,10 +257,29 @@ def as_dask(volume, chunks: tuple | None = None) -> da.Array:
     return x.rechunk(target)
 
 
+def distributed_client_active() -> bool:
+    """True when a dask.distributed Client is the default scheduler."""
+    if "distributed" not in sys.modules:
+        return False
+    from distributed import default_client
+
+    try:
+        default_client()
+    except ValueError:
+        return False
+    return True
+
+
 def _scratch_store(nbytes: int, scratch):
+    """Store for intermediate arrays, and the temp dir to clean up (or None).
+
+    Tasks on distributed workers receive a pickled copy of the store, so an
+    in-memory store would swallow their writes: with a Client, scratch goes to
+    disk (pass ``scratch`` on a shared file system for a multi-host cluster).
+    """
     if scratch is not None:
         return zarr.storage.LocalStore(str(scratch)), None
-    if nbytes <= SCRATCH_IN_MEMORY_BYTES:
+    if nbytes <= SCRATCH_IN_MEMORY_BYTES and not distributed_client_active():
         return zarr.storage.MemoryStore(), None
     tmp = tempfile.TemporaryDirectory(prefix="xtec-flows-scratch-")
     return zarr.storage.LocalStore(tmp.name), tmp

@@ -185,14 +185,15 @@ class LabelSmoother:
                 )
             self._cell_shape = tuple(int(c) for c in cell)
             self._cell_index = np.ravel_multi_index((coords % cell).T, self._cell_shape)
-            self._kernel_fft = np.fft.rfftn(kernel.periodic_kernel())
+            self._kernel_fft = np.fft.rfftn(kernel.periodic_kernel(), axes=tuple(range(cell.size)))
             counts = np.bincount(self._cell_index, minlength=int(np.prod(cell))).astype(np.float64)
             self._denominator = self._circular(counts)[self._cell_index]
 
     def _circular(self, per_cell: np.ndarray) -> np.ndarray:
         """Circular convolution of a per-cell field with the (symmetric) kernel; flat (n_cells,)."""
         field = per_cell.reshape(self._cell_shape)
-        out = np.fft.irfftn(np.fft.rfftn(field) * self._kernel_fft, s=self._cell_shape)
+        axes = tuple(range(field.ndim))
+        out = np.fft.irfftn(np.fft.rfftn(field, axes=axes) * self._kernel_fft, s=self._cell_shape, axes=axes)
         return out.ravel()
 
     def __call__(self, resp: np.ndarray) -> np.ndarray:
