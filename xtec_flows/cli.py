@@ -83,7 +83,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tol", type=float, default=1e-4, help="convergence on the change of mean log-likelihood")
     p.add_argument("--reg-covar", type=float, default=1e-6)
     p.add_argument("--kernel", choices=["local", "periodic"], default="local", help="mode s: smoothing kernel")
-    p.add_argument("--length-scale", type=float, default=1.0, help="mode s: kernel length scale L")
+    p.add_argument("--length-scale", type=float, default=None,
+                   help="mode s: kernel length scale L (default 1 voxel for local, 0.2 for periodic)")
     p.add_argument("--zero-cutoff", type=float, default=1e-2, help="mode s: kernel values below this are 0")
     p.add_argument("--smoothing-weights", choices=["uniform", "gaussian"], default="uniform")
     p.add_argument("--smoothing-iterations", type=int, default=1)
@@ -153,7 +154,7 @@ def _params_from(args, n_components: int):
     if args.mode == "s":
         smoothing = SmoothingKernel(
             kind=args.kernel,
-            length_scale=args.length_scale,
+            length_scale=args.length_scale if args.length_scale is not None else (1.0 if args.kernel == "local" else 0.2),
             zero_cutoff=args.zero_cutoff,
             weights=args.smoothing_weights,
             unit_cell=tuple(args.unit_cell or ()),
@@ -175,12 +176,25 @@ def _params_from(args, n_components: int):
     )
 
 
+def _is_synthetic(path: Path) -> bool:
+    """True if ``path`` is a zarr group written by ``xtec-flows synth`` (safe to overwrite)."""
+    try:
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r")
+    except Exception:  # not zarr at all: certainly not ours
+        return False
+    return "class_names" in group.attrs and "model" in group.attrs
+
+
 def cmd_synth(args) -> dict:
     from . import synthetic
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise CLIError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not _is_synthetic(out):
+        raise CLIError(f"{out} holds data that xtec-flows synth did not write; it is never overwritten, choose another path")
     model = synthetic.SeriesModel() if args.pixels_per_zone is None else synthetic.SeriesModel(pixels_per_zone=args.pixels_per_zone)
     t0 = time.perf_counter()
     synthetic.write_zarr(out, args.shape, model=model, seed=args.seed, chunks=args.chunks, overwrite=args.overwrite, progress=not args.quiet)
@@ -198,6 +212,7 @@ def cmd_cluster(args) -> dict:
     volume, temps = _open_input(args.input, args.temperatures)
     # Work next to the destination and move into place only on success: a
     # failed run leaves no partial output and does not destroy an old one.
+    created = _first_missing_ancestor(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -225,9 +240,21 @@ def cmd_cluster(args) -> dict:
         work.rename(out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise
     summary["output"] = str(out)
     return summary
+
+
+def _first_missing_ancestor(path: Path) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet (to undo mkdir on failure)."""
+    missing = None
+    p = path.absolute()
+    while not p.exists():
+        missing = p
+        p = p.parent
+    return missing
 
 
 def cmd_bic(args) -> dict:

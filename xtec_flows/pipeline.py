@@ -676,6 +676,7 @@ def cluster(
     random_state: int | None = 0,
     chunks: tuple | None = None,
     labels_store=None,
+    overwrite: bool = False,
     scratch=None,
     progress: bool = False,
 ) -> ClusterResult:
@@ -692,7 +693,9 @@ def cluster(
     n_components : int
     threshold : {"kl", "simple", "none"} or float (explicit cut on <I>_T)
     rescale : {"mean", "zscore", "log-mean", "none"}
-    labels_store : zarr store or path for the label array (default: in memory)
+    labels_store : zarr store or path for the label array (default: in memory).
+        A path holding other data is refused; an earlier xtec-flows label array
+        there is replaced only with ``overwrite=True``.
     chunks : spatial block shape for the streaming passes
 
     Returns
@@ -722,11 +725,18 @@ def cluster(
         n_init=n_init,
         random_state=random_state,
     )
-    return run(volume, temperatures, params, chunks=chunks, labels_store=labels_store, scratch=scratch, progress=progress)
+    return run(
+        volume, temperatures, params, chunks=chunks, labels_store=labels_store, overwrite=overwrite,
+        scratch=scratch, progress=progress,
+    )
 
 
-def run(volume, temperatures, params: ClusterParams, *, chunks=None, labels_store=None, scratch=None, progress=False) -> ClusterResult:
+def run(
+    volume, temperatures, params: ClusterParams, *, chunks=None, labels_store=None, overwrite=False, scratch=None,
+    progress=False,
+) -> ClusterResult:
     """:func:`cluster` with a ready :class:`ClusterParams`."""
+    zarr_io.check_labels_target(labels_store, overwrite)
     traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress)
     t0 = time.perf_counter()
     fit = fit_trajectories(traj, params)

@@ -50,7 +50,11 @@ def _find_default_signal(f):
                 return node[signal]
         default = node.attrs.get("default")
         if default is None:
-            break
+            # No @default: descend into the only NXentry/NXdata child, if unambiguous.
+            groups = [k for k, v in node.items() if isinstance(v, h5py.Group)]
+            if len(groups) != 1:
+                break
+            default = groups[0]
         default = default.decode() if isinstance(default, bytes) else str(default)
         if default not in node:
             break
@@ -123,6 +127,7 @@ def write_series(path: str | os.PathLike, volume: np.ndarray, temperatures: np.n
     import h5py
 
     with h5py.File(path, "w") as f:
+        f.attrs["default"] = "entry"
         entry = f.create_group("entry")
         entry.attrs["NX_class"] = "NXentry"
         entry.attrs["default"] = "data"

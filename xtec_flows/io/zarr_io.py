@@ -71,7 +71,7 @@ def open_volume(path: str | os.PathLike) -> tuple[zarr.Array, np.ndarray | None,
 def is_ours(path: str | os.PathLike) -> bool:
     """True if ``path`` is a directory holding an xtec-flows output (safe to overwrite)."""
     p = Path(path)
-    for marker in ("result.json", "labels.zarr/zarr.json", "zarr.json"):
+    for marker in ("result.json", "bic.json", "labels.zarr/zarr.json", "zarr.json"):
         m = p / marker
         if m.exists():
             try:
@@ -138,3 +138,28 @@ def scratch_array(store, name: str, shape: tuple, chunks: tuple, dtype) -> zarr.
     return zarr.create_array(
         store=store, name=name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, overwrite=True
     )
+
+
+def check_labels_target(store, overwrite: bool) -> None:
+    """Refuse a labels destination that holds data we did not write.
+
+    ``store`` may be a path or a zarr store. A path that exists must be empty
+    or an earlier xtec-flows label array (then ``overwrite`` is required).
+    Called before any computation, so a refused run writes nothing.
+    """
+    if not isinstance(store, (str, os.PathLike)):
+        return
+    p = Path(store)
+    if not p.exists():
+        return
+    if p.is_dir() and not any(p.iterdir()):
+        return
+    if not is_ours(p):
+        raise FileExistsError(
+            f"labels_store {str(p)!r} already holds other data (not an xtec-flows label array); "
+            "give a new or empty path"
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"labels_store {str(p)!r} holds an earlier xtec-flows label array; pass overwrite=True to replace it"
+        )
