@@ -75,7 +75,7 @@ class ClusterParams:
     max_iter: int = 300
     n_init: int = 3
     random_state: int | None = 0
-    init_sample_size: int = 50_000
+    init_sample_size: int = 20_000
 
     def __post_init__(self):
         validation.check_choice("mode", self.mode, validation.MODES)
@@ -593,6 +593,15 @@ class FitOutput:
     history: list
 
 
+def _rescale_float32(raw: np.ndarray, method: str, rows: int = 1 << 18) -> np.ndarray:
+    """Rescale (n, T) trajectories into float32, a slab of rows at a time, so the
+    float64 temporaries stay small however many voxels passed the threshold."""
+    out = np.empty(raw.shape, dtype=np.float32)
+    for start in range(0, raw.shape[0], rows):
+        out[start : start + rows] = rescale(raw[start : start + rows], method)
+    return out
+
+
 def fit_trajectories(traj: Trajectories, params: ClusterParams, n_components: int | None = None) -> FitOutput:
     """Rescale and cluster gathered trajectories; labels per thresholded voxel."""
     k = params.n_components if n_components is None else n_components
@@ -601,7 +610,7 @@ def fit_trajectories(traj: Trajectories, params: ClusterParams, n_components: in
         X = rescale(means, params.rescale)
         unit = "peaks"
     else:
-        X = rescale(traj.raw, params.rescale)
+        X = _rescale_float32(traj.raw, params.rescale)
         unit = "thresholded voxels"
     if k > X.shape[0]:
         raise ValueError(

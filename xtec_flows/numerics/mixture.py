@@ -84,6 +84,68 @@ def bic(log_likelihood_total: float, n_samples: int, n_components: int, n_featur
     return -2.0 * log_likelihood_total + n_parameters(n_components, n_features) * math.log(n_samples)
 
 
+def augment(X: np.ndarray) -> np.ndarray:
+    """[X, X**2] in float64, shape (n_samples, 2T).
+
+    With it, the E-step is one matrix product and the M-step statistics are
+    another: every EM pass reads a block once. Built per block (a few MB, so it
+    stays in cache) from float32 trajectories; the float64 arithmetic keeps
+    E[x^2] - E[x]^2 accurate.
+    """
+    n, t = X.shape
+    XX = np.empty((n, 2 * t))
+    XX[:, :t] = X
+    np.multiply(XX[:, :t], XX[:, :t], out=XX[:, t:])
+    return XX
+
+
+def _weighted_log_prob_augmented(XX: np.ndarray, params: MixtureParams) -> np.ndarray:
+    """log w_k + log N(x | k) from augmented data, *transposed*: shape (K, n_samples).
+
+    Components-first layout: reductions over K become element-wise operations
+    over K contiguous rows, far faster than numpy's reductions along a short
+    last axis.
+    """
+    t = XX.shape[1] // 2
+    precisions = 1.0 / params.variances
+    # -0.5 |x - mu|^2_P = x.(mu P) - 0.5 x^2.P - 0.5 mu^2.P
+    W = np.concatenate([params.means * precisions, -0.5 * precisions], axis=1)
+    const = (
+        -0.5 * (t * LOG_2PI + np.log(params.variances).sum(axis=1) + (params.means**2 * precisions).sum(axis=1))
+        + np.log(params.weights)
+    )
+    out = W @ XX.T
+    out += const[:, None]
+    return out
+
+
+def _e_step_augmented(XX: np.ndarray, params: MixtureParams) -> tuple[np.ndarray, np.ndarray]:
+    """Responsibilities (K, n_samples) and log p(x) (n_samples,).
+
+    Fused log-sum-exp: shift by the maximum over components, one exp, normalise.
+    """
+    wlp = _weighted_log_prob_augmented(XX, params)
+    top = wlp[0].copy()
+    for row in wlp[1:]:
+        np.maximum(top, row, out=top)
+    wlp -= top
+    np.exp(wlp, out=wlp)
+    total = wlp[0].copy()
+    for row in wlp[1:]:
+        total += row
+    wlp /= total
+    log_norm = np.log(total)
+    log_norm += top
+    return wlp, log_norm
+
+
+def _stats_augmented(XX: np.ndarray, resp_t: np.ndarray, log_likelihood: float = 0.0) -> SufficientStats:
+    """Statistics from augmented data and responsibilities shaped (K, n_samples)."""
+    t = XX.shape[1] // 2
+    moments = resp_t @ XX
+    return SufficientStats(resp_t.sum(axis=1), moments[:, :t], moments[:, t:], float(log_likelihood), XX.shape[0])
+
+
 def estimate_log_gaussian_prob(X: np.ndarray, means: np.ndarray, variances: np.ndarray) -> np.ndarray:
     """log N(x | mean_k, diag(var_k)) for every sample and component.
 
@@ -96,48 +158,31 @@ def estimate_log_gaussian_prob(X: np.ndarray, means: np.ndarray, variances: np.n
     -------
     log_prob : ndarray of shape (n_samples, K)
     """
-    precisions = 1.0 / variances
-    n_features = X.shape[1]
-    # log-det as a sum of logs: the product of T small variances underflows.
-    log_det = np.log(variances).sum(axis=1)
-    # |x - mu|^2_P = x^2.P - 2 x.(mu P) + mu^2.P; two small matmuls beat K passes over X.
-    quad = (X * X) @ precisions.T
-    quad -= 2.0 * (X @ (means * precisions).T)
-    quad += (means * means * precisions).sum(axis=1)
-    return -0.5 * (n_features * LOG_2PI + log_det + quad)
+    k = means.shape[0]
+    return _weighted_log_prob_augmented(augment(X), MixtureParams(np.ones(k), means, variances)).T
 
 
 def estimate_weighted_log_prob(X: np.ndarray, params: MixtureParams) -> np.ndarray:
     """log w_k + log N(x | k); shape (n_samples, K)."""
-    out = estimate_log_gaussian_prob(X, params.means, params.variances)
-    out += np.log(params.weights)
-    return out
+    return _weighted_log_prob_augmented(augment(X), params).T
 
 
 def e_step(X: np.ndarray, params: MixtureParams) -> tuple[np.ndarray, np.ndarray]:
     """Responsibilities (n_samples, K) and per-sample log-likelihood (n_samples,)."""
-    wlp = estimate_weighted_log_prob(X, params)
-    log_norm = logsumexp(wlp, axis=1)
-    wlp -= log_norm[:, None]
-    np.exp(wlp, out=wlp)
-    return wlp, log_norm
+    resp_t, log_norm = _e_step_augmented(augment(X), params)
+    return resp_t.T, log_norm
 
 
 def stats_from_responsibilities(X: np.ndarray, resp: np.ndarray, log_likelihood: float = 0.0) -> SufficientStats:
     """Sufficient statistics of one block given its responsibilities (n_samples, K)."""
-    return SufficientStats(
-        nk=resp.sum(axis=0),
-        sx=resp.T @ X,
-        sxx=resp.T @ (X * X),
-        log_likelihood=float(log_likelihood),
-        n=X.shape[0],
-    )
+    return _stats_augmented(augment(X), np.ascontiguousarray(resp.T), log_likelihood)
 
 
 def e_step_stats(X: np.ndarray, params: MixtureParams) -> SufficientStats:
     """Fused E-step and statistics of one block: responsibilities are dropped after use."""
-    resp, log_norm = e_step(X, params)
-    return stats_from_responsibilities(X, resp, log_norm.sum())
+    XX = augment(X)
+    resp, log_norm = _e_step_augmented(XX, params)
+    return _stats_augmented(XX, resp, log_norm.sum())
 
 
 def m_step(stats: SufficientStats, reg_covar: float) -> MixtureParams:
@@ -244,10 +289,13 @@ class _Blocks:
         if self.is_dask:
             if len(X.chunks[1]) != 1:
                 X = X.rechunk({1: -1})
+            X = X.astype(np.float32)
             self.blocks = list(X.to_delayed().ravel())
             starts = np.cumsum((0,) + X.chunks[0])
         else:
-            X = np.asarray(X, dtype=np.float64)
+            # float32 storage halves the memory traffic of every pass; each block
+            # is widened to float64 inside the kernels (see augment).
+            X = np.asarray(X, dtype=np.float32)
             starts = np.arange(0, X.shape[0], block_size).tolist() + [X.shape[0]]
             self.blocks = [X[a:b] for a, b in zip(starts[:-1], starts[1:])]
         self.slices = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
@@ -293,12 +341,52 @@ class _Blocks:
             idx = np.sort(rng.choice(self.n_samples, size=size, replace=False))
         if self.is_dask:
             return np.asarray(self.X[idx].compute(), dtype=np.float64)
-        return self.X[idx]
+        return self.X[idx].astype(np.float64)
 
     def close(self):
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+def _em_in_memory(X: np.ndarray, params: MixtureParams, reg_covar: float, tol: float, max_iter: int):
+    """Plain EM on a small in-memory array; returns (params, mean log-likelihood)."""
+    prev = -np.inf
+    for _ in range(max_iter):
+        stats = e_step_stats(X, params)
+        ll = stats.log_likelihood / X.shape[0]
+        params = m_step(stats, reg_covar)
+        if abs(ll - prev) < tol:
+            break
+        prev = ll
+    return params, ll
+
+
+def _initial_params(blocks, n_components, n_init, rng, reg_covar, tol, max_iter, sample_size):
+    """Starting parameters for the full-data EM, one set per restart that is worth a full fit.
+
+    Seeds come from k-means++ on a random subsample of at most ``sample_size``
+    rows. When the data are larger than that, every restart is first run to
+    convergence on the subsample, and only the best one (by subsample
+    log-likelihood) goes on to the full data: n_init costs n_init small fits
+    plus one big fit, and the big fit starts close to its optimum, so it needs
+    few passes over the data. When the subsample is the whole data set, each
+    restart is a full fit of its own.
+    """
+    sample = blocks.sample(sample_size, rng)
+    if sample.shape[0] >= blocks.n_samples:
+        for _ in range(n_init):
+            centres = kmeans_plusplus(sample, n_components, rng)
+            yield m_step(blocks.reduce(nearest_centre_stats, [centres] * len(blocks.blocks)), reg_covar)
+        return
+    best = None
+    for _ in range(n_init):
+        centres = kmeans_plusplus(sample, n_components, rng)
+        start = m_step(nearest_centre_stats(sample, centres), reg_covar)
+        params, ll = _em_in_memory(sample, start, reg_covar, tol, max_iter)
+        if best is None or ll > best[1]:
+            best = (params, ll)
+    yield best[0]
 
 
 @dataclass
@@ -327,8 +415,8 @@ class MixtureFit:
 
 
 def _final_assignment(X, params: MixtureParams):
-    resp, log_norm = e_step(X, params)
-    return np.argmax(resp, axis=1).astype(np.int8), float(log_norm.sum())
+    resp_t, log_norm = _e_step_augmented(augment(X), params)
+    return np.argmax(resp_t, axis=0).astype(np.int8), float(log_norm.sum())
 
 
 def fit_mixture(
@@ -341,8 +429,8 @@ def fit_mixture(
     n_init: int = 1,
     random_state: int | None = 0,
     smoother=None,
-    init_sample_size: int = 50_000,
-    block_size: int = 65_536,
+    init_sample_size: int = 20_000,
+    block_size: int = 8192,
     n_threads: int | None = None,
 ) -> MixtureFit:
     """Fit a diagonal Gaussian mixture by EM.
@@ -383,10 +471,8 @@ def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_st
     n, n_features = blocks.n_samples, blocks.n_features
     try:
         best = None
-        for restart in range(n_init):
-            seed_rows = blocks.sample(init_sample_size, rng)
-            centres = kmeans_plusplus(seed_rows, n_components, rng)
-            params = m_step(blocks.reduce(nearest_centre_stats, [centres] * len(blocks.blocks)), reg_covar)
+        for restart, params in enumerate(_initial_params(blocks, n_components, n_init, rng, reg_covar, tol, max_iter,
+                                                         init_sample_size)):
             history: list[float] = []
             converged = False
             n_iter = 0
