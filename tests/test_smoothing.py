@@ -100,3 +100,14 @@ def test_support_radius():
 def test_bad_kernel_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SmoothingKernel(**kwargs)
+
+
+def test_operator_built_in_batches_is_the_same():
+    from xtec_flows.numerics.smoothing import local_smoothing_operator
+
+    shape = (14, 15, 16)
+    _, coords, _ = random_problem(shape, seed=4)
+    kernel = SmoothingKernel("local", 1.5, weights="gaussian")
+    whole = local_smoothing_operator(coords, shape, kernel)
+    batched = local_smoothing_operator(coords, shape, kernel, batch=97)
+    assert (abs(whole - batched) > 1e-15).nnz == 0

@@ -509,15 +509,10 @@ def gather_trajectories(
                     xb[idx], sb[idx], pb[idx] if pb is not None else None, offset, spatial_shape, cutoff.log_cutoff
                 )
             )
-        results = _compute(*tasks, progress=progress)
-        flat = np.concatenate([r[0] for r in results])
-        order = np.argsort(flat, kind="stable")
-        flat = flat[order]
-        raw = np.concatenate([r[1] for r in results])[order] if flat.size else np.empty((0, shape[0]), np.float32)
+        results = list(_compute(*tasks, progress=progress))
+        flat, raw, prov = _sort_by_voxel(results, shape[0])
         if params.mode == "peaks":
-            prov = np.concatenate([r[2] for r in results])[order]
             peak_ids = mapping[prov]
-        del results
         timings["trajectories"] = time.perf_counter() - t0
     finally:
         if tmp is not None:
@@ -542,6 +537,32 @@ def gather_trajectories(
         n_peaks=n_peaks,
         timings=timings,
     )
+
+
+def _sort_by_voxel(results: list, n_temperatures: int):
+    """Merge per-block (flat, trajectories, provisional labels) into C order of the voxels.
+
+    Each block's rows are scattered straight to their final positions and the
+    block is released, so peak memory is one copy of the trajectories plus one
+    block, not the three copies of concatenate-then-permute.
+    """
+    flat = np.concatenate([r[0] for r in results]) if results else np.empty(0, np.int64)
+    order = np.argsort(flat, kind="stable")
+    destination = np.empty_like(order)
+    destination[order] = np.arange(order.size)
+    raw = np.empty((flat.size, n_temperatures), dtype=np.float32)
+    with_labels = bool(results) and results[0][2] is not None
+    prov = np.empty(flat.size, dtype=np.int32) if with_labels else None
+    start = 0
+    for i in range(len(results)):
+        _, traj, ids = results[i]
+        stop = start + traj.shape[0]
+        raw[destination[start:stop]] = traj
+        if with_labels:
+            prov[destination[start:stop]] = ids
+        results[i] = None
+        start = stop
+    return flat[order], raw, prov
 
 
 def _chunked_components(stat_d, store, shape, chunks, log_cut):
@@ -602,16 +623,23 @@ def _rescale_float32(raw: np.ndarray, method: str, rows: int = 1 << 18) -> np.nd
     return out
 
 
-def fit_trajectories(traj: Trajectories, params: ClusterParams, n_components: int | None = None) -> FitOutput:
-    """Rescale and cluster gathered trajectories; labels per thresholded voxel."""
-    k = params.n_components if n_components is None else n_components
+def features(traj: Trajectories, params: ClusterParams) -> np.ndarray:
+    """What the mixture sees: rescaled trajectories (n_samples, T), or rescaled
+    peak averages (n_peaks, T) in mode "peaks"; float32."""
     if params.mode == "peaks":
         means, _sizes = peaks.peak_means(traj.raw, traj.peak_ids, traj.n_peaks)
-        X = rescale(means, params.rescale)
-        unit = "peaks"
-    else:
-        X = _rescale_float32(traj.raw, params.rescale)
-        unit = "thresholded voxels"
+        return rescale(means, params.rescale).astype(np.float32)
+    return _rescale_float32(traj.raw, params.rescale)
+
+
+def fit_trajectories(
+    traj: Trajectories, params: ClusterParams, n_components: int | None = None, X: np.ndarray | None = None
+) -> FitOutput:
+    """Cluster gathered trajectories (features computed unless given); labels per thresholded voxel."""
+    k = params.n_components if n_components is None else n_components
+    if X is None:
+        X = features(traj, params)
+    unit = "peaks" if params.mode == "peaks" else "thresholded voxels"
     if k > X.shape[0]:
         raise ValueError(
             f"n_components={k} is larger than the number of {unit} ({X.shape[0]}); "
@@ -748,7 +776,10 @@ def run(
     zarr_io.check_labels_target(labels_store, overwrite)
     traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress)
     t0 = time.perf_counter()
-    fit = fit_trajectories(traj, params)
+    X = features(traj, params)
+    traj.raw = None  # the raw intensities are not needed any more: free them before the fit
+    fit = fit_trajectories(traj, params, X=X)
+    del X
     traj.timings["fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     labels = write_labels(
@@ -792,9 +823,10 @@ def select_n_components(volume, temperatures, k_values=range(2, 11), *, chunks=N
         raise ValueError("k_values is empty; give at least one number of components, e.g. 2..10")
     params = ClusterParams(n_components=max(k_values), **kwargs)
     traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress)
+    X = features(traj, params)
     table = []
     for k in sorted(set(k_values)):
-        fit = fit_trajectories(traj, params, n_components=k)
+        fit = fit_trajectories(traj, params, n_components=k, X=X)
         table.append(
             {"n_components": k, "bic": fit.bic, "log_likelihood": fit.log_likelihood, "n_iter": fit.n_iter, "converged": fit.converged}
         )

@@ -116,7 +116,7 @@ class SmoothingKernel:
 
 
 def local_smoothing_operator(
-    coords: np.ndarray, shape: tuple, kernel: SmoothingKernel, batch: int = 1 << 20
+    coords: np.ndarray, shape: tuple, kernel: SmoothingKernel, batch: int = 1 << 18
 ) -> sp.csr_matrix:
     """Row-normalised sparse operator of the local kernel among the given voxels.
 
@@ -141,28 +141,30 @@ def local_smoothing_operator(
     order = np.argsort(flat, kind="stable")
     sorted_flat = flat[order]
     offsets, weights = kernel.local_offsets(ndim)
-    rows, cols, vals = [], [], []
+    bounds = np.asarray(shape)
+    # Built a batch of rows at a time and stacked: the (row, col, value)
+    # temporaries of one batch are freed before the next.
+    pieces = []
     for start in range(0, n, batch):
         c = coords[start : start + batch]
-        f = flat[start : start + batch]
-        src = np.arange(start, start + c.shape[0], dtype=np.int64)
+        rows, cols, vals = [], [], []
         for off, w in zip(offsets, weights):
             target = c + off
-            inside = np.all((target >= 0) & (target < np.asarray(shape)), axis=1)
-            tflat = np.ravel_multi_index(target[inside].T, shape) if inside.any() else np.empty(0, np.int64)
-            pos = np.searchsorted(sorted_flat, tflat)
-            pos = np.minimum(pos, n - 1)
+            inside = np.all((target >= 0) & (target < bounds), axis=1)
+            local_rows = np.nonzero(inside)[0]
+            tflat = np.ravel_multi_index(target[inside].T, shape) if local_rows.size else np.empty(0, np.int64)
+            pos = np.minimum(np.searchsorted(sorted_flat, tflat), n - 1)
             hit = sorted_flat[pos] == tflat
-            rows.append(src[inside][hit])
-            cols.append(order[pos[hit]])
+            rows.append(local_rows[hit].astype(np.int32))
+            cols.append(order[pos[hit]].astype(np.int32))
             vals.append(np.full(int(hit.sum()), w))
-    rows = np.concatenate(rows)
-    cols = np.concatenate(cols)
-    vals = np.concatenate(vals)
-    op = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
-    # Every voxel is its own neighbour (offset 0), so no row sum is zero.
-    row_sum = np.asarray(op.sum(axis=1)).ravel()
-    return sp.diags(1.0 / row_sum) @ op
+        block = sp.csr_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(c.shape[0], n)
+        )
+        # Every voxel is its own neighbour (offset 0), so no row sum is zero.
+        row_sum = np.asarray(block.sum(axis=1)).ravel()
+        pieces.append(sp.diags(1.0 / row_sum) @ block)
+    return sp.vstack(pieces, format="csr")
 
 
 class LabelSmoother:
