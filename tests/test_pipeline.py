@@ -149,3 +149,25 @@ def test_import_keeps_heavy_dependencies_out():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("path", ["sampled provisional cut", "second read"])
+def test_large_volume_paths_give_the_same_result(volume3, monkeypatch, path):
+    """Small inputs keep every trajectory in the first pass; large ones keep only those
+    above a cut estimated on sampled blocks, and read again if the final cut is lower.
+    All three routes must give identical results."""
+    from xtec_flows import pipeline
+
+    vol, temps, _ = volume3
+    common = dict(mode="peaks", n_components=3, n_init=1, chunks=(8, 8, 16))
+    ref = xtec_flows.cluster(vol, temps, **common)
+    assert ref.timings["reads"] == 1
+    monkeypatch.setattr(pipeline, "CACHE_ALL_BYTES", 0)
+    if path == "second read":
+        # a provisional cut far above any real one forces the fallback
+        monkeypatch.setattr(pipeline, "PROVISIONAL_MARGIN_BINS", -1000)
+    other = xtec_flows.cluster(vol, temps, **common)
+    assert other.timings["reads"] == (2 if path == "second read" else 1)
+    np.testing.assert_array_equal(labels_of(other), labels_of(ref))
+    np.testing.assert_array_equal(other.histogram_counts, ref.histogram_counts)
+    assert other.log_cutoff == ref.log_cutoff

@@ -301,12 +301,16 @@ def _progress(enabled: bool):
 def _block_statistic(block: np.ndarray, mask_type: str) -> np.ndarray:
     """<I>_T of each voxel: > 0 for a usable voxel, 0 when masked, NaN/Inf when
     the trajectory is not finite. Shape (*spatial), float32."""
-    mean = block.mean(axis=0, dtype=np.float64)
+    # float32 data are summed in float32 (as numpy's own mean does, and 4x faster
+    # than widening); integer counts are summed exactly in float64.
+    acc = np.float32 if block.dtype.kind == "f" and block.dtype.itemsize <= 4 else np.float64
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = block.sum(axis=0, dtype=acc)
+        mean /= block.shape[0]
     keep = masking.valid_voxels(block, mask_type) if mask_type != "zero-mean" else mean > 0
-    out = np.where(keep, mean, 0.0)
-    bad = ~np.isfinite(mean)
-    out[bad] = np.nan
-    return out.astype(np.float32)
+    out = np.where(keep, mean, 0).astype(np.float32)
+    out[~np.isfinite(mean)] = np.nan
+    return out
 
 
 def _log_valid(stat: np.ndarray) -> np.ndarray:
@@ -314,20 +318,8 @@ def _log_valid(stat: np.ndarray) -> np.ndarray:
     return np.log(v.astype(np.float64))
 
 
-def _block_range(stat):
-    v = _log_valid(stat)
-    if v.size == 0:
-        return (0, math.inf, -math.inf)
-    return (v.size, float(v.min()), float(v.max()))
-
-
 def _block_counts(stat, edges):
     return threshold.partial_histogram(_log_valid(stat), edges)[0]
-
-
-def _block_values_in(stat, lo, hi):
-    v = _log_valid(stat)
-    return v[(v >= lo) & (v < hi)]
 
 
 def _block_hist(stat, edges):
@@ -387,27 +379,116 @@ def _compute(*tasks, progress=False):
         return dask.compute(*tasks)
 
 
-def _exact_quartiles(stat_d: da.Array, n: int, lo: float, hi: float, progress: bool) -> tuple[float, float]:
-    """Order statistics at the quartile ranks, exactly, in two cheap passes: a fine
-    histogram to find the bins that hold them, then the values of those bins."""
-    r25, r75 = threshold.quartile_ranks(n)
-    if hi <= lo:
-        return lo, hi
-    edges = np.linspace(lo, hi, 4097)
-    blocks = stat_d.to_delayed().ravel()
-    counts = sum(_compute(*[dask.delayed(_block_counts)(b, edges) for b in blocks], progress=progress))
-    cum = np.cumsum(counts)
-    out = []
-    for r in (r25, r75):
+# Below this many bytes of input, the first pass keeps every valid trajectory in
+# memory, so the input is read exactly once and the threshold histogram comes
+# straight from the kept values.
+CACHE_ALL_BYTES = 512 << 20
+# Larger inputs: the first pass keeps the trajectories above a provisional cut
+# estimated from a sample of blocks, this many (sample) bins below it.
+PROVISIONAL_MARGIN_BINS = 4
+
+
+def _block_first_pass(block, stat_target, region, offset, shape, mask_type, provisional, fine_edges):
+    """Everything the first read of one block yields.
+
+    Writes the block's <I>_T into the scratch array and returns a dict with the
+    counts and range of valid log-means, the number of non-finite trajectories,
+    a fine histogram of the log-means (if ``fine_edges`` is given) and the
+    trajectories, flat indices and log-means of the voxels above ``provisional``.
+    """
+    stat = _block_statistic(block, mask_type)
+    stat_target[region] = stat
+    n_bad = int((~np.isfinite(stat)).sum())
+    logv = _log_valid(stat)
+    out = {
+        "n_valid": int(logv.size),
+        "lo": float(logv.min()) if logv.size else math.inf,
+        "hi": float(logv.max()) if logv.size else -math.inf,
+        "n_bad": n_bad,
+        "fine": threshold.partial_histogram(logv, fine_edges)[0] if fine_edges is not None else None,
+    }
+    if provisional == -math.inf:
+        # Small input: keep the block itself (no copy); select after the cut is known.
+        out["block"], out["stat"] = block, stat
+        return out
+    keep = _block_mask(stat, provisional)
+    out["flat"] = _block_flat(offset, stat.shape, shape, keep)
+    out["traj"] = np.ascontiguousarray(block[:, keep].T, dtype=np.float32)
+    out["log"] = np.log(stat[keep].astype(np.float64))
+    return out
+
+
+def _provisional_cut(x: da.Array, params: ClusterParams, regions: list):
+    """Where the first pass may safely start keeping trajectories.
+
+    Returns (provisional log cut, fine histogram edges or None). An explicit
+    threshold is exact; "none" keeps every valid voxel; small inputs keep every
+    valid voxel; otherwise the cut is estimated on a sample of blocks and
+    lowered by a margin. If the final cut turns out lower still, the
+    trajectories are read a second time (correct, only slower).
+    """
+    if not isinstance(params.threshold, str):
+        return math.log(params.threshold), None
+    nbytes = x.dtype.itemsize * math.prod(x.shape)
+    if params.threshold == "none" or nbytes <= CACHE_ALL_BYTES:
+        return -math.inf, None
+    n_sample = min(16, max(2, math.ceil(len(regions) / 20)))
+    picks = np.unique(np.linspace(0, len(regions) - 1, n_sample).round().astype(int))
+    xb = x.to_delayed().reshape(x.numblocks[1:])
+    stats = _compute(*[dask.delayed(_block_statistic)(xb[regions[i][0]], params.mask) for i in picks])
+    values = np.concatenate([_log_valid(s) for s in stats])
+    if values.size < 100 or values.max() <= values.min():
+        return -math.inf, None
+    import warnings
+
+    hist = threshold.histogram_of(values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cut = threshold.find_cutoff(hist, params.threshold)
+    fine_edges = np.linspace(values.min(), values.max(), 4097)
+    return cut.log_cutoff - PROVISIONAL_MARGIN_BINS * hist.bin_size, fine_edges
+
+
+def _exact_quartiles(stat_d: da.Array, n: int, fine_edges: np.ndarray, fine_counts: np.ndarray):
+    """Order statistics at the quartile ranks, exactly: the fine histogram tells
+    which bins hold them (values outside the edges were clipped into the end
+    bins, which then extend to infinity), one pass collects those bins' values."""
+    cum = np.cumsum(fine_counts)
+    wanted = []
+    for r in threshold.quartile_ranks(n):
         b = int(np.searchsorted(cum, r, side="right"))
         below = int(cum[b - 1]) if b > 0 else 0
-        a_edge, b_edge = edges[b], edges[b + 1] if b + 1 < edges.size - 1 else math.inf
-        vals = np.concatenate(
-            _compute(*[dask.delayed(_block_values_in)(blk, a_edge, b_edge) for blk in blocks])
-        )
-        vals.sort()
-        out.append(float(vals[min(r - below, vals.size - 1)]))
+        lo = fine_edges[b] if b > 0 else -math.inf
+        hi = fine_edges[b + 1] if b + 1 < fine_edges.size - 1 else math.inf
+        wanted.append((r - below, lo, hi))
+    blocks = stat_d.to_delayed().ravel()
+    parts = _compute(*[dask.delayed(_block_values_in_bins)(b, [(lo, hi) for _, lo, hi in wanted]) for b in blocks])
+    out = []
+    for i, (rank, _, _) in enumerate(wanted):
+        vals = np.sort(np.concatenate([p[i] for p in parts]))
+        out.append(float(vals[min(rank, vals.size - 1)]))
     return out[0], out[1]
+
+
+def _block_values_in_bins(stat, bins):
+    v = _log_valid(stat)
+    return [v[(v >= lo) & (v < hi)] for lo, hi in bins]
+
+
+def _histogram_chunked(stat_d, n_valid, lo, hi, fine_edges, fine_counts):
+    if n_valid >= 2 and hi > lo:
+        q25, q75 = _exact_quartiles(stat_d, n_valid, fine_edges, fine_counts)
+        bin_size = threshold.half_freedman_diaconis_width(q25, q75, n_valid)
+        if not bin_size > 0:
+            bin_size = (hi - lo) / max(int(math.sqrt(n_valid)), 1)
+        edges = np.linspace(lo, hi, threshold.n_bins_for(lo, hi, bin_size) + 1)
+    else:
+        bin_size = 1.0
+        edges = np.array([lo, lo + 1.0])
+    parts = _compute(*[dask.delayed(_block_hist)(b, edges) for b in stat_d.to_delayed().ravel()])
+    return threshold.LogMeanHistogram(
+        edges, sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts), float(bin_size)
+    )
 
 
 def gather_trajectories(
@@ -419,7 +500,13 @@ def gather_trajectories(
     scratch=None,
     progress: bool = False,
 ) -> Trajectories:
-    """Statistics, threshold and trajectory gathering (the two reads of the input).
+    """Statistics, threshold and trajectory gathering: usually one read of the input.
+
+    The first pass computes <I>_T of every voxel (into a scratch array) and
+    keeps the trajectories above a provisional cut; the threshold histogram is
+    then built from the scratch array (1/T of the input), and the kept
+    trajectories are filtered to the final cut. Only if the final cut falls
+    below the provisional one is the input read a second time.
 
     Parameters
     ----------
@@ -439,81 +526,94 @@ def gather_trajectories(
     spatial_shape = shape[1:]
     spatial_chunks = x.chunks[1:]
     regular = tuple(c[0] for c in spatial_chunks)
+    regions = list(_block_regions(spatial_chunks))
     store, tmp = _scratch_store(4 * math.prod(spatial_shape), scratch)
     try:
         t0 = time.perf_counter()
+        provisional, fine_edges = _provisional_cut(x, params, regions)
         stat_arr = zarr_io.scratch_array(store, "statistic", spatial_shape, regular, "float32")
-        stat = x.map_blocks(_block_statistic, params.mask, drop_axis=0, dtype=np.float32)
-        store_task = da.store(stat, stat_arr, lock=False, compute=False)
-        n_bad = da.isnan(stat).sum() + da.isinf(stat).sum()
-        _, n_bad = _compute(store_task, n_bad, progress=progress)
-        n_bad = int(n_bad)
+        xb = x.to_delayed().reshape(x.numblocks[1:])
+        first = list(
+            _compute(
+                *[
+                    dask.delayed(_block_first_pass)(
+                        xb[idx], stat_arr, region, offset, spatial_shape, params.mask, provisional, fine_edges
+                    )
+                    for idx, offset, region in regions
+                ],
+                progress=progress,
+            )
+        )
+        n_bad = sum(p["n_bad"] for p in first)
         stat_d = da.from_zarr(stat_arr, chunks=regular)
         if n_bad and params.nonfinite == "raise":
-            first = np.unravel_index(int(da.argmax(~da.isfinite(stat_d).ravel()).compute()), spatial_shape)
+            where = np.unravel_index(int(da.argmax(~da.isfinite(stat_d).ravel()).compute()), spatial_shape)
             raise ValueError(
                 f"volume holds NaN or Inf in {n_bad} voxel trajectories (first at spatial index "
-                f"{tuple(int(i) for i in first)}); clean the data, or pass nonfinite='mask' "
+                f"{tuple(int(i) for i in where)}); clean the data, or pass nonfinite='mask' "
                 "(CLI: --mask-nonfinite) to leave those voxels unclustered"
             )
-        timings["statistics"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        blocks = stat_d.to_delayed().ravel()
-        ranges = _compute(*[dask.delayed(_block_range)(b) for b in blocks])
-        n_valid = int(sum(r[0] for r in ranges))
+        n_valid = sum(p["n_valid"] for p in first)
         if n_valid == 0:
             raise ValueError(
                 "volume has no voxel with positive mean intensity (all zero, negative or masked); "
                 "check that the right dataset was given and that it is not empty"
             )
-        lo = min(r[1] for r in ranges)
-        hi = max(r[2] for r in ranges)
-        if n_valid >= 2 and hi > lo:
-            q25, q75 = _exact_quartiles(stat_d, n_valid, lo, hi, progress=False)
-            bin_size = threshold.half_freedman_diaconis_width(q25, q75, n_valid)
-            if not bin_size > 0:
-                bin_size = (hi - lo) / max(int(math.sqrt(n_valid)), 1)
-            edges = np.linspace(lo, hi, threshold.n_bins_for(lo, hi, bin_size) + 1)
+        lo = min(p["lo"] for p in first)
+        hi = max(p["hi"] for p in first)
+        whole_blocks = provisional == -math.inf
+        if whole_blocks:
+            cached_log = np.concatenate([_log_valid(p["stat"]) for p in first])
         else:
-            bin_size = 1.0
-            edges = np.array([lo, lo + 1.0])
-        parts = _compute(*[dask.delayed(_block_hist)(b, edges) for b in blocks])
-        hist = threshold.LogMeanHistogram(
-            edges,
-            sum(p[0] for p in parts),
-            sum(p[1] for p in parts),
-            sum(p[2] for p in parts),
-            float(bin_size),
-        )
+            cached_log = np.concatenate([p.pop("log") for p in first])
+            kept = [(p.pop("flat"), p.pop("traj"), None) for p in first]
+        timings["statistics"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if whole_blocks:
+            # Every valid voxel is in memory: the histogram comes straight from the values.
+            hist = threshold.histogram_of(cached_log) if cached_log.size >= 2 else _histogram_chunked(
+                stat_d, n_valid, lo, hi, None, None)
+        else:
+            fine = sum(p["fine"] for p in first) if fine_edges is not None else None
+            if fine is None:
+                fine_edges = np.linspace(lo, hi, 4097)
+                fine = sum(_compute(*[dask.delayed(_block_counts)(b, fine_edges) for b in stat_d.to_delayed().ravel()]))
+            hist = _histogram_chunked(stat_d, n_valid, lo, hi, fine_edges, fine)
         cutoff = threshold.find_cutoff(hist, params.threshold)
         timings["threshold"] = time.perf_counter() - t0
 
+        t0 = time.perf_counter()
+        if whole_blocks:
+            gathered = []
+            for p, (_, offset, _) in zip(first, regions):
+                gathered.append(_gather(p.pop("block"), p.pop("stat"), None, offset, spatial_shape, cutoff.log_cutoff))
+            flat, raw, _ = _sort_by_voxel(gathered, shape[0])
+            timings["reads"] = 1
+        elif cutoff.log_cutoff >= provisional:
+            flat, raw, _ = _sort_by_voxel(kept, shape[0], keep=cached_log > cutoff.log_cutoff)
+            timings["reads"] = 1
+        else:
+            del kept
+            log.info("final cut below the provisional one: reading the trajectories again")
+            sb = stat_d.to_delayed()
+            tasks = [
+                dask.delayed(_gather)(xb[idx], sb[idx], None, offset, spatial_shape, cutoff.log_cutoff)
+                for idx, offset, _ in regions
+            ]
+            flat, raw, _ = _sort_by_voxel(list(_compute(*tasks, progress=progress)), shape[0])
+            timings["reads"] = 2
+        del cached_log, first
+        timings["trajectories"] = time.perf_counter() - t0
+
         peak_ids = None
         n_peaks = 0
-        prov_d = None
-        if params.mode == "peaks":
+        if params.mode == "peaks" and flat.size:
             t0 = time.perf_counter()
             mapping, n_peaks, prov_arr = _chunked_components(stat_d, store, spatial_shape, regular, cutoff.log_cutoff)
-            prov_d = da.from_zarr(prov_arr, chunks=regular)
+            coords = np.unravel_index(flat, spatial_shape)
+            peak_ids = mapping[prov_arr.get_coordinate_selection(coords)]
             timings["components"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        xb = x.to_delayed().reshape(x.numblocks[1:])
-        sb = stat_d.to_delayed()
-        pb = prov_d.to_delayed() if prov_d is not None else None
-        tasks = []
-        for idx, offset, _region in _block_regions(spatial_chunks):
-            tasks.append(
-                dask.delayed(_gather)(
-                    xb[idx], sb[idx], pb[idx] if pb is not None else None, offset, spatial_shape, cutoff.log_cutoff
-                )
-            )
-        results = list(_compute(*tasks, progress=progress))
-        flat, raw, prov = _sort_by_voxel(results, shape[0])
-        if params.mode == "peaks":
-            peak_ids = mapping[prov]
-        timings["trajectories"] = time.perf_counter() - t0
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -539,14 +639,22 @@ def gather_trajectories(
     )
 
 
-def _sort_by_voxel(results: list, n_temperatures: int):
+def _sort_by_voxel(results: list, n_temperatures: int, keep: np.ndarray | None = None):
     """Merge per-block (flat, trajectories, provisional labels) into C order of the voxels.
 
     Each block's rows are scattered straight to their final positions and the
     block is released, so peak memory is one copy of the trajectories plus one
-    block, not the three copies of concatenate-then-permute.
+    block, not the three copies of concatenate-then-permute. ``keep`` (over the
+    concatenated rows) drops rows on the way.
     """
     flat = np.concatenate([r[0] for r in results]) if results else np.empty(0, np.int64)
+    if keep is not None:
+        starts = np.cumsum([0] + [r[0].size for r in results])
+        results = [
+            (r[0][keep[a:b]], r[1][keep[a:b]], None if r[2] is None else r[2][keep[a:b]])
+            for r, a, b in zip(results, starts[:-1], starts[1:])
+        ]
+        flat = flat[keep]
     order = np.argsort(flat, kind="stable")
     destination = np.empty_like(order)
     destination[order] = np.arange(order.size)

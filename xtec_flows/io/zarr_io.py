@@ -135,8 +135,11 @@ def create_labels(store, shape: tuple, chunks: tuple, attrs: dict | None = None)
 
 def scratch_array(store, name: str, shape: tuple, chunks: tuple, dtype) -> zarr.Array:
     """A temporary intermediate array (statistics, provisional labels)."""
+    # Uncompressed: scratch is written once and read a few times, and the
+    # statistic (float noise) hardly compresses; zstd only cost time.
     return zarr.create_array(
-        store=store, name=name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, overwrite=True
+        store=store, name=name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, overwrite=True,
+        compressors=None,
     )
 
 
