@@ -1,0 +1,1101 @@
+#!/usr/bin/env python
+"""Benchmark the xtec-flows engine against the reference implementation (xtec 0.1.1).
+
+Volumes come from :mod:`xtec_flows.synthetic`; xtec-flows and ``xtec`` run on the
+same data in the same process run (the out-of-core sections run xtec-flows in a
+subprocess so that its peak RSS is isolated). Results are printed as markdown
+tables and merged into ``benchmarks/RESULTS.md`` (one block per section, so a
+section run on its own replaces only its own block).
+
+This is a measurement script, not a test: it never asserts on timings. It prints
+each target with "met" / "MISSED" so a regression is easy to spot.
+
+Sections (``--only a,b,...``; default: speed,fit,smoothing,peaks,quality,memory):
+
+  speed      XTEC-d end to end on a zarr volume vs the reference pipeline
+  fit        the mixture fit alone vs scikit-learn GaussianMixture (diag)
+  smoothing  label-smoothing operator build + one application vs Build_Markov_Matrix
+  peaks      connected components + peak means vs Peak_averaging
+  quality    ARI and CDW/halo recovery against ground truth over several seeds
+  memory     peak RSS of xtec-flows on a 24x384^3 zarr volume (subprocess)
+  large      24x512^3 (12.9 GB) end to end (subprocess; only with --only large)
+
+Examples::
+
+    python benchmarks/bench_engine.py --quick              # ~2 min smoke run, no RESULTS.md
+    python benchmarks/bench_engine.py                      # default set -> RESULTS.md
+    python benchmarks/bench_engine.py --only memory
+    python benchmarks/bench_engine.py --only large
+
+Progress goes to stderr, tables to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import io
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+SECTIONS = ("speed", "fit", "smoothing", "peaks", "quality", "memory", "large")
+DEFAULT_SECTIONS = ("speed", "fit", "smoothing", "peaks", "quality", "memory")
+TITLES = {
+    "speed": "1. Speed: XTEC-d end to end",
+    "fit": "2. Mixture fit alone",
+    "smoothing": "3. Label smoothing (XTEC-s operator)",
+    "peaks": "4. Peak averaging",
+    "quality": "5. Clustering quality against ground truth",
+    "memory": "6. Memory: out-of-core run",
+    "large": "7. Large volume end to end",
+}
+K = 4
+T0 = time.perf_counter()
+
+
+# ---------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.perf_counter() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def timed(fn, *a, **kw):
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    return time.perf_counter() - t, out
+
+
+def best_of(n: int, fn, *a, **kw):
+    """(min time, all times, last result) of n calls."""
+    times, out = [], None
+    for _ in range(max(n, 1)):
+        dt, out = timed(fn, *a, **kw)
+        times.append(dt)
+    return min(times), times, out
+
+
+def quiet():
+    """Silence the reference's prints."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+REF_BLAS_THREADS = 1
+
+
+def ref_blas():
+    """BLAS thread limit for the baselines (reference, scikit-learn); see --ref-blas-threads.
+
+    OpenBLAS's threads are pathological for the reference's tall-skinny products
+    ((K x n) @ (n x T)) when the cores are shared: on this 2-CPU machine under load
+    its GMM ran 37 s with the default threads vs 2.3 s pinned to one. Pinning is the
+    conservative choice: it makes the baseline faster, never slower."""
+    if not REF_BLAS_THREADS:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=REF_BLAS_THREADS, user_api="blas")
+
+
+def blas_note() -> str:
+    if not REF_BLAS_THREADS:
+        return "Baselines run with the default BLAS threads."
+    return (f"Baselines (reference, scikit-learn) run with BLAS pinned to {REF_BLAS_THREADS} thread "
+            "(`--ref-blas-threads`; xtec-flows pins its own EM the same way): OpenBLAS threads make the "
+            "reference's GMM up to ~15× slower on this shared 2-CPU machine, so pinning favours the baseline.")
+
+
+def fmt_t(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} µs"
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    if s < 120:
+        return f"{s:.2f} s"
+    return f"{s / 60:.1f} min"
+
+
+def fmt_x(r: float | None) -> str:
+    if r is None or not math.isfinite(r):
+        return "-"
+    return f"{r:.0f}×" if r >= 100 else f"{r:.1f}×" if r >= 10 else f"{r:.2f}×"
+
+
+def fmt_f(v, nd=3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.{nd}f}"
+
+
+def fmt_bytes(b: float) -> str:
+    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if b >= k:
+            return f"{b / k:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**MISSED**"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(out)
+
+
+def shape_str(shape) -> str:
+    t, *sp = shape
+    if len(set(sp)) == 1:
+        return f"{t}×{sp[0]}^{len(sp)}".replace("^3", "³").replace("^2", "²")
+    return "×".join(str(s) for s in shape)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'24,128' -> (24,128,128,128); '24,64,64,32' -> as given."""
+    parts = tuple(int(p) for p in text.split(","))
+    if len(parts) == 2:
+        return (parts[0],) + (parts[1],) * 3
+    return parts
+
+
+def machine_info() -> dict:
+    import dask
+    import scipy
+    import sklearn
+    import zarr
+
+    import xtec_flows
+
+    try:
+        import psutil
+
+        ram = psutil.virtual_memory().total
+    except Exception:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        from importlib.metadata import version
+
+        xtec_v = version("xtec")
+    except Exception:
+        xtec_v = "?"
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "xtec_flows"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        commit = commit + ("+dirty" if dirty else "")
+    except Exception:
+        commit = "?"
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except Exception:
+        pass
+    return {
+        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model or platform.processor(),
+        "ram": ram,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "sklearn": sklearn.__version__,
+        "zarr": zarr.__version__,
+        "dask": dask.__version__,
+        "xtec_flows": f"{xtec_flows.__version__} ({commit})",
+        "xtec": xtec_v,
+        "loadavg": os.getloadavg(),
+    }
+
+
+def machine_line(m: dict) -> str:
+    la = ", ".join(f"{x:.2f}" for x in m["loadavg"])
+    return (
+        f"{m['cpus']} CPUs ({m['cpu_model']}), {m['ram'] / (1 << 30):.1f} GiB RAM, Python {m['python']}, "
+        f"numpy {m['numpy']}, scipy {m['scipy']}, scikit-learn {m['sklearn']}, zarr {m['zarr']}, "
+        f"dask {m['dask']}, xtec-flows {m['xtec_flows']}, xtec {m['xtec']}; load average at start {la}"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# shared data: synthetic zarr volumes, in-memory copies, gathered trajectories
+# ---------------------------------------------------------------------------------------
+
+
+class Context:
+    def __init__(self, args, workdir: Path):
+        self.args = args
+        self.workdir = workdir
+        self._zarr: dict = {}
+        self._numpy: dict = {}
+        self._traj: dict = {}
+
+    def zarr_volume(self, shape, seed=0):
+        """(path, intensity array, temperatures, generation seconds), written once."""
+        key = (tuple(shape), seed)
+        if key not in self._zarr:
+            import zarr
+
+            from xtec_flows.synthetic import write_zarr
+
+            path = self.workdir / f"vol_{'x'.join(map(str, shape))}_s{seed}.zarr"
+            log(f"writing synthetic volume {shape_str(shape)} (seed {seed}) to {path}")
+            dt, _ = timed(write_zarr, path, shape, seed=seed, overwrite=True)
+            log(f"  written in {fmt_t(dt)}")
+            g = zarr.open_group(str(path), mode="r")
+            arr = g["intensity"]
+            temps = np.asarray(g.attrs["temperatures"], dtype=np.float64)
+            self._zarr[key] = (path, arr, temps, dt)
+        return self._zarr[key]
+
+    def numpy_volume(self, shape, seed=0):
+        """The same data in memory: (volume, temperatures, truth)."""
+        key = (tuple(shape), seed)
+        if key not in self._numpy:
+            import zarr
+
+            path, arr, temps, _ = self.zarr_volume(shape, seed)
+            g = zarr.open_group(str(path), mode="r")
+            self._numpy[key] = (arr[...], temps, g["truth"][...])
+        return self._numpy[key]
+
+    def trajectories(self, shape, seed=0):
+        key = (tuple(shape), seed)
+        if key not in self._traj:
+            from xtec_flows.pipeline import ClusterParams, gather_trajectories
+
+            _, arr, temps, _ = self.zarr_volume(shape, seed)
+            self._traj[key] = gather_trajectories(arr, temps, ClusterParams(mode="d", n_components=K))
+        return self._traj[key]
+
+
+def run_reference_pipeline(volume: np.ndarray, k: int, seed: int):
+    """Mask_Zeros -> Threshold_Background(KL) -> Rescale_mean -> GMM(data.T, k).RunEM().
+
+    Returns (timings dict, threshold object, gmm object)."""
+    from xtec.GMM import GMM
+    from xtec.Preprocessing import Mask_Zeros, Threshold_Background
+
+    np.random.seed(seed)
+    t = {}
+    with quiet(), ref_blas():
+        t0 = time.perf_counter()
+        masked = Mask_Zeros(volume, "zero_mean")
+        t1 = time.perf_counter()
+        th = Threshold_Background(masked, None, "KL")
+        t2 = time.perf_counter()
+        X = th.Rescale_mean(th.data_thresholded)
+        gmm = GMM(X.T, k)
+        gmm.RunEM()
+        t3 = time.perf_counter()
+    t["mask"], t["threshold"], t["fit"], t["total"] = t1 - t0, t2 - t1, t3 - t2, t3 - t0
+    return t, th, gmm
+
+
+def reference_label_volume(th, gmm, spatial_shape) -> np.ndarray:
+    lab = np.full(spatial_shape, -1, dtype=np.int16)
+    lab[tuple(th.ind_thresholded.T)] = gmm.cluster_assignments
+    return lab
+
+
+# ---------------------------------------------------------------------------------------
+# 1. speed
+# ---------------------------------------------------------------------------------------
+
+
+def plain_read(arr) -> float:
+    import dask.array as da
+
+    return float(da.from_zarr(arr).sum(dtype=np.float64).compute())
+
+
+def section_speed(ctx: Context) -> str:
+    from sklearn.metrics import adjusted_rand_score
+
+    from xtec_flows.pipeline import cluster
+
+    args = ctx.args
+    shape = args.speed_shape
+    path, arr, temps, t_gen = ctx.zarr_volume(shape, seed=0)
+    rep = args.repeat
+
+    log(f"speed: plain read of the input zarr (best of {rep})")
+    t_plain, plain_all, _ = best_of(rep, plain_read, arr)
+
+    log(f"speed: xtec-flows cluster(zarr, mode='d', n_components={K}) (best of {rep})")
+    t_ours, ours_all, res = best_of(rep, cluster, arr, temps, mode="d", n_components=K)
+
+    log(f"speed: xtec-flows cluster(zarr, n_init=1) (best of {rep})")
+    t_ours1, _, res1 = best_of(rep, cluster, arr, temps, mode="d", n_components=K, n_init=1)
+
+    vol, _, truth = ctx.numpy_volume(shape, seed=0)
+    log("speed: xtec-flows cluster(numpy) on the in-memory volume")
+    t_ours_np, _, res_np = best_of(rep, cluster, vol, temps, mode="d", n_components=K)
+
+    log("speed: reference pipeline (Mask_Zeros, Threshold_Background KL, Rescale_mean, GMM.RunEM)")
+    rt, th, gmm = run_reference_pipeline(vol, K, seed=0)
+    log(f"  reference took {fmt_t(rt['total'])} ({gmm.epoch} EM epochs)")
+
+    ours_lab = res.labels[...]
+    ref_lab = reference_label_volume(th, gmm, shape[1:])
+    both = (ours_lab >= 0) & (ref_lab >= 0)
+    ari_between = adjusted_rand_score(ref_lab[both], ours_lab[both]) if both.any() else float("nan")
+    n_only_ours = int(((ours_lab >= 0) & (ref_lab < 0)).sum())
+    n_only_ref = int(((ours_lab < 0) & (ref_lab >= 0)).sum())
+
+    ratio_ref = rt["total"] / t_ours
+    ratio_plain = t_ours / t_plain
+    tm = res.timings
+    rows = [
+        ["plain read of the zarr input (dask `from_zarr(...).sum()`)", fmt_t(t_plain), "-", "1.00×"],
+        [
+            f"**xtec-flows** `cluster(zarr, mode='d', n_components={K})` (n_init=3)",
+            fmt_t(t_ours),
+            ", ".join(f"{k} {fmt_t(v)}" for k, v in tm.items()),
+            fmt_x(ratio_plain),
+        ],
+        ["xtec-flows `cluster(zarr, ..., n_init=1)` (diagnostic)", fmt_t(t_ours1),
+         ", ".join(f"{k} {fmt_t(v)}" for k, v in res1.timings.items()), fmt_x(t_ours1 / t_plain)],
+        ["xtec-flows `cluster(numpy)` (same data in memory)", fmt_t(t_ours_np),
+         ", ".join(f"{k} {fmt_t(v)}" for k, v in res_np.timings.items()), fmt_x(t_ours_np / t_plain)],
+        [
+            f"**reference** xtec 0.1.1 on the numpy volume (GMM K={K})",
+            fmt_t(rt["total"]),
+            f"Mask_Zeros {fmt_t(rt['mask'])}, Threshold_Background {fmt_t(rt['threshold'])}, "
+            f"rescale+GMM.RunEM {fmt_t(rt['fit'])} ({gmm.epoch} epochs)",
+            fmt_x(rt["total"] / t_plain),
+        ],
+    ]
+    md = [
+        f"Volume {shape_str(shape)} float32 ({fmt_bytes(4 * math.prod(shape))}), written to a temp zarr with "
+        f"`synthetic.write_zarr` (chunks {tuple(arr.chunks)}, generation {fmt_t(t_gen)}, not timed below). "
+        f"xtec-flows reads the zarr; the reference runs on the same data loaded into numpy (load not timed). "
+        f"Times are the best of {rep} runs for the plain read and xtec-flows "
+        f"(all runs: plain {', '.join(fmt_t(x) for x in plain_all)}; xtec-flows {', '.join(fmt_t(x) for x in ours_all)}), "
+        "one run for the reference (np.random.seed(0)). " + blas_note(),
+        "",
+        table(["run", "time", "breakdown", "vs plain read"], rows),
+        "",
+        table(
+            ["target", "value", "status"],
+            [
+                ["reference / xtec-flows ≥ 20×", fmt_x(ratio_ref), verdict(ratio_ref >= 20)],
+                ["xtec-flows / plain read ≤ 3×", fmt_x(ratio_plain), verdict(ratio_plain <= 3)],
+            ],
+        ),
+        "",
+        f"Agreement: thresholded voxels xtec-flows {res.n_thresholded:,} vs reference "
+        f"{th.data_thresholded.shape[1]:,} (log cut {res.log_cutoff:.6g} vs {float(th.LogI_cutoff):.6g}; "
+        f"{n_only_ours} only in ours, {n_only_ref} only in the reference); adjusted Rand index between the two "
+        f"label sets on the common voxels {ari_between:.4f}. xtec-flows: {res.n_iter} EM iterations, "
+        f"converged={res.converged}.",
+    ]
+    return "\n".join(md)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. fit
+# ---------------------------------------------------------------------------------------
+
+
+def section_fit(ctx: Context) -> str:
+    from sklearn.metrics import adjusted_rand_score
+    from sklearn.mixture import GaussianMixture
+    from threadpoolctl import threadpool_limits
+
+    from xtec_flows.numerics.mixture import fit_mixture
+    from xtec_flows.numerics.rescale import rescale
+
+    args = ctx.args
+    shape = args.speed_shape
+    log(f"fit: gathering trajectories of {shape_str(shape)}")
+    traj = ctx.trajectories(shape, seed=0)
+    X = rescale(traj.raw, "mean")
+    n, t_dim = X.shape
+    rows, checks = [], []
+    max_iter = 300
+    for tol in args.fit_tols:
+        log(f"fit: tol={tol:g}: xtec-flows fit_mixture")
+        t_ours, ours_all, f = best_of(args.repeat, fit_mixture, X, K, tol=tol, n_init=1, max_iter=max_iter, random_state=0)
+        ll_ours = f.log_likelihood / n
+        pin = REF_BLAS_THREADS or None
+        pin_txt = f"BLAS {pin} thread" if pin else "default BLAS threads"
+        variants = [
+            (f"scikit-learn GaussianMixture (default init: k-means), {pin_txt}", {}, pin, True),
+            (f"scikit-learn, init_params='k-means++', {pin_txt}", {"init_params": "k-means++"}, pin, False),
+        ]
+        if pin:
+            variants.append(("scikit-learn (default init), default BLAS threads", {}, None, True))
+        rows.append([f"{tol:g}", "**xtec-flows** `fit_mixture`", fmt_t(t_ours), f.n_iter, str(f.converged), f"{ll_ours:.6f}", "-", "-"])
+        default_init_ratios = []
+        for name, extra, blas, default_init in variants:
+            log(f"fit: tol={tol:g}: {name}")
+            gm = GaussianMixture(K, covariance_type="diag", tol=tol, n_init=1, random_state=0, max_iter=max_iter, **extra)
+            ctxm = threadpool_limits(limits=blas, user_api="blas") if blas else contextlib.nullcontext()
+            with ctxm:
+                t_sk, _, _ = best_of(1, gm.fit, X)
+            ll_sk = float(gm.score(X))
+            ari = adjusted_rand_score(gm.predict(X), f.labels)
+            ratio = t_sk / t_ours
+            if default_init:
+                default_init_ratios.append(ratio)
+            rows.append([f"{tol:g}", name, fmt_t(t_sk), gm.n_iter_, str(gm.converged_), f"{ll_sk:.6f}", fmt_x(ratio), f"{ari:.4f}"])
+        r = min(default_init_ratios)
+        checks.append([f"tol={tol:g}: scikit-learn (default init, fastest BLAS setting) / xtec-flows ≥ 3×", fmt_x(r), verdict(r >= 3)])
+    md = [
+        f"Rescaled (I/<I>_T − 1) trajectories of the thresholded voxels of the {shape_str(shape)} volume "
+        f"of section 1: {n:,} × {t_dim}, float64, K={K}, n_init=1, max_iter={max_iter}, reg_covar=1e-6, "
+        f"random_state=0 for both. xtec-flows time is the best of {args.repeat}; "
+        "\"mean log L\" is the final mean per-sample log-likelihood (xtec-flows `log_likelihood / n`, "
+        "scikit-learn `score(X)`); ARI compares the two label sets. scikit-learn runs once per row. "
+        "xtec-flows splits the rows into blocks over a thread pool (BLAS pinned to 1 thread inside).",
+        "",
+        table(["tol", "fit", "time", "iterations", "converged", "mean log L", "time / xtec-flows", "ARI vs xtec-flows"], rows),
+        "",
+        table(["target", "value", "status"], checks),
+    ]
+    return "\n".join(md)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. smoothing
+# ---------------------------------------------------------------------------------------
+
+
+def section_smoothing(ctx: Context) -> str:
+    from xtec.GMM import GMM_kernels
+
+    from xtec_flows.numerics.smoothing import LabelSmoother, SmoothingKernel
+
+    args = ctx.args
+    shape = args.speed_shape
+    traj = ctx.trajectories(shape, seed=0)
+    coords_all = traj.coords
+    spatial = traj.spatial_shape
+    ppz = 16
+    kernels = [
+        ("local", "local, L=1 voxel, uniform, zero_cutoff 1e-2",
+         SmoothingKernel("local", 1.0, 1e-2, "uniform"), dict(L_scale=1, kernel_type="local", unit_cell_shape=None),
+         args.smoothing_sizes),
+        ("periodic", f"periodic, L=0.2, unit cell {ppz}³, uniform, zero_cutoff 1e-2",
+         SmoothingKernel("periodic", 0.2, 1e-2, "uniform", unit_cell=(ppz,) * len(spatial)),
+         dict(L_scale=0.2, kernel_type="periodic", unit_cell_shape=np.array([ppz] * len(spatial))),
+         args.smoothing_periodic_sizes),
+    ]
+    rows, checks = [], []
+    rng = np.random.default_rng(0)
+    for kind, desc, kern, ref_kw, sizes in kernels:
+        for n in sizes:
+            if n > coords_all.shape[0]:
+                log(f"smoothing: only {coords_all.shape[0]} thresholded voxels, skipping n={n}")
+                continue
+            coords = np.ascontiguousarray(coords_all[:n])
+            resp = rng.dirichlet(np.ones(K), size=n)
+            log(f"smoothing: {kind} n={n:,}: xtec-flows")
+            t_build, _, sm = best_of(args.repeat, LabelSmoother, coords, spatial, kern)
+            t_apply, _, out = best_of(args.repeat, sm, resp)
+            log(f"smoothing: {kind} n={n:,}: reference Build_Markov_Matrix (O(n²) python loop)")
+            with quiet(), ref_blas():
+                t_rbuild, M = timed(GMM_kernels.Build_Markov_Matrix, coords, uniform_similarity=True, zero_cutoff=1e-2, **ref_kw)
+            t_rapply, ref_out = timed(lambda: M @ resp)  # = Smooth_Labels' (M @ probs.T).T
+            ref_out = np.asarray(ref_out)
+            diff = float(np.max(np.abs(out - ref_out)))
+            nnz = M.nnz
+            del M
+            ratio = (t_rbuild + t_rapply) / (t_build + t_apply)
+            rows.append([
+                desc, f"{n:,}", f"{nnz:,}", fmt_t(t_build), fmt_t(t_apply), fmt_t(t_build + t_apply),
+                fmt_t(t_rbuild), fmt_t(t_rapply), fmt_t(t_rbuild + t_rapply), fmt_x(ratio), f"{diff:.2e}",
+            ])
+            checks.append([f"{kind}, n={n:,}: reference / xtec-flows (build + 1 application) ≥ 100×", fmt_x(ratio), verdict(ratio >= 100)])
+            checks.append([f"{kind}, n={n:,}: max abs difference of the smoothed responsibilities ≤ 1e-10", f"{diff:.2e}", verdict(diff <= 1e-10)])
+    md = [
+        f"Voxels: the first n thresholded voxels (C order, i.e. a slab of L planes) of the {shape_str(shape)} "
+        f"volume of section 1, grid {spatial}; responsibilities: n × {K} random Dirichlet rows. "
+        "xtec-flows: `LabelSmoother(coords, shape, kernel)` + one call (best of "
+        f"{args.repeat} each); reference: `GMM_kernels.Build_Markov_Matrix` + one sparse product "
+        "(what `Smooth_Labels` does). nnz = non-zeros of the reference's Markov matrix.",
+        "",
+        table(["kernel", "n voxels", "nnz", "ours build", "ours apply", "ours total",
+               "ref build", "ref apply", "ref total", "ref / ours", "max abs diff"], rows),
+        "",
+        table(["target", "value", "status"], checks),
+    ]
+    return "\n".join(md)
+
+
+# ---------------------------------------------------------------------------------------
+# 4. peaks
+# ---------------------------------------------------------------------------------------
+
+
+def section_peaks(ctx: Context) -> str:
+    from xtec.Preprocessing import Mask_Zeros, Peak_averaging, Threshold_Background
+
+    from xtec_flows.numerics import peaks
+    from xtec_flows.pipeline import ClusterParams, gather_trajectories
+
+    args = ctx.args
+    shape = args.peaks_shape
+    path, arr, temps, _ = ctx.zarr_volume(shape, seed=0)
+    vol, _, _ = ctx.numpy_volume(shape, seed=0)
+
+    log(f"peaks: xtec-flows gather_trajectories(mode='peaks') on {shape_str(shape)} zarr")
+    comp_times, pm_times = [], []
+    for _ in range(args.repeat):
+        traj = gather_trajectories(arr, temps, ClusterParams(mode="peaks", n_components=K))
+        comp_times.append(traj.timings["components"])
+        dt, (means, sizes) = timed(peaks.peak_means, traj.raw, traj.peak_ids, traj.n_peaks)
+        pm_times.append(dt)
+    t_comp, t_pm = min(comp_times), min(pm_times)
+    t_ours = t_comp + t_pm
+
+    log("peaks: reference Threshold_Background (not timed) + Peak_averaging")
+    with quiet(), ref_blas():
+        th = Threshold_Background(Mask_Zeros(vol, "zero_mean"), None, "KL")
+        t_ref, pa = timed(Peak_averaging, vol, th)
+    ref_means = pa.peak_avg_data.T
+    n_ref = ref_means.shape[0]
+
+    log("peaks: xtec-flows numerics in memory on the reference's mask")
+    mask = th.thresholded.astype(bool)
+
+    def in_memory():
+        labels, n = peaks.label_mask(mask)
+        ids = labels[mask]
+        raw = vol[:, mask].T
+        return peaks.peak_means(raw, ids, n)
+
+    t_mem, _, (mem_means, _) = best_of(args.repeat, in_memory)
+
+    if n_ref == traj.n_peaks:
+        scale = np.maximum(np.abs(ref_means).max(axis=1, keepdims=True), 1e-30)
+        diff = float(np.max(np.abs(means - ref_means) / scale))
+        diff_mem = float(np.max(np.abs(mem_means - ref_means) / scale))
+        diff_txt = f"{diff:.2e} (pipeline), {diff_mem:.2e} (in memory)"
+    else:
+        diff_txt = "- (peak counts differ)"
+    ratio = t_ref / t_ours
+    ratio_mem = t_ref / t_mem
+    rows = [
+        ["**xtec-flows** pipeline: chunked components (`timings['components']`) + `peak_means`",
+         fmt_t(t_ours), f"components {fmt_t(t_comp)}, peak_means {fmt_t(t_pm)}", f"{traj.n_peaks:,}", fmt_x(ratio)],
+        ["xtec-flows numerics in memory: `label_mask` + gather + `peak_means`", fmt_t(t_mem), "-", f"{mem_means.shape[0]:,}", fmt_x(ratio_mem)],
+        ["**reference** `Peak_averaging(intensity, threshold)`", fmt_t(t_ref), "-", f"{n_ref:,}", "1×"],
+    ]
+    md = [
+        f"Volume {shape_str(shape)} (the zarr of section 1 when the sizes agree). KL threshold; full (26-) "
+        "connectivity in both. xtec-flows pipeline time excludes the trajectory gather, which every mode "
+        "does (the in-memory row includes it); the reference's Threshold_Background is not timed. "
+        f"Best of {args.repeat} for xtec-flows. Max relative difference of the peak-mean trajectories "
+        f"(per peak, relative to its max): {diff_txt}.",
+        "",
+        table(["run", "time", "breakdown", "peaks", "reference / this"], rows),
+        "",
+        table(["target", "value", "status"], [
+            ["reference / xtec-flows pipeline ≥ 50×", fmt_x(ratio), verdict(ratio >= 50)],
+            ["same number of peaks", f"{traj.n_peaks} vs {n_ref}", verdict(traj.n_peaks == n_ref)],
+        ]),
+    ]
+    return "\n".join(md)
+
+
+# ---------------------------------------------------------------------------------------
+# 5. quality
+# ---------------------------------------------------------------------------------------
+
+
+def found_fraction(lab: np.ndarray, truth: np.ndarray, cls: int) -> tuple[float, float]:
+    """(found fraction, purity of the class's plurality cluster); see the section text."""
+    in_cls = truth == cls
+    n_cls = int(in_cls.sum())
+    if n_cls == 0:
+        return float("nan"), float("nan")
+    lc = lab[in_cls & (lab >= 0)]
+    if lc.size == 0:
+        return 0.0, 0.0
+    counts = np.bincount(lc)
+    k = int(np.argmax(counts))
+    purity = counts[k] / int((lab == k).sum())
+    return (counts[k] / n_cls if purity > 0.5 else 0.0), float(purity)
+
+
+def score(lab: np.ndarray, truth: np.ndarray) -> dict:
+    from sklearn.metrics import adjusted_rand_score
+
+    from xtec_flows.synthetic import CDW, GAP, HALO
+
+    keep = truth != GAP
+    lab, truth = lab[keep].astype(np.int64), truth[keep].astype(np.int64)
+    clustered = lab >= 0
+    cdw, cdw_p = found_fraction(lab, truth, CDW)
+    halo, halo_p = found_fraction(lab, truth, HALO)
+    return {
+        "ari_all": adjusted_rand_score(truth, lab),
+        "ari_clu": adjusted_rand_score(truth[clustered], lab[clustered]),
+        "cdw": cdw, "cdw_purity": cdw_p,
+        "halo": halo, "halo_purity": halo_p,
+        "n": int(clustered.sum()),
+    }
+
+
+FOUND_MIN = 0.5
+
+
+def section_quality(ctx: Context) -> str:
+    from xtec_flows.pipeline import cluster
+    from xtec_flows.synthetic import CDW, CLASS_NAMES, GAP, HALO, make_volume
+
+    args = ctx.args
+    shape = args.quality_shape
+    seeds = list(range(args.seeds))
+    methods = ["xtec-flows d", "xtec-flows s", "reference d"]
+    per = {m: [] for m in methods}
+    times = {m: [] for m in methods}
+    confusion = {}
+    class_counts = None
+    for seed in seeds:
+        log(f"quality: seed {seed}: make_volume {shape_str(shape)}")
+        vol, temps, truth = make_volume(shape, seed=seed)
+        if class_counts is None:
+            class_counts = {CLASS_NAMES[c]: int((truth == c).sum()) for c in range(len(CLASS_NAMES))}
+        for mode, name in (("d", "xtec-flows d"), ("s", "xtec-flows s")):
+            log(f"quality: seed {seed}: {name}")
+            dt, res = timed(cluster, vol, temps, mode=mode, n_components=K, random_state=seed)
+            lab = res.labels[...].astype(np.int16)
+            per[name].append(score(lab, truth))
+            times[name].append(dt)
+            if seed == seeds[0]:
+                confusion[name] = confusion_rows(lab, truth)
+        log(f"quality: seed {seed}: reference")
+        try:
+            rt, th, gmm = run_reference_pipeline(vol, K, seed=seed)
+            lab = reference_label_volume(th, gmm, shape[1:])
+            per["reference d"].append(score(lab, truth))
+            if seed == seeds[0]:
+                confusion["reference d"] = confusion_rows(lab, truth)
+            times["reference d"].append(rt["total"])
+        except Exception as exc:  # the reference can fail on a bad seed; record it
+            log(f"  reference failed: {exc!r}")
+            per["reference d"].append(None)
+            times["reference d"].append(float("nan"))
+
+    keys = ["ari_all", "ari_clu", "cdw", "halo"]
+    rows = []
+    for seed_i, seed in enumerate(seeds):
+        for m in methods:
+            s = per[m][seed_i]
+            if s is None:
+                rows.append([seed, m, "failed", "", "", "", "", "", ""])
+                continue
+            rows.append([
+                seed, m, f"{s['n']:,}", fmt_f(s["ari_all"]), fmt_f(s["ari_clu"]),
+                f"{fmt_f(s['cdw'])} (p {fmt_f(s['cdw_purity'], 2)})",
+                f"{fmt_f(s['halo'])} (p {fmt_f(s['halo_purity'], 2)})",
+                fmt_t(times[m][seed_i]),
+                "yes" if s["halo"] >= FOUND_MIN else "**no**",
+            ])
+    means = {}
+    mean_rows = []
+    for m in methods:
+        ok = [s for s in per[m] if s is not None]
+        means[m] = {k: float(np.mean([s[k] for s in ok])) if ok else float("nan") for k in keys}
+        n_halo = sum(1 for s in ok if s["halo"] >= FOUND_MIN)
+        n_cdw = sum(1 for s in ok if s["cdw"] >= FOUND_MIN)
+        mean_rows.append([
+            m, fmt_f(means[m]["ari_all"]), fmt_f(means[m]["ari_clu"]), fmt_f(means[m]["cdw"]),
+            fmt_f(means[m]["halo"]), f"{n_cdw}/{len(seeds)}", f"{n_halo}/{len(seeds)}",
+            fmt_t(float(np.nanmean(times[m]))),
+        ])
+    checks = []
+    for m in ("xtec-flows d", "xtec-flows s"):
+        ok = [s for s in per[m] if s is not None]
+        every = len(ok) == len(seeds) and all(s["halo"] >= FOUND_MIN for s in ok)
+        checks.append([f"{m}: halo found on every seed", f"{sum(s['halo'] >= FOUND_MIN for s in ok)}/{len(seeds)}", verdict(every)])
+        for k, label in (("ari_all", "ARI (all voxels)"), ("ari_clu", "ARI (clustered voxels)"), ("cdw", "CDW found"), ("halo", "halo found")):
+            a, b = means[m][k], means["reference d"][k]
+            checks.append([f"{m}: mean {label} ≥ reference", f"{fmt_f(a)} vs {fmt_f(b)}", verdict(a >= b - 1e-12 or not math.isfinite(b))])
+    md = [
+        f"{len(seeds)} seeds (0..{len(seeds) - 1}) of `synthetic.make_volume({shape_str(shape)}, seed=s)` with the default "
+        f"`SeriesModel`; ground-truth voxels per class: "
+        + ", ".join(f"{k} {v:,}" for k, v in class_counts.items())
+        + f". K={K} for every method; xtec-flows gets `random_state=s` (n_init=3, its default), the reference "
+        "`np.random.seed(s)`. Reference = Mask_Zeros → Threshold_Background(KL) → Rescale_mean → GMM.RunEM "
+        "(XTEC-d; the reference's XTEC-s is not run). xtec-flows s = mode 's', default local kernel (L=1, uniform).",
+        "",
+        "Definitions (gap voxels excluded everywhere):",
+        "",
+        "- **ARI all**: adjusted Rand index between the truth classes and the method's labels over all non-gap "
+        "voxels, with every unclustered (below-threshold) voxel labelled −1, i.e. \"not clustered\" counts as one "
+        "more cluster; scores threshold and clustering together.",
+        "- **ARI clu**: the same over the voxels the method clustered only.",
+        "- **CDW / halo found**: for class c, let k* be the cluster holding the most voxels of class c and "
+        "p = (class-c voxels in k*) / (all voxels in k*) its purity. found = (class-c voxels in k*) / (all voxels "
+        "of class c, clustered or not) if p > 0.5, else 0 (the class has no cluster of its own). A class counts "
+        f"as found on a seed when found ≥ {FOUND_MIN}. The purity p is shown in brackets.",
+        "",
+        table(["seed", "method", "clustered", "ARI all", "ARI clu", "CDW found", "halo found", "time", "halo found?"], rows),
+        "",
+        "Means over seeds:",
+        "",
+        table(["method", "ARI all", "ARI clu", "CDW found", "halo found", "seeds CDW found", "seeds halo found", "mean time"], mean_rows),
+        "",
+        table(["target", "value", "status"], checks),
+        "",
+        f"Where the voxels go, seed {seeds[0]} (clustered voxels; rows = clusters in each method's own order, "
+        "columns = truth classes):",
+        "",
+        table(["method", "cluster"] + [c for c in CLASS_NAMES if c != "gap"] + ["size"],
+              [[m, k] + r for m in methods if m in confusion for k, r in enumerate(confusion[m])]),
+    ]
+    return "\n".join(md)
+
+
+def confusion_rows(lab: np.ndarray, truth: np.ndarray) -> list[list]:
+    from xtec_flows.synthetic import CLASS_NAMES, GAP
+
+    classes = [c for c in range(len(CLASS_NAMES)) if c != GAP]
+    m = (lab >= 0) & (truth != GAP)
+    rows = []
+    for k in range(int(lab.max()) + 1):
+        in_k = m & (lab == k)
+        rows.append([f"{int((truth[in_k] == c).sum()):,}" for c in classes] + [f"{int(in_k.sum()):,}"])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# 6/7. out-of-core runs in a subprocess
+# ---------------------------------------------------------------------------------------
+
+
+def child_main(args) -> None:
+    """Entry point of the subprocess: one measured job, result as JSON in args.child_out."""
+    import zarr
+
+    import dask.array  # noqa: F401  (imported before the clock starts, as in the parent)
+
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    g = zarr.open_group(args.child_path, mode="r")
+    arr = g["intensity"]
+    temps = np.asarray(g.attrs["temperatures"], dtype=np.float64)
+    if args.child == "plain-read":
+        t0 = time.perf_counter()
+        plain_read(arr)
+        out = {"time": time.perf_counter() - t0}
+    elif args.child == "cluster":
+        from xtec_flows.pipeline import cluster
+
+        t0 = time.perf_counter()
+        res = cluster(arr, temps, mode="d", n_components=K, progress=True)
+        out = {
+            "time": time.perf_counter() - t0,
+            "timings": res.timings,
+            "n_thresholded": res.n_thresholded,
+            "n_iter": res.n_iter,
+            "converged": res.converged,
+            "counts": [int(c) for c in res.counts],
+        }
+    else:
+        raise SystemExit(f"unknown child job {args.child!r}")
+    out["baseline_rss"] = baseline
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path(args.child_out).write_text(json.dumps(out))
+
+
+def run_child(ctx: Context, job: str, path: Path) -> dict:
+    """Run one job in a fresh interpreter; peak RSS from the child's getrusage and from psutil polling."""
+    import psutil
+
+    out_file = ctx.workdir / f"child_{job}_{os.getpid()}_{time.monotonic_ns()}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", job, "--child-path", str(path), "--child-out", str(out_file)]
+    log(f"  subprocess: {job} ({shlex.join(cmd[2:])})")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    polled = 0
+    try:
+        ps = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+                polled = max(polled, rss)
+            except psutil.Error:
+                pass
+            if time.perf_counter() - t0 > ctx.args.child_timeout:
+                proc.kill()
+                proc.wait()
+                raise TimeoutError(f"{job} took longer than --child-timeout={ctx.args.child_timeout}s")
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or not out_file.exists():
+        raise RuntimeError(f"subprocess {job} failed with exit code {proc.returncode} (its traceback is on stderr above)")
+    res = json.loads(out_file.read_text())
+    out_file.unlink()
+    res["polled_rss"] = polled
+    res["wall"] = wall
+    return res
+
+
+def out_of_core(ctx: Context, shape, rss_target: float | None, time_target: float | None, what: str) -> str:
+    vol_bytes = 4 * math.prod(shape)
+    free = shutil.disk_usage(ctx.workdir).free
+    if free < 0.6 * vol_bytes:
+        raise RuntimeError(f"not enough disk in {ctx.workdir}: {fmt_bytes(free)} free, volume is {fmt_bytes(vol_bytes)} raw")
+    path, arr, temps, t_gen = ctx.zarr_volume(shape, seed=0)
+    on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    log(f"{what}: plain read in a subprocess")
+    plain = run_child(ctx, "plain-read", path)
+    log(f"{what}: xtec-flows cluster in a subprocess")
+    ours = run_child(ctx, "cluster", path)
+    rows = [
+        ["generate + write the volume (`write_zarr`, 2 threads)", fmt_t(t_gen), "-", "-", "-"],
+        ["plain read (dask `from_zarr(...).sum()`)", fmt_t(plain["time"]), fmt_bytes(plain["peak_rss"]),
+         fmt_bytes(plain["polled_rss"]), "-"],
+        [f"**xtec-flows** `cluster(zarr, mode='d', n_components={K})`", fmt_t(ours["time"]), fmt_bytes(ours["peak_rss"]),
+         fmt_bytes(ours["polled_rss"]), ", ".join(f"{k} {fmt_t(v)}" for k, v in ours["timings"].items())],
+    ]
+    checks = []
+    if rss_target is not None:
+        checks.append([f"xtec-flows peak RSS ≤ {fmt_bytes(rss_target)}", fmt_bytes(ours["peak_rss"]), verdict(ours["peak_rss"] <= rss_target)])
+    if time_target is not None:
+        checks.append([f"xtec-flows end to end < {fmt_t(time_target)}", fmt_t(ours["time"]), verdict(ours["time"] < time_target)])
+    checks.append(["xtec-flows / plain read (for reference; ≤ 3× is the section-1 target)", fmt_x(ours["time"] / plain["time"]),
+                   verdict(ours["time"] / plain["time"] <= 3)])
+    md = [
+        f"Volume {shape_str(shape)} float32 = {fmt_bytes(vol_bytes)} raw ({fmt_bytes(on_disk)} on disk, zstd, chunks "
+        f"{tuple(arr.chunks)}); {ours['n_thresholded']:,} thresholded voxels, {ours['n_iter']} EM iterations "
+        f"(converged={ours['converged']}), cluster sizes {ours['counts']}. Each run is a fresh subprocess; "
+        "peak RSS is the child's own `getrusage(RUSAGE_SELF).ru_maxrss` (psutil polling every 0.1 s shown as a cross-check); "
+        f"the interpreter with its imports holds {fmt_bytes(ours['baseline_rss'])} before the run. The volume was just "
+        "written, so much of it may be in the page cache (RAM is larger than the compressed volume).",
+        "",
+        table(["run", "time", "peak RSS", "polled RSS", "breakdown"], rows),
+        "",
+        table(["target", "value", "status"], checks),
+    ]
+    return "\n".join(md)
+
+
+def section_memory(ctx: Context) -> str:
+    return out_of_core(ctx, ctx.args.memory_shape, rss_target=2 * (1 << 30), time_target=None, what="memory")
+
+
+def section_large(ctx: Context) -> str:
+    return out_of_core(ctx, ctx.args.large_shape, rss_target=None, time_target=600.0, what="large")
+
+
+SECTION_FUNCS = {
+    "speed": section_speed,
+    "fit": section_fit,
+    "smoothing": section_smoothing,
+    "peaks": section_peaks,
+    "quality": section_quality,
+    "memory": section_memory,
+    "large": section_large,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# RESULTS.md
+# ---------------------------------------------------------------------------------------
+
+RESULTS_HEADER = """# xtec-flows engine benchmarks
+
+Written by `benchmarks/bench_engine.py` (run `python benchmarks/bench_engine.py --help`). Each section is
+replaced when that section is run again, so sections may come from different runs: every section says
+when, where and with which command line it was produced. Timings are wall-clock on a shared machine; the
+load average at the start of the run is recorded with them.
+"""
+
+
+def target_rows(block: str) -> list[str]:
+    """The rows of every "| target | value | status |" table of a section block."""
+    rows, inside = [], False
+    for line in block.splitlines():
+        if line.strip() == "| target | value | status |":
+            inside = True
+            continue
+        if inside:
+            if not line.startswith("|"):
+                inside = False
+            elif not line.startswith("|---"):
+                rows.append(line)
+    return rows
+
+
+def merge_results(path: Path, blocks: dict[str, str]) -> None:
+    old = path.read_text() if path.exists() else ""
+    existing = {}
+    for m in re.finditer(r"<!-- section:(\w+) -->\n(.*?)<!-- /section:\1 -->", old, flags=re.S):
+        existing[m.group(1)] = m.group(2)
+    existing.update(blocks)
+    parts = [RESULTS_HEADER]
+    summary = []
+    for name in SECTIONS:
+        if name in existing:
+            date = re.search(r"^_(\d{4}-\d\d-\d\d \d\d:\d\d[^;]*);", existing[name], flags=re.M)
+            for row in target_rows(existing[name]):
+                summary.append(f"| {TITLES[name].split('. ', 1)[-1]} ({date.group(1) if date else '?'}) " + row)
+    if summary:
+        parts.append("## Summary of targets\n\n| section (run) | target | value | status |\n|---|---|---|---|\n"
+                     + "\n".join(summary) + "\n")
+    for name in SECTIONS:
+        if name in existing:
+            parts.append(f"<!-- section:{name} -->\n{existing[name].rstrip()}\n<!-- /section:{name} -->\n")
+    path.write_text("\n".join(parts))
+
+
+# ---------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Sections: " + ", ".join(SECTIONS) + f". Default: {','.join(DEFAULT_SECTIONS)}.")
+    p.add_argument("--only", default=None, help="comma-separated sections to run (default: %s; 'large' only when named)" % ",".join(DEFAULT_SECTIONS))
+    p.add_argument("--quick", action="store_true", help="small sizes (~2 min smoke run); skips memory; does not write RESULTS.md unless --results is given")
+    p.add_argument("--results", default=None, help="markdown file to merge the tables into (default benchmarks/RESULTS.md; none with --quick)")
+    p.add_argument("--no-results", action="store_true", help="do not write any results file")
+    p.add_argument("--workdir", default=None, help="where temp volumes go (default: system temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the temp volumes")
+    p.add_argument("--repeat", type=int, default=None, help="best-of repeats for the fast xtec-flows timings (default 3; quick 1)")
+    p.add_argument("--seeds", type=int, default=None, help="quality: number of seeds (default 5; quick 2)")
+    p.add_argument("--speed-size", default=None, help="speed/fit/smoothing volume, 'T,N' (N³) or 'T,L,K,H' (default 24,128; quick 24,64)")
+    p.add_argument("--peaks-size", default=None, help="peaks volume (default: the speed volume)")
+    p.add_argument("--quality-size", default=None, help="quality volume (default 24,64)")
+    p.add_argument("--memory-size", default="24,384", help="memory section volume (default 24,384)")
+    p.add_argument("--large-size", default="24,512", help="large section volume (default 24,512)")
+    p.add_argument("--smoothing-sizes", default=None, help="local-kernel voxel counts (default 20000,50000; quick 5000)")
+    p.add_argument("--smoothing-periodic-sizes", default=None, help="periodic-kernel voxel counts (default 20000; quick 5000)")
+    p.add_argument("--fit-tols", default="1e-3,1e-4", help="tolerances for the fit section (default 1e-3,1e-4)")
+    p.add_argument("--ref-blas-threads", type=int, default=1,
+                   help="BLAS threads for the baselines (reference, scikit-learn); 0 = library default (default 1)")
+    p.add_argument("--child-timeout", type=float, default=3600.0, help="seconds before a subprocess run is killed")
+    # internal: subprocess jobs
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-path", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return args
+    q = args.quick
+    if args.only:
+        sections = [s.strip() for s in args.only.split(",") if s.strip()]
+        bad = [s for s in sections if s not in SECTIONS]
+        if bad:
+            p.error(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
+    else:
+        sections = [s for s in DEFAULT_SECTIONS if not (q and s == "memory")]
+    if q and "memory" in sections and not args.only:
+        sections.remove("memory")
+    args.sections = [s for s in SECTIONS if s in sections]
+    args.repeat = args.repeat or (1 if q else 3)
+    args.seeds = args.seeds or (2 if q else 5)
+    args.speed_shape = parse_shape(args.speed_size or ("24,64" if q else "24,128"))
+    args.peaks_shape = parse_shape(args.peaks_size) if args.peaks_size else args.speed_shape
+    args.quality_shape = parse_shape(args.quality_size or "24,64")
+    args.memory_shape = parse_shape(args.memory_size)
+    args.large_shape = parse_shape(args.large_size)
+    ints = lambda s: [int(float(x)) for x in s.split(",") if x.strip()]  # noqa: E731
+    args.smoothing_sizes = ints(args.smoothing_sizes or ("5000" if q else "20000,50000"))
+    args.smoothing_periodic_sizes = ints(args.smoothing_periodic_sizes or ("5000" if q else "20000"))
+    args.fit_tols = [float(x) for x in args.fit_tols.split(",") if x.strip()]
+    if args.no_results:
+        args.results_path = None
+    elif args.results:
+        args.results_path = Path(args.results)
+    else:
+        args.results_path = None if q else HERE / "RESULTS.md"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    global REF_BLAS_THREADS
+    REF_BLAS_THREADS = getattr(args, "ref_blas_threads", 1)
+    if args.child:
+        child_main(args)
+        return 0
+    command = "python benchmarks/bench_engine.py" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
+    machine = machine_info()
+    log(f"sections: {', '.join(args.sections)}{' (quick)' if args.quick else ''}")
+    log(f"machine: {machine_line(machine)}")
+    workdir = Path(tempfile.mkdtemp(prefix="xtec-bench-", dir=args.workdir))
+    ctx = Context(args, workdir)
+    blocks, failed = {}, []
+    try:
+        for name in args.sections:
+            log(f"=== section {name} ===")
+            t0 = time.perf_counter()
+            try:
+                body = SECTION_FUNCS[name](ctx)
+            except Exception as exc:
+                traceback.print_exc()
+                failed.append(name)
+                tb = traceback.format_exc().strip().splitlines()
+                body = f"**Section failed**: `{type(exc).__name__}: {exc}`\n\n```\n" + "\n".join(tb[-12:]) + "\n```"
+            dt = time.perf_counter() - t0
+            la = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+            header = (
+                f"## {TITLES[name]}{' (quick)' if args.quick else ''}\n\n"
+                f"_{machine['date']}; `{command}`; section took {fmt_t(dt)}; load average at its end {la}._  \n"
+                f"_Machine: {machine_line(machine)}._\n"
+            )
+            block = header + "\n" + body + "\n"
+            blocks[name] = block
+            print(block, flush=True)
+            if args.results_path is not None:  # write as we go, so a later failure keeps earlier tables
+                merge_results(args.results_path, {name: block})
+            log(f"section {name} done in {fmt_t(dt)}")
+    finally:
+        ctx._numpy.clear()
+        ctx._traj.clear()
+        if args.keep:
+            log(f"kept temp data in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.results_path is not None:
+        log(f"tables merged into {args.results_path}")
+    if failed:
+        log(f"failed sections: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
