@@ -161,13 +161,30 @@ def test_large_volume_paths_give_the_same_result(volume3, monkeypatch, path):
     vol, temps, _ = volume3
     common = dict(mode="peaks", n_components=3, n_init=1, chunks=(8, 8, 16))
     ref = xtec_flows.cluster(vol, temps, **common)
-    assert ref.timings["reads"] == 1
+    assert ref.n_reads == 1
     monkeypatch.setattr(pipeline, "CACHE_ALL_BYTES", 0)
     if path == "second read":
         # a provisional cut far above any real one forces the fallback
         monkeypatch.setattr(pipeline, "PROVISIONAL_MARGIN_BINS", -1000)
     other = xtec_flows.cluster(vol, temps, **common)
-    assert other.timings["reads"] == (2 if path == "second read" else 1)
+    assert other.n_reads == (2 if path == "second read" else 1)
     np.testing.assert_array_equal(labels_of(other), labels_of(ref))
     np.testing.assert_array_equal(other.histogram_counts, ref.histogram_counts)
     assert other.log_cutoff == ref.log_cutoff
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from xtec_flows import pipeline
+
+    failures, tried = doctest.testmod(pipeline, verbose=False)
+    assert tried > 0 and failures == 0
+
+
+def test_empty_cluster_is_reported(volume2):
+    vol, temps, _ = volume2
+    with pytest.warns(RuntimeWarning, match="received no voxels"):
+        # far more clusters than the smoothed data support
+        xtec_flows.cluster(vol, temps, mode="s", n_components=12, n_init=1,
+                           smoothing=SmoothingKernel("local", 3.0, iterations=3))

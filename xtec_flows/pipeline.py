@@ -1,13 +1,18 @@
 """The chunked XTEC pipeline: volume -> statistics -> threshold -> trajectories -> fit -> labels.
 
-The 4-D input (T, *spatial) is read twice, block by block, through dask:
+The 4-D input (T, *spatial) is streamed block by block through dask, normally once:
 
-1. *statistics*: the temperature mean of every voxel (0 where masked, NaN where
-   the trajectory holds NaN/Inf), kept as a 3-D scratch array (1/T of the input);
-   the threshold histogram is built from it by cheap extra passes;
-2. *trajectories*: the trajectories of the voxels above the cut are gathered
-   into an in-memory (n_samples, T) array, sorted by flat voxel index so that
-   every later step is independent of the chunking.
+1. *statistics* (the one read): the temperature mean of every voxel (0 where
+   masked, NaN where the trajectory holds NaN/Inf) goes to a 3-D scratch array
+   (1/T of the input); at the same time the block keeps the trajectories above
+   a provisional cut (every valid one for inputs under ``CACHE_ALL_BYTES``;
+   otherwise a cut estimated on a sample of blocks, lowered by a margin);
+2. *threshold*: the histogram of log <I>_T is built from the scratch array by
+   cheap passes (or from memory), and the final cut found;
+3. *trajectories*: the kept trajectories are filtered to the final cut and
+   sorted by flat voxel index, so every later step is independent of the
+   chunking. Only if the final cut is below the provisional one is the input
+   read a second time.
 
 The fit then runs on the gathered trajectories (EM as a reduction over row
 blocks), and labels are written block by block into a chunked int8 zarr array.
@@ -23,6 +28,7 @@ import math
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import dask
@@ -133,6 +139,7 @@ class Trajectories:
     n_masked_nonfinite: int
     peak_ids: np.ndarray | None = None
     n_peaks: int = 0
+    n_reads: int = 1
     timings: dict = field(default_factory=dict)
 
     @property
@@ -175,6 +182,7 @@ class ClusterResult:
     n_peaks: int
     params: ClusterParams
     timings: dict
+    n_reads: int = 1
     version: str = __version__
 
     @property
@@ -209,6 +217,7 @@ class ClusterResult:
             "n_thresholded": self.n_thresholded,
             "n_samples": self.n_samples,
             "n_peaks": self.n_peaks,
+            "input_reads": self.n_reads,
             "timings": self.timings,
         }
 
@@ -247,8 +256,10 @@ def as_dask(volume, chunks: tuple | None = None) -> da.Array:
         hint = tuple(volume.chunks[1:]) if isinstance(volume, zarr.Array) else None
         x = None
     spatial = tuple(chunks) if chunks is not None else _default_spatial_chunks(shape[1:], hint)
-    if len(spatial) != len(shape) - 1:
-        raise ValueError(f"chunks must give one size per spatial axis ({len(shape) - 1}); got {chunks!r}")
+    if len(spatial) != len(shape) - 1 or not all(isinstance(c, (int, np.integer)) and c >= 1 for c in spatial):
+        raise ValueError(
+            f"chunks must give one positive integer block size per spatial axis ({len(shape) - 1}); got {chunks!r}"
+        )
     target = (shape[0],) + tuple(int(c) for c in spatial)
     if x is None:
         # h5py is not thread-safe for concurrent reads of one file: serialise them.
@@ -439,8 +450,6 @@ def _provisional_cut(x: da.Array, params: ClusterParams, regions: list):
     values = np.concatenate([_log_valid(s) for s in stats])
     if values.size < 100 or values.max() <= values.min():
         return -math.inf, None
-    import warnings
-
     hist = threshold.histogram_of(values)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -589,10 +598,10 @@ def gather_trajectories(
             for p, (_, offset, _) in zip(first, regions):
                 gathered.append(_gather(p.pop("block"), p.pop("stat"), None, offset, spatial_shape, cutoff.log_cutoff))
             flat, raw, _ = _sort_by_voxel(gathered, shape[0])
-            timings["reads"] = 1
+            n_reads = 1
         elif cutoff.log_cutoff >= provisional:
             flat, raw, _ = _sort_by_voxel(kept, shape[0], keep=cached_log > cutoff.log_cutoff)
-            timings["reads"] = 1
+            n_reads = 1
         else:
             del kept
             log.info("final cut below the provisional one: reading the trajectories again")
@@ -602,7 +611,7 @@ def gather_trajectories(
                 for idx, offset, _ in regions
             ]
             flat, raw, _ = _sort_by_voxel(list(_compute(*tasks, progress=progress)), shape[0])
-            timings["reads"] = 2
+            n_reads = 2
         del cached_log, first
         timings["trajectories"] = time.perf_counter() - t0
 
@@ -635,6 +644,7 @@ def gather_trajectories(
         n_masked_nonfinite=n_bad,
         peak_ids=peak_ids,
         n_peaks=n_peaks,
+        n_reads=n_reads,
         timings=timings,
     )
 
@@ -772,6 +782,15 @@ def fit_trajectories(
     if params.mode == "peaks":
         labels = labels[traj.peak_ids - 1]
         counts = np.bincount(labels, minlength=k)
+    empty = [int(i) for i in np.nonzero(counts == 0)[0]]
+    if empty:
+        warnings.warn(
+            f"{len(empty)} of {k} clusters received no voxels (labels {empty})"
+            + (" after label smoothing" if params.mode == "s" else "")
+            + f"; the data support fewer clusters: try n_components={k - len(empty)}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return FitOutput(fit.params, labels, counts, fit.log_likelihood, fit.bic, fit.n_iter, fit.converged, fit.history)
 
 
@@ -915,6 +934,7 @@ def run(
         n_peaks=traj.n_peaks,
         params=params,
         timings=traj.timings,
+        n_reads=traj.n_reads,
     )
 
 
