@@ -652,18 +652,14 @@ def gather_trajectories(
 def _sort_by_voxel(results: list, n_temperatures: int, keep: np.ndarray | None = None):
     """Merge per-block (flat, trajectories, provisional labels) into C order of the voxels.
 
-    Each block's rows are scattered straight to their final positions and the
-    block is released, so peak memory is one copy of the trajectories plus one
-    block, not the three copies of concatenate-then-permute. ``keep`` (over the
-    concatenated rows) drops rows on the way.
+    Each block's rows are filtered (``keep``, over the concatenated rows),
+    scattered straight to their final positions, and released, so peak memory
+    is the blocks as they came plus the kept rows once, not the three copies of
+    filter-concatenate-permute. ``results`` is emptied on the way.
     """
     flat = np.concatenate([r[0] for r in results]) if results else np.empty(0, np.int64)
+    starts = np.cumsum([0] + [r[0].size for r in results])
     if keep is not None:
-        starts = np.cumsum([0] + [r[0].size for r in results])
-        results = [
-            (r[0][keep[a:b]], r[1][keep[a:b]], None if r[2] is None else r[2][keep[a:b]])
-            for r, a, b in zip(results, starts[:-1], starts[1:])
-        ]
         flat = flat[keep]
     order = np.argsort(flat, kind="stable")
     destination = np.empty_like(order)
@@ -674,11 +670,16 @@ def _sort_by_voxel(results: list, n_temperatures: int, keep: np.ndarray | None =
     start = 0
     for i in range(len(results)):
         _, traj, ids = results[i]
+        results[i] = None
+        if keep is not None:
+            sel = keep[starts[i] : starts[i + 1]]
+            traj = traj[sel]
+            ids = None if ids is None else ids[sel]
         stop = start + traj.shape[0]
         raw[destination[start:stop]] = traj
         if with_labels:
             prov[destination[start:stop]] = ids
-        results[i] = None
+        del traj
         start = stop
     return flat[order], raw, prov
 
