@@ -50,8 +50,15 @@ NONFINITE_POLICIES = ("raise", "mask")
 # Voxels per spatial block when the input does not suggest a chunking: 64**3
 # voxels x 24 temperatures x 4 bytes = 25 MB per block.
 DEFAULT_BLOCK_VOXELS = 64**3
-# Scratch arrays smaller than this stay in memory (compressed); larger ones go to disk.
+# Scratch arrays smaller than this stay in memory; larger ones go to disk.
 SCRATCH_IN_MEMORY_BYTES = 1 << 30
+# Below this many bytes of input, the first pass keeps every valid trajectory in
+# memory, so the input is read exactly once and the threshold histogram comes
+# straight from the kept values.
+CACHE_ALL_BYTES = 512 << 20
+# Larger inputs: the first pass keeps the trajectories above a provisional cut
+# estimated from a sample of blocks, this many (sample) bins below it.
+PROVISIONAL_MARGIN_BINS = 4
 
 
 @dataclass(frozen=True)
@@ -350,12 +357,12 @@ def _block_flat(offset: tuple, block_shape: tuple, shape: tuple, mask: np.ndarra
     return np.ravel_multi_index(tuple(l + o for l, o in zip(local, offset)), shape).astype(np.int64)
 
 
-def _gather(block, stat, prov, offset, shape, log_cut):
+def _gather(block, stat, offset, shape, log_cut):
+    """(flat indices, trajectories (n, T) float32, None) of the block's voxels above the cut."""
     mask = _block_mask(stat, log_cut)
     flat = _block_flat(offset, stat.shape, shape, mask)
     traj = np.ascontiguousarray(block[:, mask].T, dtype=np.float32)
-    ids = prov[mask] if prov is not None else None
-    return flat, traj, ids
+    return flat, traj, None
 
 
 def _label_count(stat, log_cut):
@@ -372,7 +379,7 @@ def _label_write(stat, log_cut, label_offset, region, offset, shape, target):
 
 
 # ---------------------------------------------------------------------------------------
-# the two streaming passes
+# the streaming pass
 # ---------------------------------------------------------------------------------------
 
 
@@ -388,15 +395,6 @@ def _block_regions(chunks: tuple):
 def _compute(*tasks, progress=False):
     with _progress(progress):
         return dask.compute(*tasks)
-
-
-# Below this many bytes of input, the first pass keeps every valid trajectory in
-# memory, so the input is read exactly once and the threshold histogram comes
-# straight from the kept values.
-CACHE_ALL_BYTES = 512 << 20
-# Larger inputs: the first pass keeps the trajectories above a provisional cut
-# estimated from a sample of blocks, this many (sample) bins below it.
-PROVISIONAL_MARGIN_BINS = 4
 
 
 def _block_first_pass(block, stat_target, region, offset, shape, mask_type, provisional, fine_edges):
@@ -596,7 +594,7 @@ def gather_trajectories(
         if whole_blocks:
             gathered = []
             for p, (_, offset, _) in zip(first, regions):
-                gathered.append(_gather(p.pop("block"), p.pop("stat"), None, offset, spatial_shape, cutoff.log_cutoff))
+                gathered.append(_gather(p.pop("block"), p.pop("stat"), offset, spatial_shape, cutoff.log_cutoff))
             flat, raw, _ = _sort_by_voxel(gathered, shape[0])
             n_reads = 1
         elif cutoff.log_cutoff >= provisional:
@@ -607,7 +605,7 @@ def gather_trajectories(
             log.info("final cut below the provisional one: reading the trajectories again")
             sb = stat_d.to_delayed()
             tasks = [
-                dask.delayed(_gather)(xb[idx], sb[idx], None, offset, spatial_shape, cutoff.log_cutoff)
+                dask.delayed(_gather)(xb[idx], sb[idx], offset, spatial_shape, cutoff.log_cutoff)
                 for idx, offset, _ in regions
             ]
             flat, raw, _ = _sort_by_voxel(list(_compute(*tasks, progress=progress)), shape[0])
