@@ -16,10 +16,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/xtec-flows synth demo-output/volume.zarr --shape 24,64,64,64 --seed 0 --overwrite
-	$(BIN)/xtec-flows cluster demo-output/volume.zarr -o demo-output/d --mode d -k 4 --seed 0 --overwrite
-	$(BIN)/xtec-flows cluster demo-output/volume.zarr -o demo-output/s --mode s -k 4 --seed 0 --overwrite
+	$(BIN)/xtec-flows bic demo-output/volume.zarr --k 2..8 -o demo-output/bic --overwrite --quiet
+	$(BIN)/xtec-flows cluster demo-output/volume.zarr -o demo-output/d --mode d -k 3 --seed 0 --overwrite
+	$(BIN)/xtec-flows cluster demo-output/volume.zarr -o demo-output/s --mode s -k 3 --seed 0 --overwrite
 	$(BIN)/xtec-flows cluster demo-output/volume.zarr -o demo-output/peaks --mode peaks -k 3 --seed 0 --overwrite
-	@echo "demo results in demo-output/{d,s,peaks}: labels.zarr result.json qmap.png trajectories.png"
+	@echo "demo results in demo-output/{d,s,peaks}: labels.zarr result.json qmap.png trajectories.png; BIC sweep in demo-output/bic"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
