@@ -28,3 +28,7 @@ def lognormal_volume(seed: int, n_temperatures: int = 6, shape=(30, 30, 30), gap
     vol = rng.poisson(np.broadcast_to(bg, (n_temperatures,) + shape)).astype(np.float32)
     vol[(slice(None),) + (slice(None),) * (len(shape) - 1) + (gap_axis_index,)] = 0
     return vol
+
+
+# A real Tiled server (one per pytest process) and a client for it; see tiled_support.py.
+from tiled_support import tiled_client, tiled_server  # noqa: E402,F401

@@ -18,6 +18,8 @@ import time
 import warnings
 from pathlib import Path
 
+from . import validation
+
 log = logging.getLogger("xtec_flows.cli")
 
 
@@ -69,8 +71,13 @@ def _threshold(text: str):
         )
 
 
+def _add_tiled_options(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--tiled-uri", required=required, help="Tiled server URI, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", help="Tiled API key (default: the TILED_API_KEY environment variable, preferred)")
+
+
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="zarr array/group path, or NeXus/HDF5 as file.nxs:/entry/data/data")
+    p.add_argument("input", nargs="?", help="zarr array/group path, or NeXus/HDF5 as file.nxs:/entry/data/data")
     p.add_argument("--temperatures", type=_float_list, help="comma-separated temperatures, one per slice (overrides the file)")
     p.add_argument("--threshold", type=_threshold, default="kl", help="kl (default), simple, none, or an explicit <I>_T cutoff")
     p.add_argument("--rescale", choices=["mean", "zscore", "log-mean", "none"], default="mean")
@@ -112,12 +119,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--quiet", action="store_true")
 
-    c = sub.add_parser("cluster", help="cluster a temperature series and write labels, result.json and figures")
+    c = sub.add_parser(
+        "cluster",
+        help="cluster a temperature series (file, or a Tiled scan with --tiled-uri/--scan) and write the results",
+    )
     _add_engine_options(c)
-    c.add_argument("-o", "--output", required=True, help="output directory (created)")
+    c.add_argument("-o", "--output", help="output directory (created); required for file inputs")
+    _add_tiled_options(c)
+    c.add_argument("--scan", help="Tiled: bluesky scan uid or node path to cluster (results go back to Tiled)")
+    c.add_argument("--root", default="xtec", help="Tiled: container for derived results (default xtec)")
+    c.add_argument("--volume-field", help="Tiled: name of the volume in the run's primary stream (detected if unique)")
+    c.add_argument("--temperature-field", help="Tiled: temperature column of the run (detected if unique)")
     c.add_argument("-k", "--n-components", type=int, default=4)
     c.add_argument("--overwrite", action="store_true", help="replace an earlier xtec-flows result in OUTPUT")
     c.add_argument("--no-plots", action="store_true", help="skip qmap.png and trajectories.png")
+
+    r = sub.add_parser("results", help="list the XTEC results stored in Tiled for a scan")
+    r.add_argument("uri", help="Tiled server URI")
+    r.add_argument("scan", help="source scan uid (or node path of a plain array)")
+    r.add_argument("--root", default="xtec")
+    r.add_argument("--all", action="store_true", help="include running and failed results")
+    r.add_argument("--api-key", help="API key (default: TILED_API_KEY)")
+    r.add_argument("--json", action="store_true")
+
+    i = sub.add_parser("import", help="import a NeXus/HDF5 temperature series into Tiled as a 4-D array node")
+    i.add_argument("inputs", nargs="+", help="one 4-D dataset (file.nxs:/entry/data/data), or 3-D volumes, one per "
+                   "temperature (files, file:path specs, or one file with one entry per temperature)")
+    _add_tiled_options(i, required=True)
+    i.add_argument("--key", required=True, help="name of the new node")
+    i.add_argument("--parent", default="", help="container path to create the node in (default: root)")
+    i.add_argument("--temperatures", type=_float_list, help="comma-separated temperatures (overrides the files)")
+    i.add_argument("--overwrite", action="store_true", help="replace an existing node with this key")
+    i.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bic", help="sweep the number of clusters and report BIC")
     _add_engine_options(b)
@@ -204,6 +237,11 @@ def cmd_synth(args) -> dict:
 def cmd_cluster(args) -> dict:
     import zarr
 
+    if args.tiled_uri:
+        return cmd_cluster_tiled(args)
+    if not args.input or not args.output:
+        raise CLIError("cluster needs INPUT and -o OUTPUT (or --tiled-uri URI --scan UID for a Tiled scan)")
+
     from . import pipeline
     from .io import zarr_io
 
@@ -257,10 +295,54 @@ def _first_missing_ancestor(path: Path) -> Path | None:
     return missing
 
 
+def cmd_results(args) -> dict:
+    from . import results
+    from .io import tiled as tiled_io
+
+    client = tiled_io.connect(args.uri, args.api_key)
+    nodes = results.find_results(client, args.scan, root=args.root, status=None if args.all else "complete")
+    return {"uri": tiled_io.redact_uri(args.uri), "scan": args.scan, "root": args.root,
+            "results": results.summarise(nodes)}
+
+
+def cmd_import(args) -> dict:
+    from .io import nexus
+    from .io import tiled as tiled_io
+
+    volume, temps, sources = nexus.open_series(args.inputs, args.temperatures)
+    temps = validation.check_temperatures(temps, volume.shape[0])
+    validation.check_volume(volume)
+    client = tiled_io.connect(args.tiled_uri, args.api_key)
+    parent = tiled_io.derived_root(client, args.parent) if args.parent else client
+    node = tiled_io.write_series(parent, args.key, volume, temps, sources=sources, overwrite=args.overwrite)
+    return {"uri": tiled_io.redact_uri(args.tiled_uri), "path": tiled_io._node_path(node), "shape": list(volume.shape),
+            "temperatures": temps.tolist(), "sources": sources}
+
+
+def cmd_cluster_tiled(args) -> dict:
+    from . import process
+    from .io import tiled as tiled_io
+
+    if not args.scan:
+        raise CLIError("--tiled-uri needs --scan UID (the bluesky scan uid or node path to cluster)")
+    if args.input or args.output:
+        raise CLIError("give either a file INPUT with -o OUTPUT, or --tiled-uri with --scan (results go back to Tiled)")
+    params = _params_from(args, args.n_components)
+    outcome = process.process_scan(args.tiled_uri, args.scan, params, root=args.root, api_key=args.api_key,
+                                   volume_field=args.volume_field, temperature_field=args.temperature_field,
+                                   chunks=args.chunks, progress=not args.quiet)
+    md = dict(outcome.node.metadata or {})
+    return {"uri": tiled_io.redact_uri(args.tiled_uri), "scan": args.scan, "key": outcome.key, "path": outcome.path,
+            "status": outcome.status, "reused": outcome.reused, "n_components": md.get("n_components"),
+            "counts": md.get("counts"), "bic": md.get("bic"), "log_likelihood": md.get("log_likelihood")}
+
+
 def cmd_bic(args) -> dict:
     from . import pipeline
     from .io import zarr_io
 
+    if not args.input:
+        raise CLIError("bic needs INPUT (a zarr or NeXus/HDF5 temperature series)")
     out = None
     if args.output:
         out = zarr_io.prepare_output_dir(args.output, args.overwrite)
@@ -288,6 +370,22 @@ def cmd_bic(args) -> dict:
 
 
 def _human(command: str, doc: dict) -> str:
+    if command == "cluster" and "key" in doc:
+        what = "existing result (not recomputed)" if doc["reused"] else "new result"
+        lines = [f"{what} {doc['path']} on {doc['uri']} for scan {doc['scan']}: status {doc['status']}",
+                 f"K = {doc['n_components']}, counts {doc['counts']}, BIC = {doc['bic']}"]
+        return "\n".join(lines)
+    if command == "results":
+        if not doc["results"]:
+            return f"no results for scan {doc['scan']} under /{doc['root']} on {doc['uri']}"
+        rows = [f"{'key':<26} {'status':<9} {'mode':<5} {'K':>3} {'BIC':>14} completed"]
+        for r in doc["results"]:
+            bic = f"{r['bic']:.6g}" if isinstance(r["bic"], (int, float)) else "-"
+            rows.append(f"{r['key']:<26} {r['status'] or '-':<9} {r['mode'] or '-':<5} {r['n_components'] or '-':>3} "
+                        f"{bic:>14} {r['completed'] or r['error'] or ''}")
+        return "\n".join(rows)
+    if command == "import":
+        return f"imported {len(doc['sources'])} dataset(s) as {doc['path']} {doc['shape']} on {doc['uri']}"
     if command == "synth":
         return f"wrote {doc['output']} shape {doc['shape']} in {doc['seconds']} s"
     if command == "cluster":
@@ -312,19 +410,43 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"synth": cmd_synth, "cluster": cmd_cluster, "bic": cmd_bic}
+    commands = {"synth": cmd_synth, "cluster": cmd_cluster, "bic": cmd_bic, "results": cmd_results,
+                "import": cmd_import}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             doc = commands[args.command](args)
-    except (CLIError, ValueError, TypeError, FileExistsError, FileNotFoundError) as exc:
-        sys.stderr.write(f"xtec-flows {args.command}: error: {exc}\n")
+    except (CLIError, ValueError, TypeError, FileExistsError, FileNotFoundError, KeyError) as exc:
+        sys.stderr.write(f"xtec-flows {args.command}: error: {_safe_message(exc)}\n")
+        return 2
+    except Exception as exc:
+        if not _is_remote_error(exc):
+            raise
+        sys.stderr.write(
+            f"xtec-flows {args.command}: error: the Tiled server refused or failed the request: {_safe_message(exc)}"
+            "\n(check the URI and the API key: --api-key or TILED_API_KEY)\n"
+        )
         return 2
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(_compact(doc)) + "\n")
     else:
         sys.stdout.write(_human(args.command, doc) + "\n")
     return 0
+
+
+def _safe_message(exc: BaseException) -> str:
+    """The error text with any API key removed (URIs may carry ?api_key=...)."""
+    import re
+
+    return re.sub(r"(api_key=)[^&\s'\"]+", r"\1***", str(exc))
+
+
+def _is_remote_error(exc: BaseException) -> bool:
+    """Errors of the Tiled client / HTTP layer, reported to the user instead of a traceback."""
+    module = type(exc).__module__
+    if module.startswith(("tiled", "httpx", "httpcore")):
+        return True
+    return isinstance(exc, RuntimeError) and "API key" in str(exc)
 
 
 def _compact(doc: dict) -> dict:

@@ -138,3 +138,132 @@ def write_series(path: str | os.PathLike, volume: np.ndarray, temperatures: np.n
         data.create_dataset("data", data=volume, chunks=chunks)
         data.create_dataset("temperature", data=np.asarray(temperatures, dtype=np.float64))
     return f"{path}:/entry/data/data"
+
+
+class StackedVolumes:
+    """One 3-D volume per temperature, each in its own HDF5 dataset, seen as (T, *spatial).
+
+    Only slicing with an integer or a slice on the first axis and slices on the
+    others is supported (what chunked readers need); datasets are opened on
+    demand and closed after each read.
+    """
+
+    def __init__(self, members: list[tuple[str, str]]):
+        import h5py
+
+        if not members:
+            raise ValueError("no volumes to stack")
+        self.members = members
+        shapes, dtypes = set(), set()
+        for path, inner in members:
+            with h5py.File(path, "r") as f:
+                ds = f[inner]
+                shapes.add(ds.shape)
+                dtypes.add(ds.dtype)
+        if len(shapes) != 1:
+            raise ValueError(
+                f"the volumes to stack differ in shape ({sorted(shapes)}); every temperature needs the same grid"
+            )
+        (spatial,) = shapes
+        if len(spatial) not in (2, 3):
+            raise ValueError(f"each volume must be 2-D or 3-D; got shape {spatial}")
+        self.shape = (len(members),) + tuple(spatial)
+        self.dtype = np.result_type(*dtypes)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key):
+        import h5py
+
+        key = key if isinstance(key, tuple) else (key,)
+        first, rest = key[0], key[1:]
+        idx = range(self.shape[0])[first]
+        single = isinstance(idx, int)
+        out = []
+        for i in [idx] if single else idx:
+            path, inner = self.members[i]
+            with h5py.File(path, "r") as f:
+                out.append(np.asarray(f[inner][rest] if rest else f[inner][...], dtype=self.dtype))
+        return out[0] if single else np.stack(out)
+
+
+def _entry_temperature(f, inner: str) -> float | None:
+    """The temperature of the entry holding dataset ``inner`` (sample/temperature, scalar)."""
+    parts = [p for p in inner.split("/") if p]
+    if not parts:
+        return None
+    entry = f[parts[0]]
+    for candidate in ("sample/temperature", "sample/temperature_setpoint", "instrument/temperature"):
+        if candidate in entry:
+            v = np.asarray(entry[candidate][...]).ravel()
+            if v.size:
+                return float(v.mean())
+    t = f[inner].attrs.get("temperature")
+    return float(t) if t is not None else None
+
+
+def open_series(specs: list[str], temperatures=None):
+    """A temperature series from NeXus/HDF5 inputs.
+
+    ``specs`` is one 4-D (or 3-D for 2 spatial dims) dataset (``file.nxs:/entry/data/data``), or
+    several 3-D volumes, one per temperature: ``file:/path`` specs, plain files
+    (their NeXus default signal), or one file whose entries each hold a volume
+    (as nxrefine writes them; every NXentry with a default signal is used).
+
+    Returns
+    -------
+    volume : h5py.Dataset or StackedVolumes of shape (T, *spatial)
+    temperatures : ndarray (T,) or None
+    sources : list of str, the datasets read
+    """
+    import h5py
+
+    if len(specs) == 1:
+        path, inner = split_hdf5_spec(specs[0]) or (specs[0], "")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"input file {path!r} does not exist")
+        members = _entries_with_volumes(path) if inner in ("", "/") else []
+        if len(members) <= 1:
+            ds, temps = open_volume(path, inner)
+            return ds, (temperatures if temperatures is not None else temps), [f"{path}:{ds.name}"]
+    else:
+        members = []
+        for spec in specs:
+            path, inner = split_hdf5_spec(spec) or (spec, "")
+            ds, _ = open_volume(path, inner)
+            members.append((path, ds.name))
+            ds.file.close()
+    stacked = StackedVolumes(members)
+    if temperatures is None:
+        found = []
+        for path, inner in members:
+            with h5py.File(path, "r") as f:
+                found.append(_entry_temperature(f, inner))
+        missing = [f"{p}:{i}" for (p, i), t in zip(members, found) if t is None]
+        if missing:
+            raise ValueError(
+                f"no temperature found for {missing[:3]}{'...' if len(missing) > 3 else ''} "
+                "(looked for <entry>/sample/temperature); pass --temperatures"
+            )
+        temperatures = np.asarray(found)
+        order = np.argsort(temperatures, kind="stable")
+        if np.any(order != np.arange(order.size)):
+            # Files named or listed out of order: sort the stack by temperature.
+            members = [members[i] for i in order]
+            stacked = StackedVolumes(members)
+            temperatures = temperatures[order]
+    return stacked, np.asarray(temperatures, dtype=np.float64), [f"{p}:{i}" for p, i in members]
+
+
+def _entries_with_volumes(path: str) -> list[tuple[str, str]]:
+    import h5py
+
+    members = []
+    with h5py.File(path, "r") as f:
+        for name, node in f.items():
+            if isinstance(node, h5py.Group):
+                ds = _find_default_signal(node)
+                if ds is None and "data" in node and isinstance(node["data"], h5py.Group):
+                    ds = _find_default_signal(node["data"])
+                if ds is not None and ds.ndim in (2, 3):
+                    members.append((path, ds.name))
+    return members

@@ -1,0 +1,573 @@
+"""Tiled backend: read temperature scans from a Tiled server, write XTEC results back.
+
+Reading
+    :func:`open_scan` resolves a scan into a :class:`TiledScan`: a lazily read
+    (T, *spatial) dask array whose tasks fetch one region each (never the whole
+    4-D array in one request), plus temperatures and provenance. Three kinds of
+    source are understood:
+
+    - a bluesky run written by TiledWriter: ``/<uid>/primary/<volume field>``
+      with the temperature column in ``/<uid>/primary/internal``;
+    - a plain array node of 3 or 4 dims with a ``temperatures`` metadata entry,
+      or a container holding such an array and a 1-D ``temperature(s)`` array;
+    - a run client the caller already holds (``BlueskyRun`` or a container).
+
+    A bluesky run is processable only when its stop document says
+    ``exit_status == "success"`` and it has one event per temperature.
+
+Writing
+    One container per (source scan, parameter set) under a derived-data root
+    (default ``xtec``), keyed by a hash of (source uid, parameters, engine major
+    version). Its ``status`` metadata goes ``running`` -> ``complete`` (set last,
+    after every array is written) or ``failed``. See :func:`result_key`,
+    :func:`begin_result`, :func:`write_result`, :func:`fail_result`.
+
+API keys come from the caller or ``TILED_API_KEY`` and are never logged or
+stored: every URI recorded in metadata is stripped of its query string.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+RESULT_SPEC = "xtec-clusters"
+RESULT_SPEC_VERSION = "1"
+DEFAULT_ROOT = "xtec"
+# Requests to Tiled stay well under its 300 MB response limit and the client's
+# 100 MB upload split.
+MAX_REQUEST_BYTES = 64 << 20
+TEMPERATURE_NAMES = ("temperature", "temperatures", "T", "temp", "sample_temperature")
+
+
+class ScanNotReady(ValueError):
+    """The scan exists but cannot be processed (yet): running, failed, or incomplete."""
+
+
+# ---------------------------------------------------------------------------------------
+# connection
+# ---------------------------------------------------------------------------------------
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without query string or credentials (safe to log and to store)."""
+    parts = urlsplit(uri)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def connect(uri: str, api_key: str | None = None):
+    """A Tiled client for ``uri``; the key comes from ``api_key`` or ``TILED_API_KEY``."""
+    from tiled.client import from_uri
+
+    key = api_key or os.environ.get("TILED_API_KEY") or None
+    log.info("connecting to %s", redact_uri(uri))
+    return from_uri(uri, api_key=key)
+
+
+def _walk(client, path: str):
+    node = client
+    for part in [p for p in str(path).split("/") if p]:
+        try:
+            node = node[part]
+        except KeyError:
+            raise KeyError(
+                f"Tiled has no node {path!r} under {redact_uri(client.uri)} (missing part {part!r}); "
+                "check the scan uid or node path"
+            ) from None
+    return node
+
+
+def _node_path(node) -> str:
+    return "/" + "/".join(p for p in node.path_parts if p)
+
+
+# ---------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TiledScan:
+    """A temperature series served by Tiled.
+
+    volume : dask array of shape (T, *spatial), read region by region
+    temperatures : ndarray of shape (T,)
+    uid : the bluesky start uid, or the node path for plain arrays
+    path : Tiled path of the volume node
+    uri : server URI (redacted)
+    kind : "bluesky-run" or "array"
+    """
+
+    volume: object
+    temperatures: np.ndarray
+    uid: str
+    path: str
+    uri: str
+    kind: str
+    metadata: dict = field(default_factory=dict)
+
+    def source_metadata(self) -> dict:
+        return {"uid": self.uid, "path": self.path, "uri": self.uri, "kind": self.kind}
+
+
+def _is_run(node) -> bool:
+    md = getattr(node, "metadata", None) or {}
+    return "start" in md and hasattr(node, "keys") and "primary" in node
+
+
+def _base(node):
+    # bluesky-tiled-plugins shows a stream as a composite of table columns and
+    # arrays; the real child nodes are under .base.
+    return getattr(node, "base", node)
+
+
+def _region_reader(node, region):
+    return np.asarray(node.read(slice=region))
+
+
+def lazy_array(node, spatial_chunk: int | None = None):
+    """A dask array over a Tiled array node, one request per task.
+
+    Blocks span the whole first (temperature) axis and are sized so that each
+    request stays under ``MAX_REQUEST_BYTES``; they are aligned to Tiled's own
+    chunks when those are small enough.
+    """
+    import dask
+    import dask.array as da
+
+    shape = tuple(int(s) for s in node.shape)
+    dtype = np.dtype(node.dtype.to_numpy_dtype() if hasattr(node.dtype, "to_numpy_dtype") else node.dtype)
+    ndim = len(shape)
+    if spatial_chunk is None:
+        per_voxel = shape[0] * dtype.itemsize
+        side = int((MAX_REQUEST_BYTES / per_voxel) ** (1.0 / (ndim - 1)))
+        spatial_chunk = max(8, min(128, side))
+    tiled_chunks = [max(c) for c in node.chunks[1:]] if node.chunks else [None] * (ndim - 1)
+    sizes = []
+    for s, tc in zip(shape[1:], tiled_chunks):
+        c = min(spatial_chunk, s)
+        if tc and tc < s and tc <= spatial_chunk:
+            c = tc * max(1, spatial_chunk // tc)  # a whole number of Tiled chunks
+        sizes.append(c)
+    chunks = [(shape[0],)] + [tuple(min(c, s - o) for o in range(0, s, c)) for c, s in zip(sizes, shape[1:])]
+    starts = [np.cumsum((0,) + ch)[:-1] for ch in chunks]
+    blocks = np.empty(tuple(len(c) for c in chunks), dtype=object)
+    for idx in np.ndindex(*blocks.shape):
+        region = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(idx))
+        bshape = tuple(chunks[a][i] for a, i in enumerate(idx))
+        blocks[idx] = da.from_delayed(dask.delayed(_region_reader)(node, region), bshape, dtype=dtype)
+    return da.block(blocks.tolist())
+
+
+def lazy_array_spatial(node):
+    """A dask array over any Tiled array node, one read_block request per Tiled chunk."""
+    import dask
+    import dask.array as da
+
+    dtype = np.dtype(node.dtype.to_numpy_dtype() if hasattr(node.dtype, "to_numpy_dtype") else node.dtype)
+    chunks = tuple(tuple(int(c) for c in ch) for ch in node.chunks)
+    blocks = np.empty(tuple(len(c) for c in chunks), dtype=object)
+    for idx in np.ndindex(*blocks.shape):
+        bshape = tuple(chunks[a][i] for a, i in enumerate(idx))
+        blocks[idx] = da.from_delayed(dask.delayed(node.read_block)(idx), bshape, dtype=dtype)
+    return da.block(blocks.tolist())
+
+
+def _temperatures_from_internal(base, field_name: str | None, start: dict) -> tuple[np.ndarray, str]:
+    if "internal" not in base:
+        raise ValueError(f"run stream {_node_path(base)} has no 'internal' table holding the temperature column")
+    table = base["internal"].read()
+    columns = [c for c in table.columns if c not in ("seq_num", "time") and not c.startswith("ts_")]
+    if field_name is None:
+        motors = [m for m in start.get("motors", []) if m in table.columns]
+        candidates = motors if len(motors) == 1 else [c for c in columns if "temp" in c.lower() and "setpoint" not in c]
+        if len(candidates) != 1:
+            raise ValueError(
+                f"cannot tell which column of {_node_path(base)}/internal is the temperature "
+                f"(candidates {candidates or columns}); pass temperature_field= / --temperature-field"
+            )
+        field_name = candidates[0]
+    if field_name not in table.columns:
+        raise ValueError(
+            f"{_node_path(base)}/internal has no column {field_name!r} (columns {list(table.columns)}); "
+            "pass the right temperature_field= / --temperature-field"
+        )
+    if "seq_num" in table.columns:
+        table = table.sort_values("seq_num")
+    return np.asarray(table[field_name], dtype=np.float64), field_name
+
+
+def _volume_field(base, field_name: str | None) -> str:
+    arrays = []
+    for key in base:
+        if key == "internal":
+            continue
+        child = base[key]
+        if getattr(child, "structure_family", None) == "array" and len(child.shape) >= 3:
+            arrays.append(key)
+    if field_name is None:
+        if len(arrays) != 1:
+            raise ValueError(
+                f"cannot tell which array of {_node_path(base)} is the volume (candidates {arrays}); "
+                "pass volume_field= / --volume-field"
+            )
+        return arrays[0]
+    if field_name not in base:
+        raise ValueError(f"{_node_path(base)} has no field {field_name!r} (arrays {arrays}); check volume_field")
+    return field_name
+
+
+def check_run_complete(run) -> dict:
+    """The stop document of a run that can be processed; raises ScanNotReady otherwise."""
+    md = run.metadata or {}
+    start = md.get("start", {})
+    stop = md.get("stop")
+    uid = start.get("uid", _node_path(run))
+    if not stop:
+        raise ScanNotReady(f"scan {uid} has no stop document yet (still running?); process it once it has finished")
+    status = stop.get("exit_status")
+    if status != "success":
+        raise ScanNotReady(
+            f"scan {uid} ended with exit_status {status!r} ({stop.get('reason', '') or 'no reason given'}); "
+            "only successful scans are processed"
+        )
+    return stop
+
+
+def open_scan(source, scan=None, *, volume_field: str | None = None, temperature_field: str | None = None,
+              api_key: str | None = None) -> TiledScan:
+    """Resolve a temperature scan on a Tiled server.
+
+    Parameters
+    ----------
+    source : str or tiled client
+        A server URI (the key from ``api_key`` or ``TILED_API_KEY``), a client
+        for the server root, or the run/array client itself (then ``scan`` is None).
+    scan : str, optional
+        Bluesky start uid, or node path (``"raw/<uid>"``, ``"imports/sample_a"``).
+    volume_field, temperature_field : names inside a bluesky run, detected when unambiguous.
+
+    Returns
+    -------
+    TiledScan
+    """
+    if isinstance(source, str):
+        client = connect(source, api_key)
+    else:
+        client = source
+    node = _walk(client, scan) if scan is not None else client
+    uri = redact_uri(node.uri)
+    if _is_run(node):
+        stop = check_run_complete(node)
+        start = node.metadata["start"]
+        base = _base(node["primary"])
+        vfield = _volume_field(base, volume_field)
+        vnode = base[vfield]
+        temps, tfield = _temperatures_from_internal(base, temperature_field, start)
+        n_events = (stop.get("num_events") or {}).get("primary")
+        if n_events is not None and n_events != len(temps):
+            raise ScanNotReady(
+                f"scan {start.get('uid')} has {n_events} events but {len(temps)} temperatures; it is incomplete"
+            )
+        if vnode.shape[0] != len(temps):
+            raise ScanNotReady(
+                f"scan {start.get('uid')}: volume {vfield} has {vnode.shape[0]} slices but {len(temps)} temperatures"
+            )
+        return TiledScan(
+            volume=lazy_array(vnode),
+            temperatures=temps,
+            uid=start.get("uid", _node_path(node)),
+            path=_node_path(vnode),
+            uri=uri,
+            kind="bluesky-run",
+            metadata={"volume_field": vfield, "temperature_field": tfield,
+                      "sample": start.get("sample"), "plan_name": start.get("plan_name")},
+        )
+    if getattr(node, "structure_family", None) == "container":
+        arrays = [k for k in node if getattr(node[k], "structure_family", None) == "array"]
+        vols = [k for k in arrays if len(node[k].shape) >= 3]
+        if len(vols) != 1:
+            raise ValueError(
+                f"{_node_path(node)} is a container but not a bluesky run, and holds {len(vols)} arrays of 3+ dims "
+                f"({vols}); give the path of the array node"
+            )
+        vnode = node[vols[0]]
+        temps = _array_temperatures(vnode, node)
+    elif getattr(node, "structure_family", None) == "array":
+        vnode = node
+        temps = _array_temperatures(vnode, vnode.parent if hasattr(vnode, "parent") else None)
+    else:
+        raise ValueError(f"{_node_path(node)} is neither a bluesky run, a container nor an array node")
+    if temps is None:
+        raise ValueError(
+            f"array {_node_path(vnode)} has no temperatures: put them in its metadata as 'temperatures' or "
+            "add a 1-D 'temperature' array beside it (xtec-flows import does this)"
+        )
+    return TiledScan(
+        volume=lazy_array(vnode),
+        temperatures=np.asarray(temps, dtype=np.float64),
+        uid=(vnode.metadata or {}).get("uid") or _node_path(vnode),
+        path=_node_path(vnode),
+        uri=uri,
+        kind="array",
+        metadata={"dims": list(vnode.dims or [])},
+    )
+
+
+def _array_temperatures(vnode, container):
+    md = vnode.metadata or {}
+    for name in ("temperatures", "temperature"):
+        if name in md:
+            return np.asarray(md[name], dtype=np.float64)
+    if container is not None and getattr(container, "structure_family", None) == "container":
+        for name in ("temperatures", "temperature", "T"):
+            if name in container and container[name].structure_family == "array" and len(container[name].shape) == 1:
+                return np.asarray(container[name].read(), dtype=np.float64)
+        cmd = container.metadata or {}
+        for name in ("temperatures", "temperature"):
+            if name in cmd:
+                return np.asarray(cmd[name], dtype=np.float64)
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------
+
+
+def engine_major() -> int:
+    from .._version import __version__
+
+    return int(__version__.split(".")[0])
+
+
+def result_key(source_uid: str, params: dict) -> str:
+    """Stable node key for (source scan, parameters, engine major version)."""
+    doc = json.dumps({"source": source_uid, "params": params, "engine": engine_major()}, sort_keys=True, default=str)
+    return "xtec-" + hashlib.sha256(doc.encode()).hexdigest()[:20]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat()
+
+
+def _versions() -> dict:
+    import dask
+    import numpy
+    import scipy
+    import zarr
+
+    from .._version import __version__
+
+    out = {"xtec_flows": __version__, "numpy": numpy.__version__, "scipy": scipy.__version__,
+           "dask": dask.__version__, "zarr": zarr.__version__}
+    try:
+        import tiled
+
+        out["tiled"] = tiled.__version__
+    except ImportError:  # pragma: no cover - tiled is required to get here
+        pass
+    return out
+
+
+def derived_root(client, root: str = DEFAULT_ROOT):
+    """The container that holds results, created on first use."""
+    node = client
+    for part in [p for p in root.split("/") if p]:
+        if part in node:
+            node = node[part]
+        else:
+            try:
+                node = node.create_container(part, metadata={"description": "XTEC clustering results (xtec-flows)"})
+            except Exception:  # created concurrently by another worker: use theirs
+                node = node[part]
+    return node
+
+
+def find_result(root_node, key: str):
+    """The result node with this key, or None."""
+    return root_node[key] if key in root_node else None
+
+
+def begin_result(root_node, key: str, scan: TiledScan, params: dict):
+    """Create the result container with status 'running' (replacing an incomplete one).
+
+    Returns (node, existing): ``existing`` is True when a complete result with
+    this key already exists (then nothing is created and the caller should not
+    recompute).
+    """
+    from tiled.structures.core import Spec
+
+    old = find_result(root_node, key)
+    if old is not None:
+        status = (old.metadata or {}).get("status")
+        if status == "complete":
+            return old, True
+        log.info("replacing %s result %s", status, key)
+        old.delete(recursive=True, external_only=False)
+    md = {
+        "status": "running",
+        "created": _now(),
+        "source": scan.source_metadata(),
+        "parameters": params,
+        "engine_major": engine_major(),
+        "versions": _versions(),
+    }
+    node = root_node.create_container(key, metadata=md, specs=[Spec(RESULT_SPEC, version=RESULT_SPEC_VERSION)])
+    return node, False
+
+
+def _labels_tiled_chunks(shape: tuple, zarr_chunks: tuple) -> tuple:
+    """Chunks for the Tiled label node: whole zarr chunks, doubled along each axis in turn
+    while one int8 block stays within MAX_REQUEST_BYTES (few requests, none too big)."""
+    chunks = [min(c, s) for c, s in zip(zarr_chunks, shape)]
+    grown = True
+    while grown:
+        grown = False
+        for i in range(len(chunks)):
+            if chunks[i] < shape[i]:
+                trial = list(chunks)
+                trial[i] = min(chunks[i] * 2, shape[i])
+                if math.prod(trial) <= MAX_REQUEST_BYTES:
+                    chunks = trial
+                    grown = True
+    return tuple(chunks)
+
+
+def write_labels_array(node, labels, dims: list, key: str = "labels"):
+    """Stream an int8 label volume (numpy or zarr) into a new Tiled array node, block by block."""
+    from tiled.structures.array import ArrayStructure, BuiltinDtype
+    from tiled.structures.data_source import DataSource
+
+    shape = tuple(int(s) for s in labels.shape)
+    zchunks = tuple(getattr(labels, "chunks", None) or shape)
+    tchunks = _labels_tiled_chunks(shape, zchunks)
+    chunks = tuple(tuple(min(c, s - o) for o in range(0, s, c)) for c, s in zip(tchunks, shape))
+    structure = ArrayStructure(
+        data_type=BuiltinDtype.from_numpy_dtype(np.dtype("int8")), shape=shape, chunks=chunks, dims=list(dims)
+    )
+    arr = node.new(
+        "array",
+        [DataSource(structure=structure, structure_family="array")],
+        key=key,
+        metadata={"description": "cluster label per voxel; -1 = not clustered", "fill_value": -1},
+    )
+    starts = [np.cumsum((0,) + c)[:-1] for c in chunks]
+    for idx in np.ndindex(*[len(c) for c in chunks]):
+        region = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(idx))
+        arr.write_block(np.ascontiguousarray(labels[region], dtype=np.int8), block=idx)
+    return arr
+
+
+def write_result(node, result, scan: TiledScan, dims: list | None = None):
+    """Write every array of a ClusterResult into ``node``, then mark it complete (last)."""
+    spatial = len(result.labels.shape)
+    if dims is None:
+        dims = ["L", "K", "H"][-spatial:]
+    write_labels_array(node, result.labels, dims)
+    node.write_array(np.asarray(result.means), key="means", dims=["cluster", "temperature"],
+                     metadata={"description": "cluster mean trajectories (rescaled units)"})
+    node.write_array(np.asarray(result.variances), key="variances", dims=["cluster", "temperature"],
+                     metadata={"description": "cluster variances of the rescaled trajectories"})
+    node.write_array(np.asarray(result.temperatures, dtype=np.float64), key="temperatures", dims=["temperature"])
+    node.write_array(np.asarray(result.counts, dtype=np.int64), key="counts", dims=["cluster"])
+    node.write_array(np.asarray(result.weights, dtype=np.float64), key="weights", dims=["cluster"])
+    node.write_array(np.asarray(result.histogram_edges, dtype=np.float64), key="histogram_edges", dims=["edge"],
+                     metadata={"description": "bin edges of log(<I>_T)"})
+    node.write_array(np.asarray(result.histogram_counts, dtype=np.int64), key="histogram_counts", dims=["bin"])
+    summary = result.to_dict()
+    for bulky in ("means", "variances", "temperatures", "weights"):
+        summary.pop(bulky, None)
+    summary["threshold"] = {k: v for k, v in summary["threshold"].items() if not k.startswith("histogram")}
+    node.update_metadata(
+        metadata={
+            "n_components": summary["n_components"],
+            "counts": summary["counts"],
+            "log_likelihood": summary["log_likelihood"],
+            "bic": summary["bic"],
+            "n_iter": summary["n_iter"],
+            "converged": summary["converged"],
+            "threshold": summary["threshold"],
+            "n_valid": summary["n_valid"],
+            "n_thresholded": summary["n_thresholded"],
+            "n_peaks": summary["n_peaks"],
+            "input_reads": summary["input_reads"],
+            "timings": summary["timings"],
+            "shape": summary["shape"],
+            "dims": list(dims),
+        }
+    )
+    # Last: only now may anyone see it as complete.
+    node.update_metadata(metadata={"status": "complete", "completed": _now()})
+    return node
+
+
+def fail_result(node, error: BaseException) -> None:
+    """Mark a result failed with the error (message only, never credentials)."""
+    try:
+        node.update_metadata(
+            metadata={"status": "failed", "failed": _now(), "error": f"{type(error).__name__}: {error}"[:2000]}
+        )
+    except Exception:  # the server may be what failed; the original error matters more
+        log.exception("could not mark result %s as failed", getattr(node, "uri", "?"))
+
+
+# ---------------------------------------------------------------------------------------
+# importing a series (e.g. from NeXus) as a plain 4-D array node
+# ---------------------------------------------------------------------------------------
+
+
+def write_series(parent, key: str, volume, temperatures, *, sources=(), dims=None, metadata=None, overwrite=False):
+    """Stream a (T, *spatial) series into a new Tiled array node, one block per request.
+
+    Blocks are one temperature by a spatial tile of at most ``MAX_REQUEST_BYTES``,
+    so any input that supports ``volume[t, region]`` (h5py, zarr, a stack of
+    files) is copied without holding more than one block in memory.
+    ``temperatures`` go into the node's metadata, which is where
+    :func:`open_scan` looks for them.
+    """
+    from tiled.structures.array import ArrayStructure, BuiltinDtype
+    from tiled.structures.data_source import DataSource
+
+    shape = tuple(int(s) for s in volume.shape)
+    if len(shape) not in (3, 4):
+        raise ValueError(f"a series must be (T, *spatial) with 2 or 3 spatial dims; got shape {shape}")
+    temps = np.asarray(temperatures, dtype=np.float64)
+    if temps.shape != (shape[0],):
+        raise ValueError(f"{temps.size} temperatures for {shape[0]} volumes; give one temperature per volume")
+    dtype = np.dtype(volume.dtype)
+    if dims is None:
+        dims = ["T", "L", "K", "H"][: len(shape)] if len(shape) == 4 else ["T", "K", "H"]
+    side = max(8, int((MAX_REQUEST_BYTES / dtype.itemsize) ** (1.0 / (len(shape) - 1))))
+    spatial = [min(side, s) for s in shape[1:]]
+    chunks = ((1,) * shape[0],) + tuple(
+        tuple(min(c, s - o) for o in range(0, s, c)) for c, s in zip(spatial, shape[1:])
+    )
+    if key in parent:
+        if not overwrite:
+            raise FileExistsError(f"Tiled node {_node_path(parent)}/{key} exists; pass --overwrite to replace it")
+        parent[key].delete(recursive=True, external_only=False)
+    structure = ArrayStructure(data_type=BuiltinDtype.from_numpy_dtype(dtype), shape=shape, chunks=chunks,
+                               dims=list(dims))
+    md = {"temperatures": temps.tolist(), "sources": list(sources), "imported_by": _versions()["xtec_flows"]}
+    md.update(metadata or {})
+    node = parent.new("array", [DataSource(structure=structure, structure_family="array")], key=key, metadata=md)
+    starts = [np.cumsum((0,) + c)[:-1] for c in chunks]
+    for idx in np.ndindex(*[len(c) for c in chunks]):
+        region = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(idx))
+        block = np.asarray(volume[(idx[0],) + region[1:]], dtype=dtype)[np.newaxis]
+        node.write_block(np.ascontiguousarray(block), block=idx)
+    return node

@@ -1,0 +1,93 @@
+"""Process one Tiled scan end to end: read -> cluster -> write the result back.
+
+This is the unit of work that CLIs and Prefect flows call. It is idempotent:
+the result key is a hash of (source uid, parameters, engine major version), a
+complete result with that key is returned without recomputing, and an
+incomplete one (running or failed) is replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from .io import tiled as tiled_io
+from .pipeline import ClusterParams, run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What :func:`process_scan` did.
+
+    key : the result node's key under the derived-data root
+    path : its Tiled path
+    status : "complete" (always, on return; failures raise)
+    reused : True when an existing complete result was returned without recomputing
+    """
+
+    key: str
+    path: str
+    status: str
+    reused: bool
+    node: object = None
+
+
+def process_scan(
+    source,
+    scan=None,
+    params: ClusterParams | None = None,
+    *,
+    root: str = tiled_io.DEFAULT_ROOT,
+    api_key: str | None = None,
+    volume_field: str | None = None,
+    temperature_field: str | None = None,
+    chunks=None,
+    progress: bool = False,
+) -> Outcome:
+    """Cluster a scan served by Tiled and write the result back under ``root``.
+
+    Parameters
+    ----------
+    source : server URI or tiled client (root), or a run client (then scan=None)
+    scan : bluesky uid or node path
+    params : clustering parameters (default ClusterParams())
+
+    Raises
+    ------
+    tiled_io.ScanNotReady : the scan is not finished, failed, or incomplete (nothing written)
+    ValueError : bad data or parameters (the result is marked failed with the message)
+    """
+    params = params or ClusterParams()
+    client = tiled_io.connect(source, api_key) if isinstance(source, str) else source
+    the_scan = tiled_io.open_scan(client, scan, volume_field=volume_field, temperature_field=temperature_field)
+    server_root = client if scan is not None else _server_root(client)
+    results_root = tiled_io.derived_root(server_root, root)
+    key = tiled_io.result_key(the_scan.uid, params.to_dict())
+    node, existing = tiled_io.begin_result(results_root, key, the_scan, params.to_dict())
+    path = tiled_io._node_path(node)
+    if existing:
+        log.info("scan %s: complete result %s exists; not recomputing", the_scan.uid, path)
+        return Outcome(key, path, "complete", True, node)
+    log.info("scan %s: clustering into %s", the_scan.uid, path)
+    t0 = time.perf_counter()
+    try:
+        result = run(the_scan.volume, the_scan.temperatures, params, chunks=chunks, progress=progress)
+        tiled_io.write_result(node, result, the_scan)
+    except BaseException as exc:
+        tiled_io.fail_result(node, exc)
+        raise
+    log.info("scan %s: complete in %.1f s", the_scan.uid, time.perf_counter() - t0)
+    return Outcome(key, path, "complete", False, node)
+
+
+def _server_root(node):
+    """Walk up to the server root from a node the caller passed in."""
+    while getattr(node, "path_parts", None):
+        parent = node.parent if hasattr(node, "parent") else None
+        if parent is None:
+            break
+        node = parent
+    return node
