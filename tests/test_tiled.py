@@ -257,3 +257,32 @@ def test_auth_errors_are_clear_and_keys_never_leak(tiled_server, inline_uid, cap
         tiled_io.connect(tiled_server.uri, tiled_server.api_key)
     assert tiled_server.api_key not in caplog.text
     assert tiled_io.redact_uri("http://h:8000/api/v1?api_key=secret") == "http://h:8000/api/v1"
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def test_running_scan_is_not_processed(tiled_client):
+    # what TiledWriter shows while a scan runs: the run container with a start document, no stop yet
+    run = tiled_client.create_container("running_scan_uid", metadata={"start": {"uid": "running_scan_uid"}})
+    run.create_container("primary")
+    with pytest.raises(tiled_io.ScanNotReady, match="no stop document"):
+        process_scan(tiled_client, "running_scan_uid", PARAMS)
+    assert not results.find_results(tiled_client, "running_scan_uid", status=None)
+
+
+def test_bad_nodes_are_refused_before_anything_is_written(tiled_client):
+    bad = tiled_client.create_container("bad_nodes")
+    bad.write_array(np.zeros((5, 4), np.float32), key="flat", metadata={"temperatures": [1, 2, 3, 4, 5]})
+    bad.write_array(np.ones((4, 6, 6, 6), np.float32), key="short", metadata={"temperatures": [1, 2, 3]})
+    with pytest.raises(ValueError, match="must be a 3-D"):
+        tiled_io.open_scan(tiled_client, "bad_nodes/flat")
+    with pytest.raises(ValueError, match="4 volumes but 3 temperatures"):
+        process_scan(tiled_client, "bad_nodes/short", PARAMS)
+    assert not results.find_results(tiled_client, "/bad_nodes/short", status=None)
+
+
+@pytest.mark.parametrize("key", ["a/b", "q?x=1", "frag#1", "..", "", "x" * 300])
+def test_keys_tiled_cannot_serve_are_refused(tiled_client, key):
+    with pytest.raises(ValueError, match="not a node name Tiled can serve back"):
+        tiled_io.write_series(tiled_client, key, np.ones((3, 4, 4, 4), np.float32), [1, 2, 3])

@@ -125,7 +125,39 @@ class TiledScan:
 
 def _is_run(node) -> bool:
     md = getattr(node, "metadata", None) or {}
-    return "start" in md and hasattr(node, "keys") and "primary" in node
+    return "start" in md and getattr(node, "structure_family", None) == "container"
+
+
+# Keys this package writes must be readable back: Tiled 0.2 accepts but cannot
+# serve keys with '/', '?', '#', '%', and '.'/'..' (see notes).
+_SAFE_KEY = __import__("re").compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+
+
+def check_key(key: str, what: str = "key") -> str:
+    if not isinstance(key, str) or not _SAFE_KEY.match(key) or key in (".", ".."):
+        raise ValueError(
+            f"{what} {key!r} is not a node name Tiled can serve back; use letters, digits, '_', '-' and '.' "
+            "(not first), at most 200 characters"
+        )
+    return key
+
+
+def _check_volume_node(vnode, temps) -> None:
+    """A volume node must be a numeric (T, *spatial) array with one temperature per slice."""
+    shape = tuple(vnode.shape)
+    dtype = np.dtype(vnode.dtype.to_numpy_dtype() if hasattr(vnode.dtype, "to_numpy_dtype") else vnode.dtype)
+    if len(shape) not in (3, 4):
+        raise ValueError(
+            f"{_node_path(vnode)} has shape {shape}: a temperature series must be a 3-D (T, K, H) or "
+            "4-D (T, L, K, H) array"
+        )
+    if dtype.kind not in "iuf":
+        raise ValueError(f"{_node_path(vnode)} holds {dtype} data; a temperature series must be numeric")
+    if temps is not None and len(temps) != shape[0]:
+        raise ValueError(
+            f"{_node_path(vnode)} has {shape[0]} volumes but {len(temps)} temperatures; "
+            "give exactly one temperature per volume"
+        )
 
 
 def _base(node):
@@ -273,6 +305,8 @@ def open_scan(source, scan=None, *, volume_field: str | None = None, temperature
     if _is_run(node):
         stop = check_run_complete(node)
         start = node.metadata["start"]
+        if "primary" not in node:
+            raise ScanNotReady(f"scan {start.get('uid')} has no 'primary' stream (no events were recorded)")
         base = _base(node["primary"])
         vfield = _volume_field(base, volume_field)
         vnode = base[vfield]
@@ -286,6 +320,7 @@ def open_scan(source, scan=None, *, volume_field: str | None = None, temperature
             raise ScanNotReady(
                 f"scan {start.get('uid')}: volume {vfield} has {vnode.shape[0]} slices but {len(temps)} temperatures"
             )
+        _check_volume_node(vnode, temps)
         return TiledScan(
             volume=lazy_array(vnode),
             temperatures=temps,
@@ -311,6 +346,7 @@ def open_scan(source, scan=None, *, volume_field: str | None = None, temperature
         temps = _array_temperatures(vnode, vnode.parent if hasattr(vnode, "parent") else None)
     else:
         raise ValueError(f"{_node_path(node)} is neither a bluesky run, a container nor an array node")
+    _check_volume_node(vnode, temps)
     if temps is None:
         raise ValueError(
             f"array {_node_path(vnode)} has no temperatures: put them in its metadata as 'temperatures' or "
@@ -387,6 +423,7 @@ def derived_root(client, root: str = DEFAULT_ROOT):
     """The container that holds results, created on first use."""
     node = client
     for part in [p for p in root.split("/") if p]:
+        check_key(part, "derived-data root part")
         if part in node:
             node = node[part]
         else:
@@ -426,7 +463,19 @@ def begin_result(root_node, key: str, scan: TiledScan, params: dict):
         "engine_major": engine_major(),
         "versions": _versions(),
     }
-    node = root_node.create_container(key, metadata=md, specs=[Spec(RESULT_SPEC, version=RESULT_SPEC_VERSION)])
+    try:
+        node = root_node.create_container(key, metadata=md, specs=[Spec(RESULT_SPEC, version=RESULT_SPEC_VERSION)])
+    except Exception as exc:
+        if "409" not in str(exc):
+            raise
+        # Another worker created it between our check and our create.
+        other = root_node[key]
+        if (other.metadata or {}).get("status") == "complete":
+            return other, True
+        raise RuntimeError(
+            f"result {_node_path(other)} is being computed by another worker (status "
+            f"{(other.metadata or {}).get('status')!r}); try again when it has finished"
+        ) from exc
     return node, False
 
 
@@ -515,14 +564,26 @@ def write_result(node, result, scan: TiledScan, dims: list | None = None):
     return node
 
 
-def fail_result(node, error: BaseException) -> None:
-    """Mark a result failed with the error (message only, never credentials)."""
-    try:
-        node.update_metadata(
-            metadata={"status": "failed", "failed": _now(), "error": f"{type(error).__name__}: {error}"[:2000]}
-        )
-    except Exception:  # the server may be what failed; the original error matters more
-        log.exception("could not mark result %s as failed", getattr(node, "uri", "?"))
+def fail_result(node, error: BaseException, attempts: int = 3, wait: float = 2.0) -> bool:
+    """Mark a result failed with the error (message only, never credentials).
+
+    The server may be what failed, so this tries a few times; if it still
+    cannot, the result stays 'running' (never 'complete') and a re-run replaces
+    it. Returns whether the status was recorded.
+    """
+    import re
+    import time
+
+    message = re.sub(r"(api_key=)[^&\s'\"]+", r"\1***", f"{type(error).__name__}: {error}")[:2000]
+    for attempt in range(attempts):
+        try:
+            node.update_metadata(metadata={"status": "failed", "failed": _now(), "error": message})
+            return True
+        except Exception as exc:  # the original error matters more than this one
+            log.warning("could not mark result %s as failed (attempt %d): %s", _node_path(node), attempt + 1,
+                        type(exc).__name__)
+            time.sleep(wait)
+    return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -556,6 +617,7 @@ def write_series(parent, key: str, volume, temperatures, *, sources=(), dims=Non
     chunks = ((1,) * shape[0],) + tuple(
         tuple(min(c, s - o) for o in range(0, s, c)) for c, s in zip(spatial, shape[1:])
     )
+    check_key(key, "node key")
     if key in parent:
         if not overwrite:
             raise FileExistsError(f"Tiled node {_node_path(parent)}/{key} exists; pass --overwrite to replace it")
