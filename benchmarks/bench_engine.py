@@ -19,6 +19,9 @@ Sections (``--only a,b,...``; default: speed,fit,smoothing,peaks,quality,memory)
   quality    ARI and CDW/halo recovery against ground truth over several seeds
   memory     peak RSS of xtec-flows on a 24x384^3 zarr volume (subprocess)
   large      24x512^3 (12.9 GB) end to end (subprocess; only with --only large)
+  tiled      Tiled I/O: upload/read throughput of the volume through a real Tiled server
+             (started in this process), label write, process_scan end to end vs the local zarr
+             (~95 s at 24x128^3, so only with --only tiled)
 
 Examples::
 
@@ -26,6 +29,7 @@ Examples::
     python benchmarks/bench_engine.py                      # default set -> RESULTS.md
     python benchmarks/bench_engine.py --only memory
     python benchmarks/bench_engine.py --only large
+    python benchmarks/bench_engine.py --only tiled --tiled-size 24,128
 
 Progress goes to stderr, tables to stdout.
 """
@@ -58,7 +62,7 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("speed", "fit", "smoothing", "peaks", "quality", "memory", "large")
+SECTIONS = ("speed", "fit", "smoothing", "peaks", "quality", "memory", "large", "tiled")
 DEFAULT_SECTIONS = ("speed", "fit", "smoothing", "peaks", "quality", "memory")
 TITLES = {
     "speed": "1. Speed: XTEC-d end to end",
@@ -68,6 +72,7 @@ TITLES = {
     "quality": "5. Clustering quality against ground truth",
     "memory": "6. Memory: out-of-core run",
     "large": "7. Large volume end to end",
+    "tiled": "8. Tiled I/O and process_scan",
 }
 K = 4
 T0 = time.perf_counter()
@@ -949,6 +954,305 @@ def section_large(ctx: Context) -> str:
     return out_of_core(ctx, ctx.args.large_shape, rss_target=None, time_target=600.0, what="large")
 
 
+# ---------------------------------------------------------------------------------------
+# 8. Tiled I/O and process_scan through a real Tiled server
+# ---------------------------------------------------------------------------------------
+
+
+def fmt_rate(nbytes: float, seconds: float | None) -> str:
+    """Throughput in MB/s (MB = 10^6 bytes)."""
+    if not seconds or not math.isfinite(seconds):
+        return "-"
+    return f"{nbytes / seconds / 1e6:.0f} MB/s"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def n_blocks(chunks) -> int:
+    return math.prod(len(c) for c in chunks)
+
+
+def best_run(n: int, fn, *a, **kw):
+    """(min time, all times, result of the fastest call) of n calls (breakdowns match the time shown)."""
+    runs = [timed(fn, *a, **kw) for _ in range(max(n, 1))]
+    dt, out = min(runs, key=lambda r: r[0])
+    return dt, [r[0] for r in runs], out
+
+
+def chunk_touches(region_chunks, stored_chunks) -> int:
+    """How many stored chunks the server decodes to serve every region of a grid of regions
+    (a stored chunk is decoded whole once for each region that overlaps it)."""
+    total = 1
+    for rc_, sc in zip(region_chunks, stored_chunks):
+        s_edges = np.cumsum((0,) + tuple(sc))
+        r_edges = np.cumsum((0,) + tuple(rc_))
+        total *= sum(int(np.searchsorted(s_edges, b, side="left") - np.searchsorted(s_edges, a, side="right") + 1)
+                     for a, b in zip(r_edges[:-1], r_edges[1:]))
+    return total
+
+
+class RequestCounter:
+    """Counts the HTTP requests a Tiled client sends (an httpx request hook), by method."""
+
+    def __init__(self, client):
+        import collections
+        import threading
+
+        self.counts = collections.Counter()
+        self._lock = threading.Lock()
+        client.context.http_client.event_hooks["request"].append(self._hook)
+
+    def _hook(self, request) -> None:
+        with self._lock:
+            self.counts[request.method] += 1
+
+    def snapshot(self):
+        with self._lock:
+            return dict(self.counts)
+
+    def since(self, before: dict) -> str:
+        now = self.snapshot()
+        diff = {m: now.get(m, 0) - before.get(m, 0) for m in now}
+        parts = [f"{n} {m}" for m, n in sorted(diff.items()) if n]
+        return f"{plural(sum(diff.values()), 'HTTP request')} ({', '.join(parts)})" if parts else "0 HTTP requests"
+
+    def count(self, fn, *a, **kw):
+        """(seconds, result, request summary) of one call."""
+        before = self.snapshot()
+        dt, out = timed(fn, *a, **kw)
+        return dt, out, self.since(before)
+
+
+def section_tiled(ctx: Context) -> str:
+    """Upload, read, label write and process_scan through a Tiled server in this process."""
+    import dask.array as da
+    from sklearn.metrics import adjusted_rand_score
+
+    from xtec_flows.pipeline import ClusterParams, cluster
+
+    args = ctx.args
+    shape = args.tiled_shape
+    rep = args.repeat
+    nbytes = 4 * math.prod(shape)
+    path, arr, temps, t_gen = ctx.zarr_volume(shape, seed=0)
+    zchunks = tuple(arr.chunks)
+
+    log(f"tiled: local reads of the zarr (best of {rep})")
+    t_sum, sum_all, _ = best_of(rep, plain_read, arr)
+    t_loc, loc_all, local = best_of(rep, lambda: da.from_zarr(arr).compute())
+
+    log(f"tiled: local engine cluster(zarr, mode='d', n_components={K}) (best of {rep})")
+    t_eng, eng_all, res_local = best_run(rep, cluster, arr, temps, mode="d", n_components=K)
+    labels_local = res_local.labels[...]
+
+    tests_dir = str(ROOT / "tests")
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    log("tiled: importing tiled (server + client)")
+    t_imp0 = time.perf_counter()
+    import tiled.server.app  # noqa: F401  (the ~3 s import, timed apart from the server start)
+    from tiled_support import TiledTestServer, write_plain_array_node
+
+    from xtec_flows.io import tiled as tiled_io
+    from xtec_flows.process import process_scan
+
+    t_imp = time.perf_counter() - t_imp0
+
+    srv_dir = ctx.workdir / "tiled_server"
+    log(f"tiled: starting a Tiled server in {srv_dir}")
+    srv = TiledTestServer(srv_dir)
+    t_start, _ = timed(srv.start)
+    log(f"  {srv.uri} up in {fmt_t(t_start)}")
+    rows_io, rows_e2e, checks, notes = [], [], [], []
+    try:
+        c = srv.client()
+        rc = RequestCounter(c)
+
+        # -- uploads ----------------------------------------------------------------------
+        layouts = [
+            ("chunked", f"`write_plain_array_node(..., chunks={zchunks})` (client `write_array` of a dask array: "
+                        "one `write_block` per zarr chunk, dask threads)"),
+            ("series", "`xtec_flows.io.tiled.write_series` (the `xtec-flows import` path: one temperature × spatial "
+                       "tile per `write_block`, sequential)"),
+        ]
+        nodes = {}
+        for name, desc in layouts:
+            ups = []
+            for i in range(rep):
+                key = f"scan_{name}_{i}"
+                log(f"tiled: upload {name} -> /{key}")
+                if name == "chunked":
+                    dt, _, nreq = rc.count(write_plain_array_node, c, key, local, temps, chunks=zchunks)
+                else:
+                    dt, _, nreq = rc.count(tiled_io.write_series, c, key, local, temps)
+                ups.append(dt)
+            nodes[name] = f"scan_{name}_0"
+            tchunks = c[nodes[name]].chunks
+            rows_io.append([f"upload: {desc}", fmt_t(min(ups)), fmt_rate(nbytes, min(ups)),
+                            f"{plural(n_blocks(tchunks), 'block')} of {tuple(max(ch) for ch in tchunks)}; {nreq}",
+                            ", ".join(fmt_t(x) for x in ups)])
+        on_disk = sum(f.stat().st_size for f in (srv.data_dir / nodes["chunked"]).rglob("*") if f.is_file())
+
+        # -- reads ------------------------------------------------------------------------
+        rows_io.append(["local: dask `from_zarr(arr).sum()`", fmt_t(t_sum), fmt_rate(nbytes, t_sum),
+                        plural(n_blocks(da.from_zarr(arr).chunks), "zarr chunk"),
+                        ", ".join(fmt_t(x) for x in sum_all)])
+        rows_io.append(["local: dask `from_zarr(arr).compute()` (numpy result, like the Tiled read)", fmt_t(t_loc),
+                        fmt_rate(nbytes, t_loc), "-", ", ".join(fmt_t(x) for x in loc_all)])
+        equal_reads = {}
+        for name, _ in layouts:
+            key = nodes[name]
+            log(f"tiled: open_scan + volume.compute() of /{key} (best of {rep})")
+            t_open, scan, nreq_open = rc.count(tiled_io.open_scan, c, key)
+            before = rc.snapshot()
+            t_rd, rd_all, got = best_of(rep, scan.volume.compute)
+            nreq_rd = rc.since(before) + (f" in {rep} reads" if rep > 1 else "")
+            equal_reads[name] = bool(np.array_equal(got, local))
+            del got
+            vchunks = scan.volume.chunks
+            stored = c[key].chunks
+            touches = chunk_touches(vchunks, stored)
+            rows_io.append([f"Tiled ({name} node): `open_scan(client, key).volume.compute()`", fmt_t(t_rd),
+                            fmt_rate(nbytes, t_rd),
+                            f"{plural(n_blocks(vchunks), 'dask task')} of ≤{tuple(max(ch) for ch in vchunks)}: {nreq_rd}; "
+                            f"the server decodes {plural(touches, 'stored chunk')} per read for {n_blocks(stored)} stored "
+                            f"({fmt_x(touches / n_blocks(stored))} read amplification); "
+                            f"open_scan {fmt_t(t_open)} ({nreq_open}); {fmt_x(t_rd / t_loc)} the local compute",
+                            ", ".join(fmt_t(x) for x in rd_all)])
+            if name == "chunked":
+                # The tiled client asks for compressed responses (accept-encoding gzip, deflate, zstd,
+                # blosc2): the server decodes the zarr chunk and re-encodes it with blosc2 for every
+                # request. Over loopback that costs more than it saves; measure without it.
+                c_id = srv.client()
+                c_id.context.http_client.headers["accept-encoding"] = "identity"
+                scan_id = tiled_io.open_scan(c_id, key)
+                log(f"tiled: the same read with accept-encoding: identity (best of {rep})")
+                t_id, id_all, got = best_of(rep, scan_id.volume.compute)
+                id_equal = bool(np.array_equal(got, local))
+                del got
+                rows_io.append([f"Tiled ({name} node): the same read with `accept-encoding: identity` (diagnostic: "
+                                "the client by default asks for blosc2/zstd/gzip responses, so the server re-compresses "
+                                "every block)", fmt_t(t_id), fmt_rate(nbytes, t_id),
+                                f"{fmt_x(t_id / t_loc)} the local compute; {fmt_x(t_rd / t_id)} faster than the default; "
+                                f"equal to the local zarr: {id_equal}",
+                                ", ".join(fmt_t(x) for x in id_all)])
+            log(f"tiled: client node.read() of /{key} (best of {rep})")
+            node = c[key]
+            t_cr, _, nreq_cr = rc.count(node.read)
+            t_cr2, cr_all, _ = best_of(rep - 1, node.read) if rep > 1 else (t_cr, [], None)
+            cr_all = [t_cr] + (cr_all if rep > 1 else [])
+            t_cr = min(t_cr, t_cr2)
+            rows_io.append([f"Tiled ({name} node): the client's own `c[key].read()` (diagnostic)", fmt_t(t_cr),
+                            fmt_rate(nbytes, t_cr), f"{nreq_cr} per read; {fmt_x(t_cr / t_loc)} the local compute",
+                            ", ".join(fmt_t(x) for x in cr_all)])
+
+        # -- labels -----------------------------------------------------------------------
+        lab_root = c.create_container("bench_labels")
+        lab_bytes = labels_local.size  # int8
+        lab_times, lab_node = [], None
+        for i in range(rep):
+            holder = lab_root.create_container(f"r{i}")
+            log(f"tiled: write_labels_array #{i + 1}")
+            dt, lab_node, nreq_lab = rc.count(tiled_io.write_labels_array, holder, res_local.labels, ["L", "K", "H"])
+            lab_times.append(dt)
+        back = lab_node.read()
+        labels_equal = bool(np.array_equal(back, labels_local.astype(np.int8)))
+        lchunks = lab_node.chunks
+        rows_io.append([f"labels: `write_labels_array` of the engine's int8 labels {'×'.join(map(str, shape[1:]))} "
+                        f"(source zarr chunks {tuple(res_local.labels.chunks)})",
+                        fmt_t(min(lab_times)), fmt_rate(lab_bytes, min(lab_times)),
+                        f"{plural(n_blocks(lchunks), 'block')} of {tuple(max(ch) for ch in lchunks)}: {nreq_lab} "
+                        f"(node creation + blocks); {fmt_bytes(lab_bytes)}",
+                        ", ".join(fmt_t(x) for x in lab_times)])
+
+        # -- process_scan -----------------------------------------------------------------
+        params = ClusterParams(mode="d", n_components=K)
+        e2e, outs = [], []
+        for i in range(rep):
+            log(f"tiled: process_scan(client, /{nodes['chunked']}) #{i + 1} (fresh results root)")
+            dt, o, nreq_e2e = rc.count(process_scan, c, nodes["chunked"], params, root=f"bench_results_{i}")
+            assert not o.reused
+            e2e.append(dt)
+            outs.append(o)
+        best_i = int(np.argmin(e2e))
+        t_e2e, out = e2e[best_i], outs[best_i]
+        md = out.node.metadata
+        tm = md.get("timings", {})
+        engine_part = sum(tm.values())
+        log("tiled: process_scan again (complete result exists)")
+        t_reuse, again, nreq_reuse = rc.count(process_scan, c, nodes["chunked"], params, root=f"bench_results_{rep - 1}")
+        tiled_labels = out.node["labels"].read()
+        same_labels = bool(np.array_equal(tiled_labels, labels_local))
+        ari = float(adjusted_rand_score(labels_local.ravel(), tiled_labels.ravel())) if not same_labels else 1.0
+        log("tiled: open_scan + run() without writing (split of process_scan)")
+        from xtec_flows.pipeline import run as run_pipeline
+
+        t_o2, scan2 = timed(tiled_io.open_scan, c, nodes["chunked"])
+        t_run, res_t = timed(run_pipeline, scan2.volume, scan2.temperatures, params)
+        log("tiled: begin_result + write_result alone (split of process_scan)")
+        split_root = tiled_io.derived_root(c, "bench_split")
+        t_begin, (rnode, _), nreq_begin = rc.count(tiled_io.begin_result, split_root, "split", scan2, params.to_dict())
+        t_write, _, nreq_write = rc.count(tiled_io.write_result, rnode, res_t, scan2)
+        rows_e2e = [
+            [f"local engine `cluster(zarr, mode='d', n_components={K})`", fmt_t(t_eng),
+             ", ".join(f"{k} {fmt_t(v)}" for k, v in res_local.timings.items()), f"{res_local.n_reads}",
+             "1.00×", ", ".join(fmt_t(x) for x in eng_all)],
+            [f"**`process_scan(client, '{nodes['chunked']}', ClusterParams(n_components={K}))`** (read → cluster → write "
+             "result node)", fmt_t(t_e2e),
+             ", ".join(f"{k} {fmt_t(v)}" for k, v in tm.items())
+             + f"; outside the engine (open_scan, result container, `write_result`) {fmt_t(t_e2e - engine_part)}",
+             f"{md.get('input_reads', '?')}", fmt_x(t_e2e / t_eng), ", ".join(fmt_t(x) for x in e2e) + f"; {nreq_e2e} each"],
+            ["split: `open_scan` + `pipeline.run(scan.volume, ...)` (no writes)", fmt_t(t_o2 + t_run),
+             f"open_scan {fmt_t(t_o2)}, " + ", ".join(f"{k} {fmt_t(v)}" for k, v in res_t.timings.items()),
+             f"{res_t.n_reads}", fmt_x((t_o2 + t_run) / t_eng), "1 run"],
+            ["split: `begin_result` (result container, status running) + `write_result` (labels, 7 small arrays, "
+             "2 metadata updates)", fmt_t(t_begin + t_write),
+             f"begin_result {fmt_t(t_begin)} ({nreq_begin}), write_result {fmt_t(t_write)} ({nreq_write})", "0",
+             fmt_x((t_begin + t_write) / t_eng), "1 run"],
+            ["`process_scan` again: complete result found, not recomputed", fmt_t(t_reuse),
+             f"reused={again.reused}; {nreq_reuse}", "0", "-", "1 run"],
+        ]
+        checks = [
+            ["Tiled read (chunked node) equals the local zarr, bit for bit", str(equal_reads["chunked"]),
+             verdict(equal_reads["chunked"])],
+            ["Tiled read (series node) equals the local zarr, bit for bit", str(equal_reads["series"]),
+             verdict(equal_reads["series"])],
+            ["labels written by `write_labels_array` read back equal", str(labels_equal), verdict(labels_equal)],
+            ["`process_scan` labels equal the local engine's labels", f"{same_labels} (ARI {ari:.4f})",
+             verdict(same_labels)],
+        ]
+        notes.append(
+            f"Tiled server start-up {fmt_t(t_start)} (SQLite catalog init in a subprocess + app build; tiled import "
+            f"{fmt_t(t_imp)} before that, not included). The chunked node takes {fmt_bytes(on_disk)} on the server's "
+            f"disk (zarr v3, zstd level 0) for {fmt_bytes(nbytes)} raw."
+        )
+    finally:
+        log("tiled: stopping the server")
+        srv.stop()
+
+    md_out = [
+        f"Volume {shape_str(shape)} float32 ({fmt_bytes(nbytes)} raw), the same `synthetic.write_zarr` output as the "
+        f"local reads (chunks {zchunks}, generation {fmt_t(t_gen)}, not timed). A real Tiled HTTP server "
+        "(`tests/tiled_support.TiledTestServer`: uvicorn on 127.0.0.1 in a **thread of this process**, SQLite "
+        "catalog, zarr storage, memory cache, API key) serves it, so server and client share this process's GIL "
+        "and the machine's CPUs; loopback only, no network. Uploads write the in-memory numpy copy (load not "
+        f"timed); {rep} upload(s) of each layout (fresh nodes), best shown. Reads and the engine: best of {rep}. "
+        "`process_scan` runs into a fresh results root each time (else it would reuse the complete result). "
+        "MB/s = 10⁶ bytes of raw (uncompressed) array per second.",
+        "",
+        table(["step", "time", "throughput", "requests / notes", "all runs"], rows_io),
+        "",
+        table(["run", "time", "breakdown", "input reads", "vs local engine", "all runs"], rows_e2e),
+        "",
+        table(["target", "value", "status"], checks),
+        "",
+        *notes,
+    ]
+    return "\n".join(md_out)
+
+
 SECTION_FUNCS = {
     "speed": section_speed,
     "fit": section_fit,
@@ -957,6 +1261,7 @@ SECTION_FUNCS = {
     "quality": section_quality,
     "memory": section_memory,
     "large": section_large,
+    "tiled": section_tiled,
 }
 
 
@@ -1018,7 +1323,7 @@ def merge_results(path: Path, blocks: dict[str, str]) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Sections: " + ", ".join(SECTIONS) + f". Default: {','.join(DEFAULT_SECTIONS)}.")
-    p.add_argument("--only", default=None, help="comma-separated sections to run (default: %s; 'large' only when named)" % ",".join(DEFAULT_SECTIONS))
+    p.add_argument("--only", default=None, help="comma-separated sections to run (default: %s; 'large' and 'tiled' only when named)" % ",".join(DEFAULT_SECTIONS))
     p.add_argument("--quick", action="store_true", help="small sizes (~2 min smoke run); skips memory; does not write RESULTS.md unless --results is given")
     p.add_argument("--results", default=None, help="markdown file to merge the tables into (default benchmarks/RESULTS.md; none with --quick)")
     p.add_argument("--no-results", action="store_true", help="do not write any results file")
@@ -1033,6 +1338,7 @@ def parse_args(argv=None):
                    help="quality: comma-separated K for every method; targets judged at the first (default 3,4,5)")
     p.add_argument("--memory-size", default="24,384", help="memory section volume (default 24,384)")
     p.add_argument("--large-size", default="24,512", help="large section volume (default 24,512)")
+    p.add_argument("--tiled-size", default=None, help="tiled section volume (default 24,128; quick 24,64)")
     p.add_argument("--smoothing-sizes", default=None, help="local-kernel voxel counts (default 20000,50000; quick 5000)")
     p.add_argument("--smoothing-periodic-sizes", default=None, help="periodic-kernel voxel counts (default 20000; quick 5000)")
     p.add_argument("--fit-tols", default="1e-3,1e-4", help="tolerances for the fit section (default 1e-3,1e-4)")
@@ -1064,6 +1370,7 @@ def parse_args(argv=None):
     args.quality_shape = parse_shape(args.quality_size or "24,64")
     args.memory_shape = parse_shape(args.memory_size)
     args.large_shape = parse_shape(args.large_size)
+    args.tiled_shape = parse_shape(args.tiled_size or ("24,64" if q else "24,128"))
     ints = lambda s: [int(float(x)) for x in s.split(",") if x.strip()]  # noqa: E731
     args.smoothing_sizes = ints(args.smoothing_sizes or ("5000" if q else "20000,50000"))
     args.smoothing_periodic_sizes = ints(args.smoothing_periodic_sizes or ("5000" if q else "20000"))

@@ -286,3 +286,9 @@ def test_bad_nodes_are_refused_before_anything_is_written(tiled_client):
 def test_keys_tiled_cannot_serve_are_refused(tiled_client, key):
     with pytest.raises(ValueError, match="not a node name Tiled can serve back"):
         tiled_io.write_series(tiled_client, key, np.ones((3, 4, 4, 4), np.float32), [1, 2, 3])
+
+
+def test_process_a_run_object(tiled_client, inline_uid):
+    run = tiled_client[inline_uid]
+    out = process_scan(run, params=ClusterParams(n_components=3, n_init=1, random_state=9))
+    assert out.path.startswith("/xtec/") and tiled_client["xtec"][out.key].metadata["source"]["uid"] == inline_uid

@@ -85,9 +85,12 @@ def process_scan(
 
 def _server_root(node):
     """Walk up to the server root from a node the caller passed in."""
-    while getattr(node, "path_parts", None):
-        parent = node.parent if hasattr(node, "parent") else None
+    # path_parts of the root can be [''] rather than []: count only real parts.
+    for _ in range(64):
+        if not [p for p in getattr(node, "path_parts", []) if p]:
+            return node
+        parent = getattr(node, "parent", None)
         if parent is None:
             break
         node = parent
-    return node
+    raise ValueError("could not find the Tiled server root above the given node; pass the root client and a scan uid")

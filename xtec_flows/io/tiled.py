@@ -612,7 +612,10 @@ def write_series(parent, key: str, volume, temperatures, *, sources=(), dims=Non
     dtype = np.dtype(volume.dtype)
     if dims is None:
         dims = ["T", "L", "K", "H"][: len(shape)] if len(shape) == 4 else ["T", "K", "H"]
-    side = max(8, int((MAX_REQUEST_BYTES / dtype.itemsize) ** (1.0 / (len(shape) - 1))))
+    # 64-voxel tiles: readers fetch (T, 64^3)-ish regions, which then touch whole
+    # stored chunks only (a region cutting through big chunks makes the server
+    # decode every chunk it touches, once per region).
+    side = min(64, max(8, int((MAX_REQUEST_BYTES / dtype.itemsize) ** (1.0 / (len(shape) - 1)))))
     spatial = [min(side, s) for s in shape[1:]]
     chunks = ((1,) * shape[0],) + tuple(
         tuple(min(c, s - o) for o in range(0, s, c)) for c, s in zip(spatial, shape[1:])
