@@ -292,3 +292,33 @@ def test_process_a_run_object(tiled_client, inline_uid):
     run = tiled_client[inline_uid]
     out = process_scan(run, params=ClusterParams(n_components=3, n_init=1, random_state=9))
     assert out.path.startswith("/xtec/") and tiled_client["xtec"][out.key].metadata["source"]["uid"] == inline_uid
+
+
+@pytest.mark.parametrize("layout", ["one 4-D dataset", "one entry per temperature"])
+def test_import_nexus_layouts(tiled_server, tmp_path, capsys, layout):
+    import h5py
+
+    from xtec_flows.io import nexus
+
+    vol = scan_volumes(TEMPS, (8, 8, 8), seed=5)
+    path = tmp_path / "series.nxs"
+    if layout == "one 4-D dataset":
+        inputs = [nexus.write_series(path, vol, TEMPS)]
+    else:
+        with h5py.File(path, "w") as f:  # nxrefine style: f0, f1, ... one NXentry per temperature
+            for i, t in enumerate(TEMPS):
+                entry = f.create_group(f"f{i}")
+                entry.attrs["default"] = "data"
+                data = entry.create_group("data")
+                data.attrs["signal"] = "data"
+                data.create_dataset("data", data=vol[i])
+                entry.create_group("sample").create_dataset("temperature", data=t)
+        inputs = [str(path)]
+    key = "imported_" + ("4d" if layout.startswith("one 4") else "entries")
+    rc = cli.main(["import", *inputs, "--tiled-uri", tiled_server.uri, "--api-key", tiled_server.api_key,
+                   "--key", key, "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    scan = tiled_io.open_scan(tiled_server.client(), key)
+    np.testing.assert_array_equal(scan.temperatures, TEMPS)
+    np.testing.assert_array_equal(scan.volume.compute(), vol)

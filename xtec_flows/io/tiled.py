@@ -590,7 +590,8 @@ def fail_result(node, error: BaseException, attempts: int = 3, wait: float = 2.0
         except Exception as exc:  # the original error matters more than this one
             log.warning("could not mark result %s as failed (attempt %d): %s", _node_path(node), attempt + 1,
                         type(exc).__name__)
-            time.sleep(wait)
+            if attempt + 1 < attempts:
+                time.sleep(wait)
     return False
 
 
