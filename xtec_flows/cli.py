@@ -436,9 +436,9 @@ def main(argv=None) -> int:
 
 def _safe_message(exc: BaseException) -> str:
     """The error text with any API key removed (URIs may carry ?api_key=...)."""
-    import re
+    from .io.tiled import redact_secrets
 
-    return re.sub(r"(api_key=)[^&\s'\"]+", r"\1***", str(exc))
+    return redact_secrets(str(exc))
 
 
 def _is_remote_error(exc: BaseException) -> bool:

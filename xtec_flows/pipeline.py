@@ -37,6 +37,7 @@ import numpy as np
 import zarr
 
 from . import validation
+from .chunking import block_regions
 from ._version import __version__
 from .io import zarr_io
 from .numerics import masking, peaks, threshold
@@ -383,15 +384,6 @@ def _label_write(stat, log_cut, label_offset, region, offset, shape, target):
 # ---------------------------------------------------------------------------------------
 
 
-def _block_regions(chunks: tuple):
-    """(block index, offset, slices) for every block of a chunk grid."""
-    starts = [np.cumsum((0,) + c)[:-1] for c in chunks]
-    for idx in np.ndindex(*[len(c) for c in chunks]):
-        offset = tuple(int(starts[a][i]) for a, i in enumerate(idx))
-        region = tuple(slice(o, o + chunks[a][i]) for a, (o, i) in enumerate(zip(offset, idx)))
-        yield idx, offset, region
-
-
 def _compute(*tasks, progress=False):
     with _progress(progress):
         return dask.compute(*tasks)
@@ -483,15 +475,10 @@ def _block_values_in_bins(stat, bins):
 
 
 def _histogram_chunked(stat_d, n_valid, lo, hi, fine_edges, fine_counts):
+    q25 = q75 = lo
     if n_valid >= 2 and hi > lo:
         q25, q75 = _exact_quartiles(stat_d, n_valid, fine_edges, fine_counts)
-        bin_size = threshold.half_freedman_diaconis_width(q25, q75, n_valid)
-        if not bin_size > 0:
-            bin_size = (hi - lo) / max(int(math.sqrt(n_valid)), 1)
-        edges = np.linspace(lo, hi, threshold.n_bins_for(lo, hi, bin_size) + 1)
-    else:
-        bin_size = 1.0
-        edges = np.array([lo, lo + 1.0])
+    edges, bin_size = threshold.histogram_edges(lo, hi, q25, q75, n_valid)
     parts = _compute(*[dask.delayed(_block_hist)(b, edges) for b in stat_d.to_delayed().ravel()])
     return threshold.LogMeanHistogram(
         edges, sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts), float(bin_size)
@@ -533,7 +520,7 @@ def gather_trajectories(
     spatial_shape = shape[1:]
     spatial_chunks = x.chunks[1:]
     regular = tuple(c[0] for c in spatial_chunks)
-    regions = list(_block_regions(spatial_chunks))
+    regions = list(block_regions(spatial_chunks))
     store, tmp = _scratch_store(4 * math.prod(spatial_shape), scratch)
     try:
         t0 = time.perf_counter()
@@ -689,7 +676,7 @@ def _chunked_components(stat_d, store, shape, chunks, log_cut):
     provisional-label scratch array)."""
     prov = zarr_io.scratch_array(store, "provisional_labels", shape, chunks, "int32")
     blocks = stat_d.to_delayed()
-    regions = list(_block_regions(stat_d.chunks))
+    regions = list(block_regions(stat_d.chunks))
     counts = _compute(*[dask.delayed(_label_count)(blocks[idx], log_cut) for idx, _, _ in regions])
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     n_prov = int(sum(counts))
@@ -817,7 +804,7 @@ def write_labels(traj: Trajectories, sample_labels: np.ndarray, store=None, attr
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor() as pool:
-        list(pool.map(write_one, enumerate(_block_regions(traj.spatial_chunks))))
+        list(pool.map(write_one, enumerate(block_regions(traj.spatial_chunks))))
     return arr
 
 

@@ -39,6 +39,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from .._version import __version__
+from ..chunking import block_regions, regular_chunks
+
 log = logging.getLogger(__name__)
 
 RESULT_SPEC = "xtec-clusters"
@@ -66,6 +69,13 @@ def redact_uri(uri: str) -> str:
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with any ``api_key=...`` value masked (error messages may quote URIs)."""
+    import re
+
+    return re.sub(r"(api_key=)[^&\s'\"]+", r"\1***", text)
 
 
 def connect(uri: str, api_key: str | None = None, compress_transfers: bool = False):
@@ -202,12 +212,10 @@ def lazy_array(node, spatial_chunk: int | None = None):
         if tc and tc < s and tc <= spatial_chunk:
             c = tc * max(1, spatial_chunk // tc)  # a whole number of Tiled chunks
         sizes.append(c)
-    chunks = [(shape[0],)] + [tuple(min(c, s - o) for o in range(0, s, c)) for c, s in zip(sizes, shape[1:])]
-    starts = [np.cumsum((0,) + ch)[:-1] for ch in chunks]
+    chunks = regular_chunks(shape, (shape[0], *sizes))
     blocks = np.empty(tuple(len(c) for c in chunks), dtype=object)
-    for idx in np.ndindex(*blocks.shape):
-        region = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(idx))
-        bshape = tuple(chunks[a][i] for a, i in enumerate(idx))
+    for idx, _, region in block_regions(chunks):
+        bshape = tuple(r.stop - r.start for r in region)
         blocks[idx] = da.from_delayed(dask.delayed(_region_reader)(node, region), bshape, dtype=dtype)
     return da.block(blocks.tolist())
 
@@ -393,8 +401,6 @@ def _array_temperatures(vnode, container):
 
 
 def engine_major() -> int:
-    from .._version import __version__
-
     return int(__version__.split(".")[0])
 
 
@@ -413,8 +419,6 @@ def _versions() -> dict:
     import numpy
     import scipy
     import zarr
-
-    from .._version import __version__
 
     out = {"xtec_flows": __version__, "numpy": numpy.__version__, "scipy": scipy.__version__,
            "dask": dask.__version__, "zarr": zarr.__version__}
@@ -512,7 +516,7 @@ def write_labels_array(node, labels, dims: list, key: str = "labels"):
     shape = tuple(int(s) for s in labels.shape)
     zchunks = tuple(getattr(labels, "chunks", None) or shape)
     tchunks = _labels_tiled_chunks(shape, zchunks)
-    chunks = tuple(tuple(min(c, s - o) for o in range(0, s, c)) for c, s in zip(tchunks, shape))
+    chunks = regular_chunks(shape, tchunks)
     structure = ArrayStructure(
         data_type=BuiltinDtype.from_numpy_dtype(np.dtype("int8")), shape=shape, chunks=chunks, dims=list(dims)
     )
@@ -522,9 +526,7 @@ def write_labels_array(node, labels, dims: list, key: str = "labels"):
         key=key,
         metadata={"description": "cluster label per voxel; -1 = not clustered", "fill_value": -1},
     )
-    starts = [np.cumsum((0,) + c)[:-1] for c in chunks]
-    for idx in np.ndindex(*[len(c) for c in chunks]):
-        region = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(idx))
+    for idx, _, region in block_regions(chunks):
         arr.write_block(np.ascontiguousarray(labels[region], dtype=np.int8), block=idx)
     return arr
 
@@ -579,10 +581,9 @@ def fail_result(node, error: BaseException, attempts: int = 3, wait: float = 2.0
     cannot, the result stays 'running' (never 'complete') and a re-run replaces
     it. Returns whether the status was recorded.
     """
-    import re
     import time
 
-    message = re.sub(r"(api_key=)[^&\s'\"]+", r"\1***", f"{type(error).__name__}: {error}")[:2000]
+    message = redact_secrets(f"{type(error).__name__}: {error}")[:2000]
     for attempt in range(attempts):
         try:
             node.update_metadata(metadata={"status": "failed", "failed": _now(), "error": message})
@@ -626,9 +627,7 @@ def write_series(parent, key: str, volume, temperatures, *, sources=(), dims=Non
     # decode every chunk it touches, once per region).
     side = min(64, max(8, int((MAX_REQUEST_BYTES / dtype.itemsize) ** (1.0 / (len(shape) - 1)))))
     spatial = [min(side, s) for s in shape[1:]]
-    chunks = ((1,) * shape[0],) + tuple(
-        tuple(min(c, s - o) for o in range(0, s, c)) for c, s in zip(spatial, shape[1:])
-    )
+    chunks = regular_chunks(shape, (1, *spatial))
     check_key(key, "node key")
     if key in parent:
         if not overwrite:
@@ -636,12 +635,10 @@ def write_series(parent, key: str, volume, temperatures, *, sources=(), dims=Non
         parent[key].delete(recursive=True, external_only=False)
     structure = ArrayStructure(data_type=BuiltinDtype.from_numpy_dtype(dtype), shape=shape, chunks=chunks,
                                dims=list(dims))
-    md = {"temperatures": temps.tolist(), "sources": list(sources), "imported_by": _versions()["xtec_flows"]}
+    md = {"temperatures": temps.tolist(), "sources": list(sources), "imported_by": __version__}
     md.update(metadata or {})
     node = parent.new("array", [DataSource(structure=structure, structure_family="array")], key=key, metadata=md)
-    starts = [np.cumsum((0,) + c)[:-1] for c in chunks]
-    for idx in np.ndindex(*[len(c) for c in chunks]):
-        region = tuple(slice(int(starts[a][i]), int(starts[a][i] + chunks[a][i])) for a, i in enumerate(idx))
+    for idx, _, region in block_regions(chunks):
         block = np.asarray(volume[(idx[0],) + region[1:]], dtype=dtype)[np.newaxis]
         node.write_block(np.ascontiguousarray(block), block=idx)
     return node

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -107,13 +106,6 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
                 "pass --overwrite (overwrite=True) to replace it"
             )
     return p
-
-
-def clear_output_dir(p: Path) -> None:
-    """Remove an earlier result (called only after all computation succeeded)."""
-    if p.exists():
-        shutil.rmtree(p)
-    p.mkdir(parents=True)
 
 
 def create_labels(store, shape: tuple, chunks: tuple, attrs: dict | None = None) -> zarr.Array:

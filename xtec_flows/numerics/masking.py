@@ -1,4 +1,5 @@
-"""Which voxels can be clustered at all: zero masks and non-finite values.
+"""Which voxels can be clustered at all: zero masks (non-finite values are caught by the pipeline
+from the temperature mean, which is NaN or Inf exactly when the trajectory is).
 
 All functions take a block of the volume shaped ``(T, *spatial)`` and return a
 boolean array shaped ``spatial`` that is True for voxels to *keep*.
@@ -33,7 +34,3 @@ def valid_voxels(block: np.ndarray, mask_type: str = "zero-mean") -> np.ndarray:
         return (block > 0).all(axis=0)
     raise ValueError(f"mask_type must be one of {MASK_TYPES}; got {mask_type!r}")
 
-
-def finite_voxels(block: np.ndarray) -> np.ndarray:
-    """True where the trajectory has no NaN or Inf; shape (*spatial)."""
-    return np.isfinite(block).all(axis=0)

@@ -115,18 +115,31 @@ def histogram_of(values: np.ndarray, bin_size: float | None = None) -> LogMeanHi
     values = np.asarray(values, dtype=np.float64).ravel()
     if values.size < 2:
         raise ValueError(f"need at least 2 values to build a histogram; got {values.size}")
+    lo, hi = float(values.min()), float(values.max())
     if bin_size is None:
         r25, r75 = quartile_ranks(values.size)
         # Two order statistics need a selection, not a sort: O(n).
         q = np.partition(values, (r25, r75))
-        bin_size = half_freedman_diaconis_width(q[r25], q[r75], values.size)
-    lo, hi = float(values.min()), float(values.max())
-    if not bin_size > 0:
-        # Degenerate IQR (e.g. a constant background): fall back to sqrt(n) bins.
-        bin_size = (hi - lo) / max(int(math.sqrt(values.size)), 1) or 1.0
-    edges = np.linspace(lo, hi, n_bins_for(lo, hi, bin_size) + 1)
+        edges, bin_size = histogram_edges(lo, hi, q[r25], q[r75], values.size)
+    else:
+        edges = np.linspace(lo, hi, n_bins_for(lo, hi, bin_size) + 1)
     counts, sums, sums_sq = partial_histogram(values, edges)
     return LogMeanHistogram(edges, counts, sums, sums_sq, float(bin_size))
+
+
+def histogram_edges(lo: float, hi: float, q25: float, q75: float, n: int) -> tuple[np.ndarray, float]:
+    """Bin edges over [lo, hi] at half the Freedman-Diaconis width, and that width.
+
+    Shared by the in-memory and the chunked histogram so both bin identically.
+    A degenerate IQR (e.g. a constant background) falls back to sqrt(n) bins;
+    an empty range to one unit-wide bin.
+    """
+    if not hi > lo:
+        return np.array([lo, lo + 1.0]), 1.0
+    bin_size = half_freedman_diaconis_width(q25, q75, n)
+    if not bin_size > 0:
+        bin_size = (hi - lo) / max(int(math.sqrt(n)), 1)
+    return np.linspace(lo, hi, n_bins_for(lo, hi, bin_size) + 1), float(bin_size)
 
 
 def _gaussian(x: np.ndarray, mean: float, std: float) -> np.ndarray:
