@@ -83,8 +83,8 @@ def connect(uri: str, api_key: str | None = None, compress_transfers: bool = Fal
 
     By default responses are requested uncompressed: processing runs next to the
     server (same host or facility network), where the server's per-request
-    re-compression of stored chunks costs more than it saves (measured: a
-    24x128^3 read 1.9-3.6x faster uncompressed on loopback). Over a slow link,
+    re-compression of stored chunks costs more than it saves (a 24x128^3
+    read was 1.9x faster uncompressed on loopback; benchmarks/RESULTS.md, section tiled). Over a slow link,
     pass ``compress_transfers=True``.
     """
     from tiled.client import from_uri
