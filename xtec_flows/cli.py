@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -69,6 +70,16 @@ def _threshold(text: str):
         raise argparse.ArgumentTypeError(
             f"--threshold must be kl, simple, none or a mean intensity (number); got {text!r}"
         )
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"n_components\": 3}}'; {exc}")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object; got {type(value).__name__}")
+    return value
 
 
 def _add_tiled_options(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -151,6 +162,43 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--temperatures", type=_float_list, help="comma-separated temperatures (overrides the files)")
     i.add_argument("--overwrite", action="store_true", help="replace an existing node with this key")
     i.add_argument("--json", action="store_true")
+
+    v = sub.add_parser("serve", help="serve the Prefect deployments and watch Tiled for completed scans "
+                       "(runs until SIGTERM / Ctrl-C)")
+    v.add_argument("--tiled-uri", default=os.environ.get("XTEC_FLOWS_TILED_URI"),
+                   help="Tiled server URI (default: XTEC_FLOWS_TILED_URI); the key comes from TILED_API_KEY")
+    v.add_argument("--raw-path", default=os.environ.get("XTEC_FLOWS_RAW_PATH", "raw"),
+                   help="container of the raw bluesky runs (default raw)")
+    v.add_argument("--root", default=os.environ.get("XTEC_FLOWS_ROOT", "xtec"), help="container for results")
+    v.add_argument("-k", "--n-components", type=int, default=3)
+    v.add_argument("--mode", choices=["d", "s", "peaks"], default="d")
+    v.add_argument("--threshold", type=_threshold, default="kl")
+    v.add_argument("--rescale", choices=["mean", "zscore", "log-mean", "none"], default="mean")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--parameters", type=_json_object, help="full clustering parameters as JSON (overrides the above)")
+    v.add_argument("--plan", action="append", default=[], help="accept only runs of this plan (repeatable)")
+    v.add_argument("--require-start-key", help="accept only runs whose start document has this key (e.g. sample)")
+    v.add_argument("--require-start-value", help="... with this value")
+    v.add_argument("--require-field", action="append", default=[],
+                   help="accept only runs whose primary stream has this data key (repeatable)")
+    v.add_argument("--volume-field", help="name of the volume in the primary stream (detected if unique)")
+    v.add_argument("--temperature-field", help="temperature column (detected if unique)")
+    v.add_argument("--limit", type=int, default=int(os.environ.get("XTEC_FLOWS_LIMIT", "2")),
+                   help="flow runs executing at once (default 2)")
+    v.add_argument("--reprocess-cron", default=os.environ.get("XTEC_FLOWS_REPROCESS_CRON", "0 3 * * *"),
+                   help="cron schedule of reprocessing, UTC ('' for none; default 0 3 * * *)")
+    v.add_argument("--reprocess-which", choices=["outdated", "missing", "all"], default="outdated")
+    v.add_argument("--reprocess-days-back", type=float, default=30.0)
+    v.add_argument("--reconcile-seconds", type=float, default=60.0, help="catch-up period of the watcher")
+    v.add_argument("--lookback-days", type=float, default=7.0, help="catch-up window (days)")
+    v.add_argument("--query-seconds", type=float, default=2.0, help="how often the runner polls Prefect")
+    v.add_argument("--dask-address", default=os.environ.get("XTEC_FLOWS_DASK_ADDRESS"),
+                   help="existing Dask scheduler, e.g. tcp://host:8786 (default: local threads)")
+
+    d = sub.add_parser("demo", help="end to end on this machine: Tiled + Prefect + serve + a simulated scan")
+    d.add_argument("--workdir", default="demo-output", help="directory for the servers' data and the maps")
+    d.add_argument("--shape", type=_int_tuple, default=(24, 64, 64, 64), help="T,L,K,H of the simulated scan")
+    d.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the result")
 
     b = sub.add_parser("bic", help="sweep the number of clusters and report BIC")
     _add_engine_options(b)
@@ -370,6 +418,19 @@ def cmd_bic(args) -> dict:
 
 
 def _human(command: str, doc: dict) -> str:
+    if command == "serve":
+        return "xtec-flows serve: stopped"
+    if command == "demo":
+        lines = [
+            f"scan {doc['scan']} completed at {doc['stop_time']}; result appeared in Tiled "
+            f"{doc['latency']:.1f} s after its stop document",
+            f"result: {doc['result_uri']}",
+            f"K = {doc['n_components']}, counts {doc['counts']} (mode {doc['mode']})",
+            f"maps: {doc['maps']}/qmap.png and {doc['maps']}/trajectories.png",
+            f"read it back:  from tiled.client import from_uri; from_uri(URI, api_key=...)['{doc['root']}']"
+            f"['{doc['key']}']['labels'].read()",
+        ]
+        return "\n".join(lines)
     if command == "cluster" and "key" in doc:
         what = "existing result (not recomputed)" if doc["reused"] else "new result"
         lines = [f"{what} {doc['path']} on {doc['uri']} for scan {doc['scan']}: status {doc['status']}",
@@ -406,12 +467,62 @@ def _human(command: str, doc: dict) -> str:
     return "\n".join(rows)
 
 
+def cmd_serve(args) -> dict:
+    """Serve the deployments and the watcher; returns when stopped."""
+    _quiet_prefect_defaults()
+    if not args.tiled_uri:
+        raise CLIError("give the Tiled server with --tiled-uri or XTEC_FLOWS_TILED_URI")
+    if not os.environ.get("PREFECT_API_URL"):
+        raise CLIError("set PREFECT_API_URL to the Prefect server, e.g. http://127.0.0.1:4200/api "
+                       "(a served deployment needs a real server; see deploy/README.md)")
+    from flows.serve import ServeConfig, serve
+
+    from .watch import ScanRule
+
+    params = args.parameters if args.parameters is not None else {
+        "mode": args.mode, "n_components": args.n_components, "threshold": args.threshold,
+        "rescale": args.rescale, "random_state": args.seed}
+    cfg = ServeConfig(
+        tiled_uri=args.tiled_uri, raw_path=args.raw_path, root=args.root, parameters=params,
+        rule=ScanRule(plan_names=tuple(args.plan), start_key=args.require_start_key,
+                      start_value=args.require_start_value, required_fields=tuple(args.require_field)),
+        limit=args.limit, reprocess_cron=args.reprocess_cron or None, reprocess_which=args.reprocess_which,
+        reprocess_days_back=args.reprocess_days_back, reconcile_seconds=args.reconcile_seconds,
+        lookback_seconds=None if args.lookback_days <= 0 else 86400.0 * args.lookback_days,
+        query_seconds=args.query_seconds, dask_address=args.dask_address,
+        volume_field=args.volume_field, temperature_field=args.temperature_field,
+    )
+    serve(cfg)
+    return {"stopped": True}
+
+
+def cmd_demo(args) -> dict:
+    _quiet_prefect_defaults()
+    from .demo.stack import run_demo
+
+    return run_demo(Path(args.workdir), shape=tuple(args.shape), timeout=args.timeout)
+
+
+def _quiet_prefect_defaults() -> None:
+    """No telemetry, and the library's own log records in the flow-run logs (before prefect is imported)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "xtec_flows")
+    # Library records outside a flow run (the watcher) go to the process log only.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    verbose = args.verbose or args.command in ("serve", "demo")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if args.command == "serve"
+                        else "%(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "httpcore", "numexpr"):  # one line per request is noise at INFO
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     commands = {"synth": cmd_synth, "cluster": cmd_cluster, "bic": cmd_bic, "results": cmd_results,
-                "import": cmd_import}
+                "import": cmd_import, "serve": cmd_serve, "demo": cmd_demo}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import dask
 import dask.array as da
@@ -116,6 +116,26 @@ class ClusterParams:
             object.__setattr__(self, "smoothing", SmoothingKernel())
         if self.mode != "s" and self.smoothing is not None:
             raise ValueError(f"smoothing applies to mode 's' only; got mode {self.mode!r} with smoothing")
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> ClusterParams:
+        """Parameters from JSON-like values (a flow parameter, a result's metadata).
+
+        Unknown names are refused with the list of known ones, so a typo never silently
+        falls back to a default.
+        """
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown clustering parameter(s) {unknown}; known: {sorted(known)}")
+        smoothing = values.get("smoothing")
+        if isinstance(smoothing, dict):
+            kernel = dict(smoothing)
+            if "unit_cell" in kernel:
+                kernel["unit_cell"] = tuple(kernel["unit_cell"])
+            values["smoothing"] = SmoothingKernel(**kernel)
+        return cls(**values)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -883,22 +903,31 @@ def cluster(
 
 def run(
     volume, temperatures, params: ClusterParams, *, chunks=None, labels_store=None, overwrite=False, scratch=None,
-    progress=False,
+    progress=False, on_stage=None,
 ) -> ClusterResult:
-    """:func:`cluster` with a ready :class:`ClusterParams`."""
+    """:func:`cluster` with a ready :class:`ClusterParams`.
+
+    ``on_stage(name, fraction)``, if given, is called as each pass ends ("read", "fit",
+    "labels") with the fraction of the work done so far (0..1); orchestrators use it for
+    progress reports.
+    """
+    report = on_stage or (lambda name, fraction: None)
     zarr_io.check_labels_target(labels_store, overwrite)
     traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress)
+    report("read", 0.6)
     t0 = time.perf_counter()
     X = features(traj, params)
     traj.raw = None  # the raw intensities are not needed any more: free them before the fit
     fit = fit_trajectories(traj, params, X=X)
     del X
     traj.timings["fit"] = time.perf_counter() - t0
+    report("fit", 0.8)
     t0 = time.perf_counter()
     labels = write_labels(
         traj, fit.sample_labels, labels_store, attrs={zarr_io.PRODUCER_KEY: __version__, "params": params.to_dict()}
     )
     traj.timings["labels"] = time.perf_counter() - t0
+    report("labels", 0.85)
     return ClusterResult(
         labels=labels,
         temperatures=traj.temperatures,

@@ -46,6 +46,7 @@ def process_scan(
     temperature_field: str | None = None,
     chunks=None,
     progress: bool = False,
+    on_stage=None,
 ) -> Outcome:
     """Cluster a scan served by Tiled and write the result back under ``root``.
 
@@ -54,6 +55,8 @@ def process_scan(
     source : server URI or tiled client (root), or a run client (then scan=None)
     scan : bluesky uid or node path
     params : clustering parameters (default ClusterParams())
+    on_stage : optional ``callable(name, fraction)`` called after each pass ("read", "fit",
+        "labels", "written"); fraction of the work done, 0..1
 
     Raises
     ------
@@ -62,8 +65,21 @@ def process_scan(
     """
     params = params or ClusterParams()
     client = tiled_io.connect(source, api_key) if isinstance(source, str) else source
-    the_scan = tiled_io.open_scan(client, scan, volume_field=volume_field, temperature_field=temperature_field)
     server_root = client if scan is not None else _server_root(client)
+    try:
+        the_scan = tiled_io.open_scan(client, scan, volume_field=volume_field, temperature_field=temperature_field)
+    except tiled_io.ScanNotReady:
+        raise
+    except (ValueError, TypeError) as exc:
+        # The scan exists but does not fit (fields, shapes, temperatures): record that where
+        # the result would be, so nobody re-submits it, then fail.
+        if isinstance(scan, str) and not tiled_io.is_transient_error(exc):
+            uid = scan.strip("/").split("/")[-1]
+            results_root = tiled_io.derived_root(server_root, root)
+            key = tiled_io.result_key(uid, params.to_dict())
+            tiled_io.reject_scan(results_root, key, {"uid": uid, "path": scan, "kind": "unknown"}, params.to_dict(), exc)
+            log.warning("scan %s rejected: %s", uid, exc)
+        raise
     results_root = tiled_io.derived_root(server_root, root)
     key = tiled_io.result_key(the_scan.uid, params.to_dict())
     node, existing = tiled_io.begin_result(results_root, key, the_scan, params.to_dict())
@@ -74,8 +90,11 @@ def process_scan(
     log.info("scan %s: clustering into %s", the_scan.uid, path)
     t0 = time.perf_counter()
     try:
-        result = run(the_scan.volume, the_scan.temperatures, params, chunks=chunks, progress=progress)
+        result = run(the_scan.volume, the_scan.temperatures, params, chunks=chunks, progress=progress,
+                     on_stage=on_stage)
         tiled_io.write_result(node, result, the_scan)
+        if on_stage is not None:
+            on_stage("written", 1.0)
     except BaseException as exc:
         tiled_io.fail_result(node, exc)
         raise

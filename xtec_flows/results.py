@@ -90,3 +90,27 @@ def summarise(nodes) -> list[dict]:
             "error": md.get("error"),
         })
     return rows
+
+
+def mark_superseded(results_root, new_node) -> list[str]:
+    """Record that ``new_node`` supersedes the scan's other complete results.
+
+    Every other complete result of the same source scan gets ``superseded_by`` (the new key)
+    and the new result gets ``supersedes`` (their keys). Nothing is deleted: older results stay
+    readable, and a plain Tiled query ``Key("superseded_by") ...`` finds what was replaced.
+    Returns the superseded keys.
+    """
+    from tiled.queries import Key
+
+    md = new_node.metadata or {}
+    if md.get("status") != "complete":
+        raise ValueError(f"only a complete result can supersede others; {new_node.path_parts[-1]} is {md.get('status')!r}")
+    new_key = new_node.path_parts[-1]
+    uid = (md.get("source") or {}).get("uid")
+    hits = results_root.search(Key("source.uid") == uid).search(Key("status") == "complete")
+    older = [key for key in hits.keys() if key != new_key]
+    for key in older:
+        results_root[key].update_metadata(metadata={"superseded_by": new_key, "superseded": tiled_io._now()})
+    if older:
+        new_node.update_metadata(metadata={"supersedes": sorted(set(older) | set(md.get("supersedes") or []))})
+    return older

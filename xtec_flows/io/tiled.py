@@ -484,11 +484,40 @@ def begin_result(root_node, key: str, scan: TiledScan, params: dict):
         other = root_node[key]
         if (other.metadata or {}).get("status") == "complete":
             return other, True
-        raise RuntimeError(
+        raise ResultBusy(
             f"result {_node_path(other)} is being computed by another worker (status "
             f"{(other.metadata or {}).get('status')!r}); try again when it has finished"
         ) from exc
     return node, False
+
+
+def reject_scan(root_node, key: str, source: dict, params: dict, error: BaseException):
+    """Record that a scan cannot be clustered with these parameters (bad fields, wrong shape...).
+
+    Creates (or replaces an unfinished) result node with status 'failed' and ``retryable``
+    False, so watchers and schedules do not submit it again and the reason is readable where
+    the result would have been. A complete result is never touched. Returns the node, or None
+    if a complete result exists.
+    """
+    from tiled.structures.core import Spec
+
+    old = find_result(root_node, key)
+    if old is not None:
+        if (old.metadata or {}).get("status") == "complete":
+            return None
+        old.delete(recursive=True, external_only=False)
+    md = {
+        "status": "failed",
+        "created": _now(),
+        "failed": _now(),
+        "retryable": False,
+        "error": redact_secrets(f"{type(error).__name__}: {error}")[:2000],
+        "source": dict(source),
+        "parameters": params,
+        "engine_major": engine_major(),
+        "versions": _versions(),
+    }
+    return root_node.create_container(key, metadata=md, specs=[Spec(RESULT_SPEC, version=RESULT_SPEC_VERSION)])
 
 
 def _labels_tiled_chunks(shape: tuple, zarr_chunks: tuple) -> tuple:
@@ -574,19 +603,46 @@ def write_result(node, result, scan: TiledScan, dims: list | None = None):
     return node
 
 
+def is_transient_error(error: BaseException) -> bool:
+    """Whether trying again later could help: lost connections, timeouts, 5xx, 429, a result
+    another worker is still writing. Bad input (ValueError, TypeError, KeyError, 4xx) would fail
+    the same way again, so it is not transient."""
+    import httpx
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, httpx.HTTPStatusError):
+            code = error.response.status_code
+            return code >= 500 or code in (408, 429)
+        if isinstance(error, (httpx.TransportError, ConnectionError, TimeoutError, ResultBusy)):
+            return True
+        if isinstance(error, (ValueError, TypeError, KeyError, LookupError)):
+            return False
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class ResultBusy(RuntimeError):
+    """The result node is being written by another worker right now."""
+
+
 def fail_result(node, error: BaseException, attempts: int = 3, wait: float = 2.0) -> bool:
     """Mark a result failed with the error (message only, never credentials).
 
-    The server may be what failed, so this tries a few times; if it still
-    cannot, the result stays 'running' (never 'complete') and a re-run replaces
-    it. Returns whether the status was recorded.
+    The metadata records whether the failure was transient (``retryable``): a
+    watcher's catch-up re-submits those, but never a scan whose data or
+    parameters were bad. The server may be what failed, so this tries a few
+    times; if it still cannot, the result stays 'running' (never 'complete') and
+    a re-run replaces it. Returns whether the status was recorded.
     """
     import time
 
     message = redact_secrets(f"{type(error).__name__}: {error}")[:2000]
+    update = {"status": "failed", "failed": _now(), "error": message, "retryable": is_transient_error(error)}
     for attempt in range(attempts):
         try:
-            node.update_metadata(metadata={"status": "failed", "failed": _now(), "error": message})
+            node.update_metadata(metadata=update)
             return True
         except Exception as exc:  # the original error matters more than this one
             log.warning("could not mark result %s as failed (attempt %d): %s", _node_path(node), attempt + 1,

@@ -1,0 +1,10 @@
+"""Prefect flows and deployments for xtec-flows: thin orchestration over the library.
+
+    cluster_scan.py   one scan -> clustering -> result in Tiled, with Prefect artifacts
+    reprocess.py      scheduled selection of scans to re-cluster (cron deployment)
+    submit.py         start a cluster_scan run exactly once per (scan, parameters)
+    serve.py          one process serving both deployments plus the Tiled scan watcher
+
+The numerics, Tiled I/O and the watcher logic live in ``xtec_flows``; nothing here touches
+an array.
+"""

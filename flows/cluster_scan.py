@@ -1,0 +1,198 @@
+"""Flow: cluster one completed temperature scan served by Tiled and write the result back.
+
+Tasks are coarse (seconds to minutes each); the chunk-level work stays inside dask. Tasks
+return small summaries, never arrays, and take no array inputs (NO_CACHE avoids hashing).
+Retries happen only for transient failures (lost connections, timeouts, 5xx); bad input fails
+the run at once, with the reason in the flow-run log and in the result node (status
+'failed', retryable False).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+
+from xtec_flows import results as results_mod
+from xtec_flows.io import tiled as tiled_io
+from xtec_flows.pipeline import ClusterParams
+from xtec_flows.process import process_scan
+
+#: Where the q-map / trajectory PNGs are written (one folder per result key).
+MAPS_DIR_ENV = "XTEC_FLOWS_MAPS_DIR"
+
+log = logging.getLogger(__name__)
+
+
+def maps_dir() -> Path:
+    return Path(os.environ.get(MAPS_DIR_ENV) or Path(tempfile.gettempdir()) / "xtec-flows-maps")
+
+
+def _retry_if_transient(task_obj, task_run, state) -> bool:
+    """Prefect retry condition: only failures that could pass on a second try."""
+    try:
+        state.result()
+    except BaseException as exc:  # the task's own exception
+        return tiled_io.is_transient_error(exc)
+    return False
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys allow only lowercase letters, digits and dashes."""
+    out = "".join(c if c.isalnum() else "-" for c in text.lower())
+    return "-".join(p for p in out.split("-") if p)[:100]
+
+
+@task(name="cluster-and-write", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_retry_if_transient,
+      cache_policy=NO_CACHE)
+def cluster_and_write(tiled_uri: str, scan_path: str, parameters: dict, root: str, volume_field: str | None,
+                      temperature_field: str | None, dask_address: str | None, progress_id=None) -> dict:
+    """Resolve the scan, run the chunked engine, write the result (or reuse a complete one).
+
+    Returns a summary: result key, Tiled path and URI, whether it was reused.
+    """
+    logger = get_run_logger()
+    params = ClusterParams.from_dict(parameters)
+    client = tiled_io.connect(tiled_uri)
+
+    def on_stage(name: str, fraction: float) -> None:
+        logger.info("pass %s done (%.0f%%)", name, 100 * fraction)
+        if progress_id is not None:
+            try:
+                update_progress_artifact(artifact_id=progress_id, progress=100.0 * fraction)
+            except Exception as exc:  # progress is a courtesy; never fail the work for it
+                logger.warning("could not update the progress artifact: %s", type(exc).__name__)
+
+    def run():
+        return process_scan(client, scan_path, params, root=root, volume_field=volume_field,
+                            temperature_field=temperature_field, on_stage=on_stage)
+
+    if dask_address:
+        from distributed import Client
+
+        with Client(dask_address, timeout="30s"):
+            outcome = run()
+    else:
+        outcome = run()
+    base = tiled_io.redact_uri(tiled_uri).rstrip("/")
+    return {
+        "key": outcome.key,
+        "path": outcome.path,
+        "reused": outcome.reused,
+        "uri": f"{base}/api/v1/metadata{outcome.path}",
+        "browse": f"{base}/ui/browse{outcome.path}",
+    }
+
+
+def _png_data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+@task(name="publish-result", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_if_transient,
+      cache_policy=NO_CACHE)
+def publish_result(tiled_uri: str, summary: dict, supersede_older: bool) -> dict:
+    """Artifacts for the result: markdown summary with a link, cluster-count table, maps.
+
+    The q-map and trajectory PNGs go to ``$XTEC_FLOWS_MAPS_DIR/<key>/``; the image artifacts
+    carry them as data URLs so the Prefect UI shows them without a file server.
+    """
+    from xtec_flows import plotting
+
+    client = tiled_io.connect(tiled_uri)
+    node = tiled_io._walk(client, summary["path"])
+    md = dict(node.metadata or {})
+    superseded = []
+    if supersede_older:
+        root_node = node.parent if hasattr(node, "parent") else tiled_io._walk(client, summary["path"].rsplit("/", 1)[0])
+        superseded = results_mod.mark_superseded(root_node, node)
+    loaded = results_mod.load_result(node, lazy=True)
+    k = int(md.get("n_components") or len(loaded.counts))
+    out = maps_dir() / summary["key"]
+    out.mkdir(parents=True, exist_ok=True)
+    source = md.get("source") or {}
+    params = md.get("parameters") or {}
+    plotting.qmap(loaded.labels, out / "qmap.png", k, title=f"XTEC-{params.get('mode')} K={k}: {source.get('uid', '')[:8]}")
+    plotting.trajectories(loaded.temperatures, loaded.means, loaded.variances, loaded.counts, out / "trajectories.png")
+    counts = [int(c) for c in loaded.counts]
+    rows = [{"cluster": i, "voxels": c, "fraction": round(c / max(sum(counts), 1), 4)} for i, c in enumerate(counts)]
+    tag = artifact_key(f"xtec-{source.get('uid', summary['key'])[:12]}")
+    create_table_artifact(key=f"{tag}-counts", table=rows, description=f"cluster counts, {summary['path']}")
+    threshold = md.get("threshold") or {}
+    lines = [
+        f"# XTEC result for scan `{source.get('uid')}`",
+        "",
+        f"- result: [{summary['path']}]({summary['browse']}) (`{summary['uri']}`)",
+        f"- status: **{md.get('status')}**{' (reused, not recomputed)' if summary.get('reused') else ''}",
+        f"- mode {params.get('mode')}, K = {k}, BIC {md.get('bic')}, converged {md.get('converged')}",
+        f"- voxels clustered: {md.get('n_thresholded')} of {md.get('n_valid')} valid"
+        f" (cut log<I> = {threshold.get('log_cutoff')})",
+        f"- maps: `{out / 'qmap.png'}`, `{out / 'trajectories.png'}`",
+    ]
+    if superseded:
+        lines.append(f"- supersedes: {', '.join(f'`{s}`' for s in superseded)}")
+    lines += ["", "| cluster | voxels | fraction |", "|---|---|---|"]
+    lines += [f"| {r['cluster']} | {r['voxels']} | {r['fraction']} |" for r in rows]
+    create_markdown_artifact(key=f"{tag}-summary", markdown="\n".join(lines), description="XTEC clustering result")
+    create_image_artifact(image_url=_png_data_url(out / "qmap.png"), key=f"{tag}-qmap", description="q-map")
+    create_image_artifact(image_url=_png_data_url(out / "trajectories.png"), key=f"{tag}-trajectories",
+                          description="cluster mean trajectories")
+    return {**summary, "counts": counts, "maps": str(out), "superseded": superseded}
+
+
+@flow(name="xtec-cluster-scan", log_prints=False)
+def cluster_scan(
+    tiled_uri: str,
+    scan_uid: str,
+    parameters: dict | None = None,
+    raw_path: str = "raw",
+    root: str = tiled_io.DEFAULT_ROOT,
+    volume_field: str | None = None,
+    temperature_field: str | None = None,
+    dask_address: str | None = None,
+    supersede_older: bool = False,
+) -> dict:
+    """Cluster one completed scan and write the result into Tiled.
+
+    Parameters
+    ----------
+    tiled_uri : Tiled server URI (no key in it: the key comes from TILED_API_KEY)
+    scan_uid : bluesky start uid (a key of ``raw_path``) or a node path starting with '/'
+    parameters : ClusterParams as a dict (defaults for anything left out)
+    raw_path : container of the raw runs
+    root : derived-data root for results
+    dask_address : an existing Dask scheduler ("tcp://host:8786"); default local threads
+    supersede_older : mark the scan's other complete results as superseded by this one
+
+    Returns a summary: key, path, uri, counts, maps folder, reused.
+    """
+    logger = get_run_logger()
+    # Validate the parameters before anything is read or written (a bad value fails the run
+    # here, without retries).
+    params = ClusterParams.from_dict(parameters)
+    tiled_io.check_key(scan_uid.strip("/").split("/")[-1], "scan uid")
+    if "api_key=" in tiled_uri:
+        raise ValueError("tiled_uri must not carry an API key (it would be stored with the flow run); "
+                         "set TILED_API_KEY in the serving process's environment instead")
+    scan_path = scan_uid if scan_uid.startswith("/") else f"{raw_path.strip('/')}/{scan_uid}"
+    progress_id = create_progress_artifact(progress=0.0, key=artifact_key(f"xtec-progress-{scan_uid[:12]}"),
+                                           description=f"XTEC clustering of {scan_path}")
+    summary = cluster_and_write(tiled_uri, scan_path, params.to_dict(), root, volume_field, temperature_field,
+                                dask_address, progress_id)
+    update_progress_artifact(artifact_id=progress_id, progress=100.0)
+    published = publish_result(tiled_uri, summary, supersede_older)
+    logger.info("result %s %s: counts %s; maps in %s", published["path"],
+                "reused" if published["reused"] else "written", published["counts"], published["maps"])
+    return published

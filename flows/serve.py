@@ -1,0 +1,144 @@
+"""One process for a beamline host: both deployments served, plus the Tiled scan watcher.
+
+``xtec-flows serve`` calls :func:`serve`. The process
+
+* registers and serves ``xtec-cluster-scan/post-scan`` (started per completed scan) and
+  ``xtec-reprocess/scheduled`` (cron), running at most ``limit`` flow runs at a time, each in
+  its own subprocess;
+* runs a :class:`xtec_flows.watch.ScanWatcher` on the raw-runs container that submits each
+  completed scan once (Prefect idempotency keys), catching up at start-up, after a lost
+  subscription and periodically.
+
+The Tiled API key reaches the flow runs only through the environment (TILED_API_KEY), never
+through flow parameters, so it is not stored in Prefect.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from xtec_flows import watch
+from xtec_flows.io import tiled as tiled_io
+from xtec_flows.pipeline import ClusterParams
+
+from .submit import Submitter
+
+log = logging.getLogger(__name__)
+
+POST_SCAN = "post-scan"
+SCHEDULED = "scheduled"
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``xtec-flows serve`` needs (CLI options / environment).
+
+    tiled_uri : Tiled server (the key comes from TILED_API_KEY)
+    raw_path : container the beamline's TiledWriter writes runs into
+    root : derived-data root for results
+    parameters : ClusterParams dict used for automatic processing
+    rule : which completed runs to cluster
+    limit : flow runs executing at once in this process (post-scan and reprocessing together)
+    reprocess_cron : cron schedule of the reprocessing deployment (None: no schedule)
+    reprocess_which : "outdated", "missing" or "all"
+    reprocess_days_back : the reprocessing window (None: every scan)
+    reconcile_seconds : watcher catch-up period; lookback_seconds: its window
+    query_seconds : how often the runner polls Prefect for scheduled runs
+    dask_address : existing Dask scheduler for the clustering (None: local threads)
+    """
+
+    tiled_uri: str
+    raw_path: str = "raw"
+    root: str = tiled_io.DEFAULT_ROOT
+    parameters: dict = field(default_factory=lambda: ClusterParams(n_components=3).to_dict())
+    rule: watch.ScanRule = field(default_factory=watch.ScanRule)
+    limit: int = 2
+    reprocess_cron: str | None = "0 3 * * *"
+    reprocess_which: str = "outdated"
+    reprocess_days_back: float | None = 30.0
+    reconcile_seconds: float = 60.0
+    lookback_seconds: float | None = 7 * 86400.0
+    query_seconds: float = 2.0
+    dask_address: str | None = None
+    volume_field: str | None = None
+    temperature_field: str | None = None
+
+    def __post_init__(self):
+        if "api_key=" in self.tiled_uri:
+            raise ValueError("the Tiled URI must not carry an API key (it would end up in flow parameters); "
+                             "set TILED_API_KEY instead")
+        self.parameters = ClusterParams.from_dict(self.parameters).to_dict()
+        if self.limit < 1:
+            raise ValueError(f"limit (concurrent flow runs) must be >= 1; got {self.limit}")
+        if self.reprocess_which not in ("outdated", "missing", "all"):
+            raise ValueError(f"reprocess_which must be 'outdated', 'missing' or 'all'; got {self.reprocess_which!r}")
+
+    def flow_parameters(self) -> dict:
+        return {"tiled_uri": self.tiled_uri, "raw_path": self.raw_path, "root": self.root,
+                "volume_field": self.volume_field, "temperature_field": self.temperature_field,
+                "dask_address": self.dask_address}
+
+
+def build_deployments(cfg: ServeConfig) -> list:
+    """The two RunnerDeployments this process serves."""
+    from .cluster_scan import cluster_scan
+    from .reprocess import reprocess
+
+    post = cluster_scan.to_deployment(
+        name=POST_SCAN,
+        parameters={**cfg.flow_parameters(), "parameters": cfg.parameters},
+        tags=["xtec", "post-scan"],
+        description="Cluster one completed temperature scan (started by the xtec-flows watcher).",
+    )
+    kw = {"cron": cfg.reprocess_cron} if cfg.reprocess_cron else {}
+    scheduled = reprocess.to_deployment(
+        name=SCHEDULED,
+        parameters={"tiled_uri": cfg.tiled_uri, "parameters": cfg.parameters, "raw_path": cfg.raw_path,
+                    "root": cfg.root, "which": cfg.reprocess_which, "days_back": cfg.reprocess_days_back,
+                    "dask_address": cfg.dask_address,
+                    "deployment": f"{cluster_scan.name}/{POST_SCAN}"},
+        tags=["xtec", "reprocess"],
+        description="Re-cluster scans whose results were made with other parameters or engine versions.",
+        **kw,
+    )
+    return [post, scheduled]
+
+
+def make_watcher(cfg: ServeConfig, client=None) -> watch.ScanWatcher:
+    """The watcher for ``cfg`` (raises a clear error when the raw container does not exist)."""
+    from .cluster_scan import cluster_scan
+
+    client = client if client is not None else tiled_io.connect(cfg.tiled_uri)
+    try:
+        raw = tiled_io._walk(client, cfg.raw_path)
+    except KeyError:
+        raise ValueError(f"the Tiled server {tiled_io.redact_uri(cfg.tiled_uri)} has no container {cfg.raw_path!r} "
+                         "for raw runs; point --raw-path at the container your TiledWriter writes into") from None
+    results_root = tiled_io.derived_root(client, cfg.root)
+    submit = Submitter(deployment=f"{cluster_scan.name}/{POST_SCAN}", parameters=cfg.parameters,
+                       flow_parameters=cfg.flow_parameters())
+    return watch.ScanWatcher(raw, results_root, cfg.parameters, submit, rule=cfg.rule,
+                             reconcile_seconds=cfg.reconcile_seconds, lookback_seconds=cfg.lookback_seconds)
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Serve both deployments and watch for completed scans until SIGTERM / Ctrl-C."""
+    import prefect
+
+    deployments = build_deployments(cfg)
+    watcher = make_watcher(cfg)
+    # Register the deployments before the watcher submits anything to them.
+    for d in deployments:
+        d.apply()
+    thread = threading.Thread(target=watcher.run, name="xtec-scan-watcher", daemon=True)
+    thread.start()
+    log.info("serving %s with at most %d concurrent run(s); watching %s/%s", [d.name for d in deployments],
+             cfg.limit, tiled_io.redact_uri(cfg.tiled_uri), cfg.raw_path)
+    try:
+        prefect.serve(*deployments, limit=cfg.limit, pause_on_shutdown=False, print_starting_message=False,
+                      query_seconds=cfg.query_seconds)
+    finally:
+        watcher.stop()
+        thread.join(timeout=10)
