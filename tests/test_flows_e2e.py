@@ -1,0 +1,233 @@
+"""End to end through the real stack: RunEngine + TiledWriter -> Tiled -> watcher -> Prefect
+deployment run -> result in Tiled, and every fault the post-scan service must survive.
+
+One stack per module (Tiled, Prefect server and ``xtec-flows serve`` as subprocesses); the
+tests run in order on one xdist worker and each uses its own scans.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from flow_support import (
+    TERMINAL,
+    max_overlap,
+    parse_time,
+    result_status,
+    runs_for_scan,
+    start_stack,
+    wait_until,
+)
+from tiled_support import run_temperature_scan, scan_volumes
+
+from xtec_flows import cluster
+from xtec_flows.io import tiled as tiled_io
+
+pytestmark = [pytest.mark.xdist_group("flows"), pytest.mark.slow]
+
+TEMPS = np.linspace(20.0, 300.0, 12)
+SHAPE = (16, 16, 16)
+BIG = (64, 64, 64)  # long enough (a few seconds) to interrupt mid-run
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = start_stack(tmp_path_factory.mktemp("flows"))
+    yield s
+    s.stop()
+
+
+def _scan(stack, seed, temps=TEMPS, shape=SHAPE, **kw):
+    return run_temperature_scan(stack.client()["raw"], temps, spatial_shape=shape, seed=seed, **kw)
+
+
+def _finished_runs(stack, uid, n=1, timeout=120):
+    """Wait until scan ``uid`` has n flow runs, all finished; return them."""
+    def done():
+        runs = runs_for_scan(stack.prefect.api_url, uid)
+        return runs if len(runs) >= n and all(r["state_type"] in TERMINAL for r in runs) else None
+
+    return wait_until(done, timeout, what=f"{n} finished flow run(s) for {uid}")
+
+
+def _wait_complete(stack, uid, timeout=120):
+    client = stack.client()
+    wait_until(lambda: result_status(client, uid) == "complete", timeout, what=f"complete result for {uid}")
+
+
+def _artifacts(api_url, flow_run_id):
+    with httpx.Client(trust_env=False, timeout=10) as http:
+        return http.post(f"{api_url}/artifacts/filter",
+                         json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).json()
+
+
+def test_one_scan_gives_one_flow_run_and_a_result_readable_elsewhere(stack, tmp_path):
+    uid = _scan(stack, seed=1)
+    _wait_complete(stack, uid, timeout=90)
+    runs = _finished_runs(stack, uid)
+    assert [r["state_type"] for r in runs] == ["COMPLETED"]
+    assert runs[0]["parameters"]["scan_uid"] == uid
+    assert "api_key" not in json.dumps(runs[0]["parameters"]).lower()
+
+    kinds = {a["type"] for a in _artifacts(stack.prefect.api_url, runs[0]["id"])}
+    assert {"progress", "markdown", "table", "image"} <= kinds
+    progress = [a for a in _artifacts(stack.prefect.api_url, runs[0]["id"]) if a["type"] == "progress"]
+    assert progress and progress[0]["data"] == 100.0
+
+    # A plain tiled client in another process reads the labels back.
+    code = (
+        "import json, sys, numpy as np\n"
+        "from tiled.client import from_uri\n"
+        "from tiled.queries import Key\n"
+        f"c = from_uri({stack.tiled.uri!r}, api_key={stack.api_key!r})\n"
+        f"hits = c['xtec'].search(Key('source.uid') == {uid!r}).search(Key('status') == 'complete')\n"
+        "node = hits.values().first()\n"
+        "np.save(sys.argv[1], node['labels'].read())\n"
+        "print(json.dumps(node.metadata['counts']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "labels.npy")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    labels = np.load(tmp_path / "labels.npy")
+    # Same labels as the engine run in memory on the same volume with the same parameters.
+    expected = cluster(scan_volumes(TEMPS, SHAPE, seed=1), TEMPS, n_components=3)
+    np.testing.assert_array_equal(labels, np.asarray(expected.labels))
+    assert json.loads(out.stdout) == [int(c) for c in expected.counts]
+
+
+def test_aborted_scan_is_skipped_and_logged(stack):
+    uid = _scan(stack, seed=2, fail_at=4)
+    assert stack.client()["raw"][uid].metadata["stop"]["exit_status"] == "fail"
+    # Event + at least two catch-up periods (4 s each).
+    time.sleep(10)
+    assert runs_for_scan(stack.prefect.api_url, uid) == []
+    assert result_status(stack.client(), uid) is None
+    assert f"scan {uid} ended with exit_status 'fail'" in stack.serve.log_path.read_text()
+
+
+def test_misfit_scan_fails_once_with_a_clear_message_and_no_retry_storm(stack):
+    temps = TEMPS.copy()
+    temps[5] = temps[4]  # two volumes at one temperature: not a temperature series
+    uid = _scan(stack, seed=3, temps=temps)
+    runs = _finished_runs(stack, uid)
+    assert [r["state_type"] for r in runs] == ["FAILED"]
+    node = tiled_io._walk(stack.client(), "xtec")[tiled_io.result_key(uid, _serve_params())]
+    md = node.metadata
+    assert md["status"] == "failed" and md["retryable"] is False
+    assert "duplicates" in md["error"] and "distinct temperature" in md["error"]
+    # The task was not retried (bad input) ...
+    with httpx.Client(trust_env=False, timeout=10) as http:
+        tasks = http.post(f"{stack.prefect.api_url}/task_runs/filter",
+                          json={"flow_runs": {"id": {"any_": [runs[0]["id"]]}}}).json()
+    cluster_tasks = [t for t in tasks if t["name"].startswith("cluster-and-write")]
+    assert len(cluster_tasks) == 1 and cluster_tasks[0]["run_count"] == 1
+    # ... and catch-up does not submit it again.
+    time.sleep(10)
+    assert len(runs_for_scan(stack.prefect.api_url, uid)) == 1
+
+
+def _serve_params():
+    from xtec_flows.pipeline import ClusterParams
+
+    return ClusterParams(n_components=3).to_dict()
+
+
+def test_ten_scans_back_to_back_each_processed_once_within_the_limit(stack):
+    uids = [_scan(stack, seed=100 + i) for i in range(10)]
+    for uid in uids:
+        _wait_complete(stack, uid, timeout=300)
+    intervals = []
+    for uid in uids:
+        runs = _finished_runs(stack, uid)
+        assert [r["state_type"] for r in runs] == ["COMPLETED"], uid
+        intervals.append((parse_time(runs[0]["start_time"]), parse_time(runs[0]["end_time"])))
+    assert max_overlap(intervals) <= 2  # serve --limit 2, measured from Prefect's records
+    keys = list(tiled_io._walk(stack.client(), "xtec"))
+    assert len(keys) == len(set(keys))
+    assert sum(1 for k in keys if k in {tiled_io.result_key(u, _serve_params()) for u in uids}) == 10
+
+
+def _flow_processes(serve):
+    return psutil.Process(serve.pid).children(recursive=True)
+
+
+def test_flow_process_killed_mid_run_leaves_nothing_complete_and_catch_up_finishes(stack):
+    client = stack.client()
+    uid = _scan(stack, seed=7, shape=BIG)
+    wait_until(lambda: result_status(client, uid) == "running", 60, interval=0.05, what="result running")
+    victims = _flow_processes(stack.serve)
+    assert victims, "no flow-run process found under the serve process"
+    for p in victims:
+        p.kill()
+    assert result_status(client, uid) != "complete"
+    _wait_complete(stack, uid, timeout=180)
+    runs = _finished_runs(stack, uid, n=2)
+    # The killed attempt crashed; one new attempt (a new idempotency key) completed.
+    assert sorted(r["state_type"] for r in runs) == ["COMPLETED", "CRASHED"]
+    expected = cluster(scan_volumes(TEMPS, BIG, seed=7), TEMPS, n_components=3)
+    labels = tiled_io._walk(client, "xtec")[tiled_io.result_key(uid, _serve_params())]["labels"].read()
+    np.testing.assert_array_equal(labels, np.asarray(expected.labels))
+
+
+def test_tiled_restart_during_a_flow_ends_complete(stack):
+    client = stack.client()
+    uid = _scan(stack, seed=8, shape=BIG)
+    wait_until(lambda: result_status(client, uid) == "running", 60, interval=0.05, what="result running")
+    stack.tiled.kill()
+    time.sleep(2)
+    stack.tiled.start()
+    _wait_complete(stack, uid, timeout=180)
+    runs = _finished_runs(stack, uid)
+    assert runs[-1]["state_type"] == "COMPLETED"
+    assert sum(r["state_type"] == "COMPLETED" for r in runs) == 1
+
+
+def test_prefect_server_down_loses_no_scan(stack):
+    stack.prefect.stop()
+    try:
+        uids = [_scan(stack, seed=20 + i) for i in range(2)]
+        time.sleep(8)  # the watcher tries, fails and keeps them
+    finally:
+        stack.prefect.start()
+    for uid in uids:
+        _wait_complete(stack, uid, timeout=240)
+        runs = _finished_runs(stack, uid)
+        assert [r["state_type"] for r in runs] == ["COMPLETED"]
+
+
+def test_scheduled_reprocessing_supersedes_older_results(stack):
+    client = stack.client()
+    params4 = {**_serve_params(), "n_components": 4}
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        dep = http.get(f"{stack.prefect.api_url}/deployments/name/xtec-reprocess/scheduled").json()
+        run = http.post(f"{stack.prefect.api_url}/deployments/{dep['id']}/create_flow_run",
+                        json={"parameters": {"parameters": params4, "max_scans": 2, "which": "outdated"}}).json()
+
+    def reprocess_done():
+        with httpx.Client(trust_env=False, timeout=10) as http:
+            r = http.get(f"{stack.prefect.api_url}/flow_runs/{run['id']}").json()
+        return r if r["state_type"] in TERMINAL else None
+
+    assert wait_until(reprocess_done, 120)["state_type"] == "COMPLETED"
+    xtec = tiled_io._walk(client, "xtec")
+    new = wait_until(lambda: [n for n in xtec.values() if (n.metadata or {}).get("parameters", {}).get("n_components") == 4
+                              and n.metadata.get("status") == "complete" and n.metadata.get("supersedes")]
+                     if len([n for n in xtec.values() if (n.metadata or {}).get("supersedes")]) >= 2 else None,
+                     240, what="two reprocessed results with supersedes")
+    for node in new:
+        for old_key in node.metadata["supersedes"]:
+            old = xtec[old_key]
+            assert old.metadata["superseded_by"] == node.path_parts[-1]
+            assert old.metadata["status"] == "complete"  # kept, not deleted
+    # Idempotent: running it again submits nothing for the scans already done.
+    from xtec_flows import watch
+
+    again = watch.select_for_reprocessing(client["raw"], xtec, params4, which="all")
+    assert not {n.metadata["source"]["uid"] for n in new} & set(again)
