@@ -1,12 +1,15 @@
 # Two commands do everything on a fresh machine:
-#   make demo   - create the venv, generate a synthetic temperature series, cluster it
+#   make demo   - create the venv; start Tiled + Prefect + `xtec-flows serve` on 127.0.0.1, run a
+#                 simulated bluesky temperature scan and watch its clustering result appear in Tiled;
+#                 stop everything again
 #   make test   - create the venv, run the test suite
+# Also: make demo-engine (the engine alone on a synthetic zarr file: BIC sweep, modes d/s/peaks)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo demo-engine test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +18,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/xtec-flows demo --workdir demo-output
+
+demo-engine: $(STAMP)
 	$(BIN)/xtec-flows synth demo-output/volume.zarr --shape 24,64,64,64 --seed 0 --overwrite
 	$(BIN)/xtec-flows bic demo-output/volume.zarr --k 2..8 -o demo-output/bic --overwrite --quiet
 	$(BIN)/xtec-flows cluster demo-output/volume.zarr -o demo-output/d --mode d -k 3 --seed 0 --overwrite
@@ -27,6 +33,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_engine.py
+	$(BIN)/python benchmarks/bench_flows.py
 
 clean:
 	rm -rf demo-output .pytest_cache
