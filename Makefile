@@ -29,7 +29,7 @@ demo-engine: $(STAMP)
 	@echo "demo results in demo-output/{d,s,peaks}: labels.zarr result.json qmap.png trajectories.png; BIC sweep in demo-output/bic"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q --dist loadgroup
+	$(BIN)/python -m pytest -n 2 -q --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_engine.py

@@ -39,6 +39,7 @@ class Submitter:
     flow_parameters: dict = field(default_factory=dict)
     max_attempts: int = 3
     tags: tuple = ("xtec",)
+    _given_up: set = field(default_factory=set, repr=False)
 
     def existing_runs(self, base: str) -> list:
         """Flow runs created for this (scan, parameters), oldest attempt first."""
@@ -71,8 +72,10 @@ class Submitter:
                 return None
         attempt = len(runs)
         if attempt >= self.max_attempts:
-            log.error("scan %s: %d flow runs ended without a result; giving up (see the flow runs' logs)",
-                      scan_uid, attempt)
+            if base not in self._given_up:  # say it once, not at every catch-up
+                self._given_up.add(base)
+                log.error("scan %s: %d flow runs ended without a result; giving up (see the flow runs' logs)",
+                          scan_uid, attempt)
             return None
         parameters = {**self.flow_parameters, "scan_uid": scan_uid, "parameters": self.parameters}
         if supersede_older:

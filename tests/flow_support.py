@@ -2,9 +2,9 @@
 ``xtec-flows serve`` process, all subprocesses on 127.0.0.1, plus helpers that read Prefect's
 REST API (so the test process never imports Prefect's settings machinery).
 
-The stack is expensive (~25 s to start on 2 cores): test modules share one per module, and
-their tests carry ``pytest.mark.xdist_group("flows")`` so pytest-xdist (``--dist loadgroup``)
-keeps them on one worker.
+The stack is expensive (~25 s to start on 2 cores): a test module shares one, and ``make test``
+runs pytest-xdist with ``--dist loadfile`` so a module's tests stay on one worker (``loadgroup``
+did not keep groups together with pytest 9 + xdist 3.8 here).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-pytestmark = [pytest.mark.xdist_group("demo"), pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
 XTEC_FLOWS = str(Path(sys.executable).parent / "xtec-flows")
 

@@ -30,7 +30,7 @@ from tiled_support import run_temperature_scan, scan_volumes
 from xtec_flows import cluster
 from xtec_flows.io import tiled as tiled_io
 
-pytestmark = [pytest.mark.xdist_group("flows"), pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
 TEMPS = np.linspace(20.0, 300.0, 12)
 SHAPE = (16, 16, 16)

@@ -1,0 +1,146 @@
+"""Latency and throughput of automatic post-scan processing on the embedded default stack.
+
+Starts Tiled (SQLite + zarr + memory streaming cache), a Prefect server (SQLite) and
+``xtec-flows serve`` on 127.0.0.1, then
+
+* latency: one 24x64^3 scan at a time (RunEngine + TiledWriter); time from the run's stop
+  document to its result's ``completed`` stamp in Tiled, and the phases in between (flow-run
+  creation, start, end) read from Prefect's API;
+* burst: N scans back to back; throughput (scans/min), p50/p95 latency and the peak number of
+  concurrent flow runs (from Prefect's start/end times);
+* baseline: the same scan clustered in one process with the engine alone, and with the `xtec`
+  reference (XTEC-d at the same K) on the same data, so the orchestration overhead is visible.
+
+    python benchmarks/bench_flows.py [--repeats 3] [--burst 10] [--limit 2] [--shape 24,64,64,64]
+
+Prints markdown tables; the numbers in RESULTS.md came from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from flow_support import max_overlap, parse_time, runs_for_scan, start_stack  # noqa: E402
+
+from xtec_flows.demo.beamline import run_temperature_scan, scan_volumes  # noqa: E402
+from xtec_flows.demo.stack import wait_for_result  # noqa: E402
+
+
+def _percentile(values, q):
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if values else float("nan")
+
+
+def _flow_run(api_url, uid, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = [r for r in runs_for_scan(api_url, uid) if r["state_type"] == "COMPLETED"]
+        if runs:
+            return runs[0]
+        time.sleep(0.3)
+    raise TimeoutError(uid)
+
+
+def one_scan(stack, temps, shape, seed):
+    client = stack.client()
+    uid = run_temperature_scan(client["raw"], temps, spatial_shape=shape, seed=seed)
+    stop_t = float(client["raw"][uid].metadata["stop"]["time"])
+    node = wait_for_result(client, uid, 600, poll=0.1)
+    done_t = parse_time(node.metadata["completed"])
+    run = _flow_run(stack.prefect.api_url, uid)
+    return {
+        "uid": uid,
+        "stop_to_complete": done_t - stop_t,
+        "stop_to_run_created": parse_time(run["created"]) - stop_t,
+        "created_to_start": parse_time(run["start_time"]) - parse_time(run["created"]),
+        "run_seconds": parse_time(run["end_time"]) - parse_time(run["start_time"]),
+        "interval": (parse_time(run["start_time"]), parse_time(run["end_time"])),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--burst", type=int, default=10)
+    ap.add_argument("--limit", type=int, default=2)
+    ap.add_argument("--shape", default="24,64,64,64")
+    ap.add_argument("--no-reference", action="store_true", help="skip the xtec reference baseline")
+    args = ap.parse_args(argv)
+    shape = tuple(int(v) for v in args.shape.split(","))
+    temps = np.linspace(20.0, 300.0, shape[0])
+    with tempfile.TemporaryDirectory(prefix="xtec-bench-flows-") as tmp:
+        t0 = time.perf_counter()
+        stack = start_stack(Path(tmp), serve_args=["--limit", str(args.limit), "--reconcile-seconds", "30"])
+        startup = time.perf_counter() - t0
+        try:
+            lat = [one_scan(stack, temps, shape[1:], seed=i) for i in range(args.repeats)]
+            t_burst = time.time()
+            uids = [run_temperature_scan(stack.client()["raw"], temps, spatial_shape=shape[1:], seed=100 + i)
+                    for i in range(args.burst)]
+            client = stack.client()
+            done = {}
+            for uid in uids:
+                node = wait_for_result(client, uid, 900, poll=0.2)
+                stop_t = float(client["raw"][uid].metadata["stop"]["time"])
+                done[uid] = (stop_t, parse_time(node.metadata["completed"]))
+            t_end = max(c for _, c in done.values())
+            runs = [_flow_run(stack.prefect.api_url, u) for u in uids]
+            all_runs = [r for u in uids for r in runs_for_scan(stack.prefect.api_url, u)]
+        finally:
+            stack.stop()
+
+    from xtec_flows import cluster
+
+    vol = scan_volumes(temps, shape[1:], seed=0)
+    t0 = time.perf_counter()
+    cluster(vol, temps, n_components=3)
+    engine_s = time.perf_counter() - t0
+    ref_s = None
+    if not args.no_reference:
+        ref_s = _reference_seconds(vol, temps)
+
+    print(f"## Post-scan latency, {'x'.join(map(str, shape))} float32 scan, embedded default "
+          f"(stack start-up {startup:.1f} s)\n")
+    print("| run | stop -> run created (s) | created -> started (s) | flow run (s) | stop -> complete in Tiled (s) |")
+    print("|---|---|---|---|---|")
+    for i, r in enumerate(lat):
+        print(f"| {i + 1} | {r['stop_to_run_created']:.2f} | {r['created_to_start']:.2f} | {r['run_seconds']:.2f} | "
+              f"{r['stop_to_complete']:.2f} |")
+    med = statistics.median(r["stop_to_complete"] for r in lat)
+    print(f"\nmedian stop -> complete: **{med:.1f} s** (goal <= 15 s)\n")
+    lats = [c - s for s, c in done.values()]
+    span = t_end - t_burst
+    print(f"## Burst of {args.burst} scans, serve --limit {args.limit}\n")
+    print("| scans | flow runs | wall (s) | throughput (scans/min) | p50 latency (s) | p95 latency (s) | peak concurrent runs |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {args.burst} | {len(all_runs)} | {span:.1f} | {60 * args.burst / span:.1f} | {_percentile(lats, 50):.1f} | "
+          f"{_percentile(lats, 95):.1f} | {max_overlap([(parse_time(r['start_time']), parse_time(r['end_time'])) for r in runs])} |")
+    print("\n## Same scan, one process, no orchestration\n")
+    print("| engine | seconds |")
+    print("|---|---|")
+    print(f"| xtec-flows cluster() (XTEC-d, K=3) | {engine_s:.2f} |")
+    if ref_s is not None:
+        print(f"| xtec reference (XTEC-d, K=3) | {ref_s:.2f} |")
+    return 0
+
+
+def _reference_seconds(vol, temps) -> float | None:
+    """The `xtec` reference on the same data (the engine benchmark's reference pipeline)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_engine import run_reference_pipeline
+
+    timings, _, _ = run_reference_pipeline(np.asarray(vol), 3, seed=0)
+    return timings["total"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
