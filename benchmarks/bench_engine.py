@@ -1293,6 +1293,11 @@ def target_rows(block: str) -> list[str]:
     return rows
 
 
+def _block_title(block: str) -> str:
+    m = re.search(r"^## (.+)$", block, flags=re.M)
+    return m.group(1) if m else "?"
+
+
 def merge_results(path: Path, blocks: dict[str, str]) -> None:
     old = path.read_text() if path.exists() else ""
     existing = {}
@@ -1301,15 +1306,18 @@ def merge_results(path: Path, blocks: dict[str, str]) -> None:
     existing.update(blocks)
     parts = [RESULTS_HEADER]
     summary = []
-    for name in SECTIONS:
+    # Sections written by other benchmark scripts (e.g. bench_flows.py) are kept, after ours.
+    names = list(SECTIONS) + sorted(n for n in existing if n not in SECTIONS)
+    titles = {**TITLES, **{n: _block_title(existing[n]) for n in existing if n not in SECTIONS}}
+    for name in names:
         if name in existing:
             date = re.search(r"^_(\d{4}-\d\d-\d\d \d\d:\d\d[^;]*);", existing[name], flags=re.M)
             for row in target_rows(existing[name]):
-                summary.append(f"| {TITLES[name].split('. ', 1)[-1]} ({date.group(1) if date else '?'}) " + row)
+                summary.append(f"| {titles[name].split('. ', 1)[-1]} ({date.group(1) if date else '?'}) " + row)
     if summary:
         parts.append("## Summary of targets\n\n| section (run) | target | value | status |\n|---|---|---|---|\n"
                      + "\n".join(summary) + "\n")
-    for name in SECTIONS:
+    for name in names:
         if name in existing:
             parts.append(f"<!-- section:{name} -->\n{existing[name].rstrip()}\n<!-- /section:{name} -->\n")
     path.write_text("\n".join(parts))

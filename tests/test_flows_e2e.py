@@ -25,7 +25,7 @@ from flow_support import (
     start_stack,
     wait_until,
 )
-from tiled_support import run_temperature_scan, scan_volumes
+from tiled_support import run_temperature_scan, scan_volumes, write_plain_array_node
 
 from xtec_flows import cluster
 from xtec_flows.io import tiled as tiled_io
@@ -100,6 +100,49 @@ def test_one_scan_gives_one_flow_run_and_a_result_readable_elsewhere(stack, tmp_
     expected = cluster(scan_volumes(TEMPS, SHAPE, seed=1), TEMPS, n_components=3)
     np.testing.assert_array_equal(labels, np.asarray(expected.labels))
     assert json.loads(out.stdout) == [int(c) for c in expected.counts]
+
+
+def _run_post_scan(stack, parameters, timeout=180):
+    """Start the post-scan deployment by hand (as an operator would) and wait for it to end."""
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        dep = http.get(f"{stack.prefect.api_url}/deployments/name/xtec-cluster-scan/post-scan").json()
+        run = http.post(f"{stack.prefect.api_url}/deployments/{dep['id']}/create_flow_run",
+                        json={"parameters": parameters}).json()
+
+    def finished():
+        with httpx.Client(trust_env=False, timeout=10) as http:
+            r = http.get(f"{stack.prefect.api_url}/flow_runs/{run['id']}").json()
+        return r if r["state_type"] in TERMINAL else None
+
+    return wait_until(finished, timeout, what="post-scan flow run")
+
+
+def test_flow_runs_on_an_existing_dask_cluster_given_by_address(stack):
+    from distributed import LocalCluster
+
+    vol = scan_volumes(TEMPS, SHAPE, seed=31)
+    write_plain_array_node(stack.client(), "dask_series", vol, TEMPS)
+    # Workers as threads of this test process, reachable over TCP by the flow-run process.
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp://", host="127.0.0.1",
+                      dashboard_address=None) as dask_cluster:
+        before = dask_cluster.scheduler.transition_counter
+        run = _run_post_scan(stack, {"scan_uid": "/dask_series", "dask_address": dask_cluster.scheduler_address})
+        worked = dask_cluster.scheduler.transition_counter - before
+    assert run["state_type"] == "COMPLETED", run["state"]
+    assert worked > 0  # the chunk tasks ran on the given cluster
+    uid = tiled_io.open_scan(stack.client(), "dask_series").uid
+    node = tiled_io._walk(stack.client(), "xtec")[tiled_io.result_key(uid, _serve_params())]
+    expected = cluster(vol, TEMPS, n_components=3)
+    np.testing.assert_array_equal(node["labels"].read(), np.asarray(expected.labels))
+
+
+def test_bad_parameters_fail_the_run_before_anything_is_written(stack):
+    keys_before = set(tiled_io._walk(stack.client(), "xtec"))
+    run = _run_post_scan(stack, {"scan_uid": "/dask_series", "parameters": {"n_components": 3, "mode": "x"}},
+                         timeout=120)
+    assert run["state_type"] == "FAILED"
+    assert "mode" in run["state"]["message"]
+    assert set(tiled_io._walk(stack.client(), "xtec")) == keys_before
 
 
 def test_aborted_scan_is_skipped_and_logged(stack):
