@@ -17,8 +17,11 @@ import sys
 
 # Scopes: the plugin reads runs and writes results; the beamline writer writes runs and
 # registers external detector files (tiled 0.2 grants "register" to admin principals only).
+# "create:apikeys", "revoke:apikeys": on a server with authentication providers a websocket subscription mints a
+# short-lived key for itself and revokes it once connected (tiled.client.stream); without them the
+# watcher can only poll.
 XTEC_FLOWS_SCOPES = ["read:metadata", "read:data", "create:node", "write:metadata", "write:data", "delete:node",
-                     "delete:revision"]
+                     "delete:revision", "create:apikeys", "revoke:apikeys"]
 WRITER_SCOPES = ["read:metadata", "read:data", "create:node", "write:metadata", "write:data", "register"]
 
 
@@ -35,7 +38,7 @@ def main() -> int:
     from tiled.client import Context
     from tiled.client.context import password_grant
 
-    ctx = Context(args.uri)
+    ctx, _ = Context.from_any_uri(args.uri)
     tokens = password_grant(ctx.http_client, f"{args.uri.rstrip('/')}/api/v1/auth/provider/{args.provider}/token",
                             args.provider, args.admin, password)
     ctx.configure_auth(tokens, remember_me=False)
