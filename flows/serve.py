@@ -123,15 +123,49 @@ def make_watcher(cfg: ServeConfig, client=None) -> watch.ScanWatcher:
                              reconcile_seconds=cfg.reconcile_seconds, lookback_seconds=cfg.lookback_seconds)
 
 
+def crash_orphaned_runs(deployment_ids) -> int:
+    """Mark runs of our deployments left Pending/Running by a previous life of this process Crashed.
+
+    A serve process that was SIGKILLed (or whose host rebooted) leaves its in-flight flow runs
+    Running for ever: nothing executes them any more, and the submitter would treat them as in
+    hand. This process serves these deployments alone (one ``serve`` per deployment name, see
+    deploy/README), so at start-up such runs are orphans; crashing them lets catch-up submit the
+    next attempt. Returns how many were marked.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=list(deployment_ids))),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]))))
+        for run in runs:
+            client.set_flow_run_state(run.id, Crashed(message="xtec-flows serve restarted: the process running "
+                                                              "this flow run is gone"), force=True)
+            log.warning("flow run %s (%s) was left %s by a previous serve process: marked Crashed",
+                        run.name, run.id, run.state.type.value if run.state else "?")
+    return len(runs)
+
+
 def serve(cfg: ServeConfig) -> None:
     """Serve both deployments and watch for completed scans until SIGTERM / Ctrl-C."""
     import prefect
 
     deployments = build_deployments(cfg)
     watcher = make_watcher(cfg)
-    # Register the deployments before the watcher submits anything to them.
-    for d in deployments:
-        d.apply()
+    # Register the deployments before the watcher submits anything to them, and clear what a
+    # killed predecessor left running so that catch-up can re-submit it.
+    ids = [d.apply() for d in deployments]
+    crash_orphaned_runs(ids)
     thread = threading.Thread(target=watcher.run, name="xtec-scan-watcher", daemon=True)
     thread.start()
     log.info("serving %s with at most %d concurrent run(s); watching %s/%s", [d.name for d in deployments],
