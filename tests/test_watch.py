@@ -220,3 +220,36 @@ def test_watcher_polls_when_the_server_has_no_streaming_cache(tmp_path):
             t.join(15)
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------------------ serve: bad input
+
+
+def test_serve_refuses_bad_configuration_before_starting_anything(monkeypatch, capsys, tmp_path):
+    from xtec_flows import cli
+
+    monkeypatch.delenv("XTEC_FLOWS_TILED_URI", raising=False)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert cli.main(["serve"]) == 2
+    assert "--tiled-uri or XTEC_FLOWS_TILED_URI" in capsys.readouterr().err
+    assert cli.main(["serve", "--tiled-uri", "http://127.0.0.1:9", "--api-key-file", str(tmp_path / "nokey")]) == 2
+    assert "cannot read --api-key-file" in capsys.readouterr().err
+    monkeypatch.delenv("PREFECT_API_URL")
+    assert cli.main(["serve", "--tiled-uri", "http://127.0.0.1:9"]) == 2
+    assert "set PREFECT_API_URL" in capsys.readouterr().err
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert cli.main(["serve", "--tiled-uri", "http://127.0.0.1:9?api_key=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "must not carry an API key" in err and "abc" not in err
+    assert cli.main(["serve", "--tiled-uri", "http://127.0.0.1:9", "--parameters", '{"k": 3}']) == 2
+    assert "unknown clustering parameter" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--tiled-uri", "http://127.0.0.1:9", "--parameters", "[1]"])
+
+
+def test_serve_names_a_missing_raw_container(tiled_server):
+    from flows.serve import ServeConfig, make_watcher
+
+    cfg = ServeConfig(tiled_uri=tiled_server.uri, raw_path="no_such_container")
+    with pytest.raises(ValueError, match="no container 'no_such_container'.*--raw-path"):
+        make_watcher(cfg, client=tiled_server.client())

@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(runs until SIGTERM / Ctrl-C)")
     v.add_argument("--tiled-uri", default=os.environ.get("XTEC_FLOWS_TILED_URI"),
                    help="Tiled server URI (default: XTEC_FLOWS_TILED_URI); the key comes from TILED_API_KEY")
+    v.add_argument("--api-key-file", help="file holding the Tiled API key (default: the TILED_API_KEY environment "
+                   "variable); never pass a key itself on a command line, where every user can read it")
     v.add_argument("--raw-path", default=os.environ.get("XTEC_FLOWS_RAW_PATH", "raw"),
                    help="container of the raw bluesky runs (default raw)")
     v.add_argument("--root", default=os.environ.get("XTEC_FLOWS_ROOT", "xtec"), help="container for results")
@@ -472,6 +474,14 @@ def cmd_serve(args) -> dict:
     _quiet_prefect_defaults()
     if not args.tiled_uri:
         raise CLIError("give the Tiled server with --tiled-uri or XTEC_FLOWS_TILED_URI")
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text().strip()
+        except OSError as exc:
+            raise CLIError(f"cannot read --api-key-file {args.api_key_file}: {exc.strerror}") from None
+        if not key:
+            raise CLIError(f"--api-key-file {args.api_key_file} is empty")
+        os.environ["TILED_API_KEY"] = key  # flow-run processes inherit it; it is never a parameter
     if not os.environ.get("PREFECT_API_URL"):
         raise CLIError("set PREFECT_API_URL to the Prefect server, e.g. http://127.0.0.1:4200/api "
                        "(a served deployment needs a real server; see deploy/README.md)")
