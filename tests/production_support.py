@@ -36,7 +36,7 @@ REQUIRE = os.environ.get("XTEC_FLOWS_REQUIRE_SERVICES") == "1"
 
 def _psql(sql: str, db: str = "postgres") -> subprocess.CompletedProcess:
     return subprocess.run(["psql", "-h", PG_HOST, "-p", str(PG_PORT), "-U", PG_USER, "-d", db, "-v",
-                           "ON_ERROR_STOP=1", "-q", "-c", sql], capture_output=True, text=True, timeout=60)
+                           "ON_ERROR_STOP=1", "-q", "-t", "-A", "-c", sql], capture_output=True, text=True, timeout=60)
 
 
 def missing_services() -> str | None:
