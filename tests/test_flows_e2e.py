@@ -102,19 +102,51 @@ def test_one_scan_gives_one_flow_run_and_a_result_readable_elsewhere(stack, tmp_
     assert json.loads(out.stdout) == [int(c) for c in expected.counts]
 
 
+def _create_run(stack, deployment: str, parameters: dict) -> dict:
+    """Create a flow run of ``deployment`` over Prefect's REST API, as an operator would.
+
+    Retries a few times on 5xx / connection errors (the SQLite-backed server can answer
+    'database is locked' under load); anything else fails with the server's answer.
+    """
+    api = stack.prefect.api_url
+    last = None
+    for attempt in range(6):
+        try:
+            with httpx.Client(trust_env=False, timeout=30) as http:
+                dep = http.get(f"{api}/deployments/name/{deployment}")
+                if dep.status_code < 500:
+                    assert dep.status_code == 200, dep.text
+                    resp = http.post(f"{api}/deployments/{dep.json()['id']}/create_flow_run",
+                                     json={"parameters": parameters})
+                    if resp.status_code < 500:
+                        assert resp.status_code in (200, 201), resp.text
+                        return resp.json()
+                last = f"{dep.status_code} {dep.text[:300]}"
+        except httpx.TransportError as exc:
+            last = repr(exc)
+        time.sleep(2 + 2 * attempt)
+    raise AssertionError(f"could not create a flow run of {deployment}: {last}")
+
+
+def _wait_run(stack, run_id: str, timeout: float) -> dict:
+    def finished():
+        try:
+            with httpx.Client(trust_env=False, timeout=10) as http:
+                r = http.get(f"{stack.prefect.api_url}/flow_runs/{run_id}")
+        except httpx.TransportError:
+            return None
+        if r.status_code != 200:
+            return None
+        body = r.json()
+        return body if body.get("state_type") in TERMINAL else None
+
+    return wait_until(finished, timeout, what=f"flow run {run_id} to finish")
+
+
 def _run_post_scan(stack, parameters, timeout=180):
     """Start the post-scan deployment by hand (as an operator would) and wait for it to end."""
-    with httpx.Client(trust_env=False, timeout=30) as http:
-        dep = http.get(f"{stack.prefect.api_url}/deployments/name/xtec-cluster-scan/post-scan").json()
-        run = http.post(f"{stack.prefect.api_url}/deployments/{dep['id']}/create_flow_run",
-                        json={"parameters": parameters}).json()
-
-    def finished():
-        with httpx.Client(trust_env=False, timeout=10) as http:
-            r = http.get(f"{stack.prefect.api_url}/flow_runs/{run['id']}").json()
-        return r if r["state_type"] in TERMINAL else None
-
-    return wait_until(finished, timeout, what="post-scan flow run")
+    run = _create_run(stack, "xtec-cluster-scan/post-scan", parameters)
+    return _wait_run(stack, run["id"], timeout)
 
 
 def test_flow_runs_on_an_existing_dask_cluster_given_by_address(stack):
@@ -248,17 +280,9 @@ def test_prefect_server_down_loses_no_scan(stack):
 def test_scheduled_reprocessing_supersedes_older_results(stack):
     client = stack.client()
     params4 = {**_serve_params(), "n_components": 4}
-    with httpx.Client(trust_env=False, timeout=30) as http:
-        dep = http.get(f"{stack.prefect.api_url}/deployments/name/xtec-reprocess/scheduled").json()
-        run = http.post(f"{stack.prefect.api_url}/deployments/{dep['id']}/create_flow_run",
-                        json={"parameters": {"parameters": params4, "max_scans": 2, "which": "outdated"}}).json()
-
-    def reprocess_done():
-        with httpx.Client(trust_env=False, timeout=10) as http:
-            r = http.get(f"{stack.prefect.api_url}/flow_runs/{run['id']}").json()
-        return r if r["state_type"] in TERMINAL else None
-
-    assert wait_until(reprocess_done, 120)["state_type"] == "COMPLETED"
+    run = _create_run(stack, "xtec-reprocess/scheduled",
+                      {"parameters": params4, "max_scans": 2, "which": "outdated"})
+    assert _wait_run(stack, run["id"], 180)["state_type"] == "COMPLETED"
     xtec = tiled_io._walk(client, "xtec")
     new = wait_until(lambda: [n for n in xtec.values() if (n.metadata or {}).get("parameters", {}).get("n_components") == 4
                               and n.metadata.get("status") == "complete" and n.metadata.get("supersedes")]
