@@ -701,7 +701,7 @@ def section_quality(ctx: Context) -> str:
 
 def _quality_at_k(ctx: Context, n_clusters: int, primary: bool) -> str:
     from xtec_flows.pipeline import cluster
-    from xtec_flows.synthetic import CDW, CLASS_NAMES, GAP, HALO, make_volume
+    from xtec_flows.synthetic import CLASS_NAMES, make_volume
 
     args = ctx.args
     shape = args.quality_shape

@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -113,7 +112,7 @@ def main(argv=None) -> int:
 
     out = []
     emit = out.append  # the tables go to stdout and into RESULTS.md
-    emit(f"## 9. Automatic post-scan processing (Prefect + watcher), embedded default\n")
+    emit("## 9. Automatic post-scan processing (Prefect + watcher), embedded default\n")
     emit(f"_{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC; `python benchmarks/bench_flows.py "
           f"{' '.join(argv if argv is not None else sys.argv[1:])}`; load average at the end "
           f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}._\n")

@@ -10,8 +10,6 @@ the run at once, with the reason in the flow-run log and in the result node (sta
 from __future__ import annotations
 
 import base64
-import io
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -33,8 +31,6 @@ from xtec_flows.process import process_scan
 
 #: Where the q-map / trajectory PNGs are written (one folder per result key).
 MAPS_DIR_ENV = "XTEC_FLOWS_MAPS_DIR"
-
-log = logging.getLogger(__name__)
 
 
 def maps_dir() -> Path:

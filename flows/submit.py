@@ -18,11 +18,18 @@ from xtec_flows.io import tiled as tiled_io
 log = logging.getLogger(__name__)
 
 DEFAULT_DEPLOYMENT = "xtec-cluster-scan/post-scan"
+#: Flow runs one (scan, parameters) pair may get: the first plus retries after crashes.
+MAX_ATTEMPTS = 3
 
 
 def idempotency_base(scan_uid: str, parameters: dict) -> str:
     """The result key doubles as the idempotency key: one per (scan, parameters, engine major)."""
     return tiled_io.result_key(scan_uid, parameters)
+
+
+def attempt_keys(base: str, max_attempts: int = MAX_ATTEMPTS) -> list[str]:
+    """The idempotency keys of attempts 0, 1, ... for one result key."""
+    return [f"{base}#{i}" for i in range(max_attempts)]
 
 
 @dataclass
@@ -37,16 +44,15 @@ class Submitter:
     deployment: str = DEFAULT_DEPLOYMENT
     parameters: dict = field(default_factory=dict)
     flow_parameters: dict = field(default_factory=dict)
-    max_attempts: int = 3
+    max_attempts: int = MAX_ATTEMPTS
     tags: tuple = ("xtec",)
     _given_up: set = field(default_factory=set, repr=False)
 
-    def existing_runs(self, base: str) -> list:
-        """Flow runs created for this (scan, parameters), oldest attempt first."""
+    def existing_runs(self, keys: list[str]) -> list:
+        """Flow runs created under these idempotency keys, in the keys' order."""
         from prefect import get_client
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey
 
-        keys = [f"{base}#{i}" for i in range(self.max_attempts)]
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=keys)))
@@ -62,7 +68,8 @@ class Submitter:
         from prefect.deployments import run_deployment
 
         base = idempotency_base(scan_uid, self.parameters)
-        runs = self.existing_runs(base)
+        keys = attempt_keys(base, self.max_attempts)
+        runs = self.existing_runs(keys)
         for run in runs:
             state = run.state.type if run.state else None
             if state is None or state not in (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED,
@@ -84,7 +91,7 @@ class Submitter:
             self.deployment,
             parameters=parameters,
             timeout=0,
-            idempotency_key=f"{base}#{attempt}",
+            idempotency_key=keys[attempt],
             flow_run_name=f"xtec-{scan_uid[:8]}-{base[5:13]}" + (f"-retry{attempt}" if attempt else ""),
             tags=[*self.tags, *extra_tags],
             as_subflow=False,

@@ -219,7 +219,6 @@ def start_production_stack(directory: Path, limit: int = 2, reconcile_seconds: f
         prefect = PrefectService(directory / "prefect",
                                  extra_env={"PREFECT_API_DATABASE_CONNECTION_URL": dbs.uri(prefect_db)})
         for svc in (tiled, prefect):
-            svc.directory.mkdir(parents=True, exist_ok=True) if hasattr(svc, "directory") else None
             svc.launch()
             started.append(svc)
         for svc in (tiled, prefect):

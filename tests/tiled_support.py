@@ -38,7 +38,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any

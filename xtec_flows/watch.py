@@ -203,18 +203,20 @@ def select_for_reprocessing(raw, results_root, params: dict, rule: ScanRule = Sc
     """
     if which not in ("outdated", "missing", "all"):
         raise ValueError(f"which must be one of 'outdated', 'missing', 'all'; got {which!r}")
-    by_source: dict[str, list[str]] = {}
+    # One paged listing gives both each result's state and which scans have any complete result.
+    states: dict[str, str] = {}
+    has_complete: set = set()
     for key, node in results_root.items():
         md = node.metadata or {}
-        if md.get("status") == "complete":
-            by_source.setdefault((md.get("source") or {}).get("uid"), []).append(key)
-    states = result_states(results_root)
+        states[key] = _state_of(md)
+        if states[key] == DONE:
+            has_complete.add((md.get("source") or {}).get("uid"))
     out = []
     for uid in completed_scans(raw, rule, since=since, until=until):
         key = tiled_io.result_key(uid, params)
         if states.get(key, MISSING) in (DONE, REJECTED):
             continue
-        has_other = bool(by_source.get(uid))
+        has_other = uid in has_complete
         if which == "all" or (which == "outdated" and has_other) or (which == "missing" and not has_other):
             out.append(uid)
     return out
@@ -226,7 +228,7 @@ class WatcherStats:
 
     events: int = 0
     catch_ups: int = 0
-    submitted: list = field(default_factory=list)
+    submissions: int = 0
     skipped: dict = field(default_factory=dict)
     submit_errors: int = 0
     disconnects: int = 0
@@ -437,7 +439,7 @@ class ScanWatcher:
             self._pending[uid] = time.monotonic() + self.retry_seconds
             return
         self._pending.pop(uid, None)
-        self.stats.submitted.append(uid)
+        self.stats.submissions += 1
 
     def _retry_pending(self) -> None:
         now = time.monotonic()

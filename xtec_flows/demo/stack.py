@@ -70,7 +70,9 @@ def wait_for_flow_run(api_url: str, result_key: str, timeout: float) -> str | No
     """Final state type of the cluster_scan flow run for a result key (its idempotency key base)."""
     import httpx
 
-    keys = [f"{result_key}#{i}" for i in range(3)]
+    from flows.submit import attempt_keys
+
+    keys = attempt_keys(result_key)
     deadline = time.monotonic() + timeout
     state = None
     with httpx.Client(trust_env=False, timeout=5.0) as http:
