@@ -39,6 +39,7 @@ test-load: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_engine.py
 	$(BIN)/python benchmarks/bench_flows.py
+	$(BIN)/python benchmarks/bench_sizing.py
 
 clean:
 	rm -rf demo-output .pytest_cache
