@@ -107,7 +107,11 @@ def build_deployments(cfg: ServeConfig) -> list:
 
 
 def make_watcher(cfg: ServeConfig, client=None) -> watch.ScanWatcher:
-    """The watcher for ``cfg`` (raises a clear error when the raw container does not exist)."""
+    """The watcher for ``cfg``.
+
+    Raises ValueError when the raw container does not exist, tiled_io.AccessDenied when the key
+    may not write results under ``cfg.root`` (both before any work is done).
+    """
     from .cluster_scan import cluster_scan
 
     client = client if client is not None else tiled_io.connect(cfg.tiled_uri)
@@ -116,7 +120,8 @@ def make_watcher(cfg: ServeConfig, client=None) -> watch.ScanWatcher:
     except KeyError:
         raise ValueError(f"the Tiled server {tiled_io.redact_uri(cfg.tiled_uri)} has no container {cfg.raw_path!r} "
                          "for raw runs; point --raw-path at the container your TiledWriter writes into") from None
-    results_root = tiled_io.derived_root(client, cfg.root)
+    # Before anything is subscribed or submitted: can this key write results at all?
+    results_root = tiled_io.check_write_access(client, cfg.root)
     submit = Submitter(deployment=f"{cluster_scan.name}/{POST_SCAN}", parameters=cfg.parameters,
                        flow_parameters=cfg.flow_parameters())
     return watch.ScanWatcher(raw, results_root, cfg.parameters, submit, rule=cfg.rule,

@@ -3,8 +3,8 @@
 Only addresses, ports and secrets are overridden (through the environment, as the systemd
 units do): Tiled from ``deploy/tiled/config.yml`` with its catalog, authn and table databases
 in fresh PostgreSQL databases (created here, dropped at the end) and a Redis streaming cache
-(the tests' own ``redis-server`` on a free port, so it can be killed); service keys made by
-``deploy/tiled/create_service_keys.py``; the Prefect server on PostgreSQL; a ``dask scheduler``
+(the tests' own ``redis-server`` on a free port, so it can be killed); principals, keys, access-tag
+grants and the /raw and /xtec containers made by ``deploy/tiled/bootstrap_access.py all``; the Prefect server on PostgreSQL; a ``dask scheduler``
 and two ``dask worker`` processes; ``xtec-flows serve`` pointed at all three.
 
 When PostgreSQL (127.0.0.1:5432) or ``redis-server`` is missing the tier is skipped with a
@@ -177,6 +177,8 @@ class ProductionStack:
     plugin_key: str
     writer_key: str
     catalog_db: str
+    tiled_env: dict = field(default_factory=dict)
+    principals: dict = field(default_factory=dict)  # XTEC_FLOWS_PRINCIPAL / BEAMLINE_WRITER_PRINCIPAL: uuids
     processes: list = field(default_factory=list)
 
     def writer(self):
@@ -193,8 +195,6 @@ class ProductionStack:
 
 
 def start_production_stack(directory: Path, limit: int = 2, reconcile_seconds: float = 4.0) -> ProductionStack:
-    from tiled.structures.core import Spec
-
     directory = Path(directory)
     dbs = Databases()
     started: list[ManagedProcess] = []
@@ -223,15 +223,12 @@ def start_production_stack(directory: Path, limit: int = 2, reconcile_seconds: f
             started.append(svc)
         for svc in (tiled, prefect):
             svc.wait_ready(svc.ready, svc.start_timeout)
-        keys = subprocess.run([sys.executable, str(DEPLOY / "tiled" / "create_service_keys.py"), tiled.uri],
-                              env=child_env(TILED_ADMIN_PASSWORD=admin_password), capture_output=True, text=True,
-                              timeout=120)
+        keys = subprocess.run([sys.executable, str(DEPLOY / "tiled" / "bootstrap_access.py"), "all", tiled.uri],
+                              env=child_env(**tiled_env), capture_output=True, text=True, timeout=120)
         if keys.returncode != 0:
-            raise RuntimeError(f"create_service_keys.py failed:\n{keys.stderr[-2000:]}")
+            raise RuntimeError(f"bootstrap_access.py failed:\n{keys.stderr[-2000:]}")
         values = dict(line.split("=", 1) for line in keys.stdout.split())
         plugin_key, writer_key = values["XTEC_FLOWS_TILED_API_KEY"], values["BEAMLINE_WRITER_TILED_API_KEY"]
-        tiled_io.connect(tiled.uri, writer_key).create_container(
-            "raw", specs=[Spec("CatalogOfBlueskyRuns", version="3.0")])
         scheduler = DaskScheduler(directory).start()
         started.append(scheduler)
         workers = [DaskWorker(directory, scheduler.address, f"w{i}", {"TILED_API_KEY": plugin_key})
@@ -242,7 +239,8 @@ def start_production_stack(directory: Path, limit: int = 2, reconcile_seconds: f
         for w in workers:
             w.wait_ready(w.ready, 60)
         stack = ProductionStack(directory, dbs, redis, tiled, prefect, scheduler, workers, None, plugin_key,
-                                writer_key, catalog)
+                                writer_key, catalog, tiled_env,
+                                {k: v for k, v in values.items() if k.endswith("_PRINCIPAL")})
         stack.serve = start_production_serve(stack, limit=limit, reconcile_seconds=reconcile_seconds)
         return stack
     except BaseException:

@@ -227,3 +227,137 @@ def test_no_key_appears_in_logs_parameters_artifacts_or_metadata(prod):
     for where, text in texts.items():
         for key in secrets_:
             assert key not in text, f"an API key appears in {where}"
+
+
+# ---------------------------------------------------------------------------------------
+# security: the access policy of deploy/tiled (access_tags.yml), keys without write scope
+# ---------------------------------------------------------------------------------------
+
+
+def _refused(action) -> int:
+    """Run ``action``; return the HTTP status Tiled refused it with (fails if it succeeded)."""
+    import httpx
+
+    try:
+        action()
+    except httpx.HTTPStatusError as exc:
+        return exc.response.status_code
+    except KeyError:
+        return 404  # the node is not even visible to this principal
+    pytest.fail("Tiled allowed an action its access policy should refuse")
+
+
+def test_access_policy_confines_each_service_to_its_own_tree(prod):
+    uid = _scan(prod, seed=71)
+    _complete(prod, uid)
+    plugin, writer = prod.plugin(), prod.writer()
+    result = tiled_io._walk(plugin, "xtec")[tiled_io.result_key(uid, _params())]
+    before = json.dumps(result.metadata, sort_keys=True, default=str)
+
+    # The plugin reads runs but writes only under /xtec.
+    assert uid in plugin["raw"]
+    assert _refused(lambda: plugin.create_container("not-a-result")) == 403
+    assert _refused(lambda: plugin["raw"].create_container("not-a-run")) == 403
+    assert _refused(lambda: plugin["raw"][uid].update_metadata(metadata={"touched": True})) == 403
+    assert _refused(lambda: plugin["raw"][uid].delete(recursive=True, external_only=False)) in (401, 403)
+
+    # The beamline writer cannot see, create, change or delete results.
+    assert "xtec" not in writer
+    assert _refused(lambda: writer.create_container("xtec2")) == 403
+    assert _refused(lambda: writer["xtec"]) == 404
+    import httpx
+
+    with httpx.Client(trust_env=False, timeout=10, headers={"Authorization": f"Apikey {prod.writer_key}"}) as http:
+        path = f"xtec/{result.item['id']}"
+        assert http.get(f"{prod.tiled.uri}/api/v1/metadata/{path}").status_code == 404
+        url = f"{prod.tiled.uri}/api/v1/metadata/{path}"
+        assert http.put(url, json={"metadata": {"status": "complete", "touched": True}}).status_code == 404
+        assert http.patch(url, json={"content-type": "application/merge-patch+json", "specs": None, "access_tags": None,
+                                     "metadata": {"touched": True}}).status_code == 404
+        assert http.delete(url).status_code == 401  # the writer's key has no delete scope at all
+    # The writer may change its own run: the refusals above are the policy's, not malformed requests.
+    writer["raw"][uid].update_metadata(metadata={"touched": True})
+    assert prod.plugin()["raw"][uid].metadata["touched"] is True
+    assert json.dumps(tiled_io._walk(prod.plugin(), "xtec")[result.item["id"]].metadata, sort_keys=True,
+                      default=str) == before
+
+
+def _fingerprint(node, digest=None):
+    """SHA-256 over a node's metadata, structure and data, recursively (sorted by key)."""
+    import hashlib
+
+    digest = digest or hashlib.sha256()
+    attributes = node.item["attributes"]
+    digest.update(json.dumps({k: attributes.get(k) for k in ("metadata", "structure_family", "structure", "specs")},
+                             sort_keys=True, default=str).encode())
+    family = attributes["structure_family"]
+    if family in ("container", "composite"):
+        for key in sorted(node):
+            digest.update(key.encode())
+            _fingerprint(node[key], digest)
+    elif family == "array":
+        data = np.ascontiguousarray(node.read())
+        digest.update(str((data.dtype.str, data.shape)).encode())
+        digest.update(data.tobytes())
+    elif family == "table":
+        digest.update(node.read().to_json(orient="split", double_precision=15).encode())
+    else:
+        digest.update(json.dumps(node.read(), sort_keys=True, default=str).encode())
+    return digest
+
+
+def test_raw_runs_are_byte_for_byte_unchanged_by_processing(prod):
+    uid = _scan(prod, seed=81)
+    before = _fingerprint(prod.writer()["raw"][uid]).hexdigest()  # read at once, before the flow starts
+    _complete(prod, uid)
+    _runs(prod, uid)
+    assert _fingerprint(prod.writer()["raw"][uid]).hexdigest() == before
+    assert _fingerprint(prod.plugin()["raw"][uid]).hexdigest() == before
+
+
+def _bootstrap_module():
+    import importlib.util
+
+    from production_support import DEPLOY
+
+    spec = importlib.util.spec_from_file_location("bootstrap_access", DEPLOY / "tiled" / "bootstrap_access.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_key_without_write_scope_fails_clearly_before_any_work(prod, tmp_path, monkeypatch):
+    from xtec_flows.demo.services import ServeService
+    from xtec_flows.pipeline import ClusterParams
+    from xtec_flows.process import process_scan
+
+    bootstrap = _bootstrap_module()
+    monkeypatch.setenv("TILED_ADMIN_PASSWORD", prod.tiled_env["TILED_ADMIN_PASSWORD"])
+    admin = bootstrap.admin_context(prod.tiled.uri, "local", "admin")
+    read_only = admin.admin.create_api_key(prod.principals["XTEC_FLOWS_PRINCIPAL"],
+                                           scopes=["read:metadata", "read:data"], note="read-only")["secret"]
+    uid = _scan(prod, seed=91)
+    _complete(prod, uid)
+    results_before = sorted(tiled_io._walk(prod.plugin(), "xtec"))
+
+    # In a flow: refused before the scan is read, nothing written (other parameters, so the
+    # running serve has no result with this key either).
+    other = ClusterParams(n_components=4)
+    with pytest.raises(tiled_io.AccessDenied, match=r"lacks the scope\(s\) create:node, write:metadata, write:data"):
+        process_scan(tiled_io.connect(prod.tiled.uri, read_only), f"raw/{uid}", other)
+    # The writer's key has write scopes but no grant under /xtec: the access policy refuses it.
+    with pytest.raises(tiled_io.AccessDenied, match="create the results container /xtec"):
+        process_scan(prod.writer(), f"raw/{uid}", other)
+
+    # `xtec-flows serve` with either key stops at start-up with the reason; nothing subscribed.
+    for name, key in (("read-only", read_only), ("writer", prod.writer_key)):
+        serve = ServeService(
+            tmp_path / name, prod.tiled.uri, key, prod.prefect.api_url,
+            args=["--raw-path", "raw", "-k", "3", "--reprocess-cron", ""])
+        serve.launch()
+        assert serve.proc.wait(timeout=120) == 2, name
+        text = serve.log_path.read_text(errors="replace")
+        assert "error: " in text and ("bootstrap_access.py" in text), text[-2000:]
+        assert "subscribed to completed scans" not in text and "Traceback" not in text
+        assert key not in text
+    assert sorted(tiled_io._walk(prod.plugin(), "xtec")) == results_before

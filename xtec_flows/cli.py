@@ -536,7 +536,7 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             doc = commands[args.command](args)
-    except (CLIError, ValueError, TypeError, FileExistsError, FileNotFoundError, KeyError) as exc:
+    except (CLIError, ValueError, TypeError, FileExistsError, FileNotFoundError, KeyError, PermissionError) as exc:
         sys.stderr.write(f"xtec-flows {args.command}: error: {_safe_message(exc)}\n")
         return 2
     except Exception as exc:

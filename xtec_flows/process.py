@@ -62,10 +62,13 @@ def process_scan(
     ------
     tiled_io.ScanNotReady : the scan is not finished, failed, or incomplete (nothing written)
     ValueError : bad data or parameters (the result is marked failed with the message)
+    tiled_io.AccessDenied : the key may not write results under ``root`` (nothing read or written)
     """
     params = params or ClusterParams()
     client = tiled_io.connect(source, api_key) if isinstance(source, str) else source
     server_root = client if scan is not None else _server_root(client)
+    # A key that cannot write results fails here, before any data is read.
+    tiled_io.check_key_scopes(server_root, root)
     try:
         the_scan = tiled_io.open_scan(client, scan, volume_field=volume_field, temperature_field=temperature_field)
     except tiled_io.ScanNotReady:
