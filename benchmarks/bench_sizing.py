@@ -315,6 +315,11 @@ def breakdown(timings: dict) -> str:
     return ", ".join(f"{k} {fmt_t(v)}" for k, v in timings.items())
 
 
+def load_now() -> str:
+    """The 1-minute load average as a row is measured, so a reader can see which rows shared the machine."""
+    return f"load {os.getloadavg()[0]:.1f}"
+
+
 def worker_part(timings: dict) -> float:
     """Seconds of the passes that run as dask tasks over the volume's blocks (divide over workers)."""
     return float(timings.get("statistics", 0.0) + timings.get("threshold", 0.0))
@@ -366,7 +371,7 @@ def measure_engine(args, path: Path, ref_path: Path, vt: float, ref_vt: float) -
             continue
         rate = vt_rate(vt, res["time"])
         rows.append([label, cores, fmt_t(res["time"]), fmt_rate(rate), fmt_rate(rate / cores),
-                     breakdown(res["timings"]) + f"; all runs {', '.join(fmt_t(x) for x in res['times'])}",
+                     breakdown(res["timings"]) + f"; all runs {', '.join(fmt_t(x) for x in res['times'])}; {load_now()}",
                      rss_note(res)])
     log("engine: the xtec reference on the comparison volume (1 core)")
     ref = run_child("reference", {"path": str(ref_path)}, args.child_timeout)
@@ -385,7 +390,8 @@ def measure_engine(args, path: Path, ref_path: Path, vt: float, ref_vt: float) -
             rows.append([label, 1, "failed", "-", "-", res["error"][:200], "-"])
         else:
             rate = vt_rate(ref_vt, res["time"])
-            rows.append([label, 1, fmt_t(res["time"]), fmt_rate(rate), fmt_rate(rate), note(res), rss_note(res)])
+            rows.append([label, 1, fmt_t(res["time"]), fmt_rate(rate), fmt_rate(rate), f"{note(res)}; {load_now()}",
+                         rss_note(res)])
     return rows, results
 
 
@@ -423,7 +429,7 @@ def measure_tiled(args, server, arr, temps, vt: float, nbytes: int) -> tuple[lis
                            metadata={"temperatures": temps.tolist()})
         t_up = time.perf_counter() - t0
         rows_io.append(["upload (`client.write_array` of `da.from_zarr(...)`: one `write_block` per zarr chunk, "
-                        "2 dask threads)", fmt_t(t_up), fmt_mb(nbytes, t_up), "-", "-"])
+                        "2 dask threads)", fmt_t(t_up), fmt_mb(nbytes, t_up), "-", load_now()])
         local_sum = float(da.from_zarr(arr).sum(dtype=np.float64).compute())
         scan = tiled_io.open_scan(client, SCAN_KEY)
         best = (0.0, None)
@@ -447,7 +453,8 @@ def measure_tiled(args, server, arr, temps, vt: float, nbytes: int) -> tuple[lis
                             f"({math.prod(scan.volume.numblocks)} blocks of {tuple(max(c) for c in scan.volume.chunks)})",
                             fmt_t(times[i]), fmt_mb(nbytes, times[i]),
                             f"server {cpu_srv[i] / (nbytes / 1e9):.2f} s/GB, client {cpu_cli[i] / (nbytes / 1e9):.2f} s/GB",
-                            f"{'equal' if same else '**differs**'}; all runs {', '.join(fmt_t(x) for x in times)}"])
+                            f"{'equal' if same else '**differs**'}; all runs {', '.join(fmt_t(x) for x in times)}; "
+                            f"{load_now()}"])
         out["server_mb_s"], out["best_concurrency"] = best
         gb = nbytes / 1e9
         out["server_cpu_s_per_gb"] = min(out[f"read_{n}"]["cpu_server"] for n in args.read_concurrency) / gb
@@ -476,7 +483,7 @@ def measure_tiled(args, server, arr, temps, vt: float, nbytes: int) -> tuple[lis
                 f"{100 * tm.get('statistics', 0) / res['time']:.0f}%",
                 breakdown(tm) + f"; outside the engine (open_scan, result node, label and array writes) "
                 f"{fmt_t(res['time'] - engine_s)}; streaming passes {fmt_t(stream)}; all runs "
-                + ", ".join(fmt_t(x) for x in res["times"]),
+                + ", ".join(fmt_t(x) for x in res["times"]) + f"; {load_now()}",
                 rss_note(res),
             ])
         ps_sum = [r.get("checksum") for k, r in out.items() if isinstance(r, dict) and "checksum" in r]
@@ -569,7 +576,8 @@ def build_report(args, machine, la_start, eng_rows, eng, tiled_io_rows, ps_rows,
         "runs read it warm from the page cache). Each row is a fresh subprocess; times are the best of "
         f"{args.repeat} (all runs shown). XTEC-d, K={K}, `ClusterParams` defaults (n_init=3). Throughput is "
         "voxel-temperatures per second (T × voxels / s); 'per core' divides by the cores the configuration had. "
-        "Peak RSS is each process's own high-water mark (VmHWM; workers' via `Client.run`).",
+        "Peak RSS is each process's own high-water mark (VmHWM; workers' via `Client.run`). 'load' is the "
+        "machine's 1-minute load average when the row finished.",
         "",
         f"Machine load average at the start of the run: {', '.join(f'{x:.2f}' for x in la_start)} "
         f"({machine['cpus']} CPUs).",
