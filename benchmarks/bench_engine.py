@@ -1298,6 +1298,11 @@ def _block_title(block: str) -> str:
     return m.group(1) if m else "?"
 
 
+def _block_number(block: str) -> int:
+    found = re.search(r"^## (\d+)\.", block, flags=re.M)
+    return int(found.group(1)) if found else 1_000
+
+
 def merge_results(path: Path, blocks: dict[str, str]) -> None:
     old = path.read_text() if path.exists() else ""
     existing = {}
@@ -1307,7 +1312,9 @@ def merge_results(path: Path, blocks: dict[str, str]) -> None:
     parts = [RESULTS_HEADER]
     summary = []
     # Sections written by other benchmark scripts (e.g. bench_flows.py) are kept, after ours.
-    names = list(SECTIONS) + sorted(n for n in existing if n not in SECTIONS)
+    # ... in the order of their "## N." headings.
+    names = list(SECTIONS) + sorted((n for n in existing if n not in SECTIONS),
+                                    key=lambda n: (_block_number(existing[n]), n))
     titles = {**TITLES, **{n: _block_title(existing[n]) for n in existing if n not in SECTIONS}}
     for name in names:
         if name in existing:

@@ -93,7 +93,9 @@ def runs_for_scan(api_url: str, uid: str) -> list[dict]:
     return [r for r in flow_runs(api_url) if (r.get("parameters") or {}).get("scan_uid") == uid]
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+def wait_until(predicate, timeout: float, interval: float = 1.0, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy (returned). Once a second by default:
+    each poll costs the servers a few requests, on the same 2 cores as the stack under test."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -127,3 +129,86 @@ def parse_time(text: str) -> float:
     import datetime as dt
 
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+# ---------------------------------------------------------------------------------------
+# a burst of scans from several acquisition processes (the load test and bench_flows.py)
+# ---------------------------------------------------------------------------------------
+
+_BURST_WRITER = """
+import json, os, sys
+import numpy as np
+from tiled.client import from_uri
+from xtec_flows.demo.beamline import run_temperature_scan
+raw = from_uri(sys.argv[1], api_key=os.environ["TILED_API_KEY"])[sys.argv[2]]
+seeds, n_temps, shape = json.loads(sys.argv[3]), int(sys.argv[4]), tuple(json.loads(sys.argv[5]))
+temps = np.linspace(20.0, 300.0, n_temps)
+print(json.dumps([run_temperature_scan(raw, temps, spatial_shape=shape, seed=s) for s in seeds]))
+"""
+
+
+def write_burst(tiled_uri: str, api_key: str, writers: int = 2, per_writer: int = 10, seed0: int = 200,
+                n_temps: int = 6, shape=(12, 12, 12), raw: str = "raw", env: dict | None = None,
+                timeout: float = 600) -> list[str]:
+    """Scans from ``writers`` acquisition processes at once (RunEngine + TiledWriter each), as
+    several end stations would; the key reaches them through the environment, ``env`` adds to it
+    (a None value removes a variable). Returns the uids."""
+    import json
+    import subprocess
+    import sys
+
+    from xtec_flows.demo.services import child_env
+
+    proc_env = child_env(TILED_API_KEY=api_key)
+    for name, value in (env or {}).items():  # None removes a variable
+        if value is None:
+            proc_env.pop(name, None)
+        else:
+            proc_env[name] = str(value)
+    procs = [subprocess.Popen([sys.executable, "-c", _BURST_WRITER, tiled_uri, raw,
+                               json.dumps(list(range(seed0 + per_writer * w, seed0 + per_writer * (w + 1)))),
+                               str(n_temps), json.dumps(list(shape))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=proc_env)
+             for w in range(writers)]
+    uids = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"an acquisition process failed:\n{err[-2000:]}")
+        uids += json.loads(out.strip().splitlines()[-1])
+    return uids
+
+
+def burst_outcome(client, prefect_api_url: str, uids, raw: str = "raw", results: str = "xtec",
+                  timeout: float = 900) -> dict:
+    """Wait for every scan's complete result; then what happened, from Tiled's and Prefect's records.
+
+    Returns stops (stop-document times), latencies (stop -> result ``completed``, s), runs (every
+    flow run of each scan, by uid), peak (most flow runs running at once), span (first stop ->
+    last completion, s), throughput (scans per minute over the span).
+    """
+    from xtec_flows import watch
+
+    # One paged listing of the results per poll, every 2 s: polling each scan's result by search
+    # would itself load Tiled (a few requests per scan per poll) and slow what is being measured.
+    wanted, completed = set(uids), {}
+    deadline = time.monotonic() + timeout
+    while set(completed) != wanted:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no complete result for {sorted(wanted - set(completed))} within {timeout:.0f} s")
+        root = tiled_io._walk(client, results)
+        for node in root.values():
+            md = node.metadata or {}
+            uid = (md.get("source") or {}).get("uid")
+            if uid in wanted and watch.state_of_metadata(md) == watch.DONE:
+                completed[uid] = parse_time(md["completed"])
+        if set(completed) != wanted:
+            time.sleep(2.0)
+    stops = {uid: float(client[raw][uid].metadata["stop"]["time"]) for uid in uids}
+    runs = {uid: wait_until(lambda: (lambda rs: rs if rs and all(r["state_type"] in TERMINAL for r in rs) else None)(
+        runs_for_scan(prefect_api_url, uid)), 120, interval=1.0, what=f"finished flow runs for {uid}") for uid in uids}
+    intervals = [(parse_time(r["start_time"]), parse_time(r["end_time"]))
+                 for rs in runs.values() for r in rs if r.get("start_time") and r.get("end_time")]
+    span = max(completed.values()) - min(stops.values())
+    return {"stops": stops, "latencies": [completed[u] - stops[u] for u in uids], "runs": runs,
+            "peak": max_overlap(intervals), "span": span, "throughput": 60.0 * len(uids) / span}

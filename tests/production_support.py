@@ -194,7 +194,7 @@ class ProductionStack:
         self.databases.drop()
 
 
-def start_production_stack(directory: Path, limit: int = 2, reconcile_seconds: float = 4.0) -> ProductionStack:
+def start_production_stack(directory: Path, limit: int = 2, reconcile_seconds: float = 8.0) -> ProductionStack:
     directory = Path(directory)
     dbs = Databases()
     started: list[ManagedProcess] = []
@@ -250,9 +250,11 @@ def start_production_stack(directory: Path, limit: int = 2, reconcile_seconds: f
         raise
 
 
-def start_production_serve(stack: ProductionStack, limit: int = 2, reconcile_seconds: float = 4.0) -> ServeService:
+def start_production_serve(stack: ProductionStack, limit: int = 2, reconcile_seconds: float = 8.0) -> ServeService:
+    # Polling Prefect every 2 s and catching up every 8 s: each poll and catch-up costs CPU in
+    # serve, Prefect and Tiled, which share 2 cores with the flow runs in CI.
     serve = ServeService(stack.directory / "serve", stack.tiled.uri, stack.plugin_key, stack.prefect.api_url,
-                         args=["--raw-path", "raw", "-k", "3", "--limit", str(limit), "--query-seconds", "1",
+                         args=["--raw-path", "raw", "-k", "3", "--limit", str(limit), "--query-seconds", "2",
                                "--reconcile-seconds", str(reconcile_seconds), "--reprocess-cron", "",
                                "--dask-address", stack.scheduler.address],
                          extra_env={"TILED_RETRY_ATTEMPTS": "3", "TILED_RETRY_TIMEOUT": "10"})

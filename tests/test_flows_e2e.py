@@ -18,8 +18,6 @@ import psutil
 import pytest
 from flow_support import (
     TERMINAL,
-    max_overlap,
-    parse_time,
     result_status,
     runs_for_scan,
     start_stack,
@@ -214,21 +212,6 @@ def _serve_params():
     return ClusterParams(n_components=3).to_dict()
 
 
-def test_ten_scans_back_to_back_each_processed_once_within_the_limit(stack):
-    uids = [_scan(stack, seed=100 + i) for i in range(10)]
-    for uid in uids:
-        _wait_complete(stack, uid, timeout=300)
-    intervals = []
-    for uid in uids:
-        runs = _finished_runs(stack, uid)
-        assert [r["state_type"] for r in runs] == ["COMPLETED"], uid
-        intervals.append((parse_time(runs[0]["start_time"]), parse_time(runs[0]["end_time"])))
-    assert max_overlap(intervals) <= 2  # serve --limit 2, measured from Prefect's records
-    keys = list(tiled_io._walk(stack.client(), "xtec"))
-    assert len(keys) == len(set(keys))
-    assert sum(1 for k in keys if k in {tiled_io.result_key(u, _serve_params()) for u in uids}) == 10
-
-
 def _flow_processes(serve):
     return psutil.Process(serve.pid).children(recursive=True)
 
@@ -262,19 +245,6 @@ def test_tiled_restart_during_a_flow_ends_complete(stack):
     runs = _finished_runs(stack, uid)
     assert runs[-1]["state_type"] == "COMPLETED"
     assert sum(r["state_type"] == "COMPLETED" for r in runs) == 1
-
-
-def test_prefect_server_down_loses_no_scan(stack):
-    stack.prefect.stop()
-    try:
-        uids = [_scan(stack, seed=20 + i) for i in range(2)]
-        time.sleep(8)  # the watcher tries, fails and keeps them
-    finally:
-        stack.prefect.start()
-    for uid in uids:
-        _wait_complete(stack, uid, timeout=240)
-        runs = _finished_runs(stack, uid)
-        assert [r["state_type"] for r in runs] == ["COMPLETED"]
 
 
 def test_scheduled_reprocessing_supersedes_older_results(stack):

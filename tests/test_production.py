@@ -6,6 +6,7 @@ XTEC_FLOWS_REQUIRE_SERVICES=1 (set by .ci/run).
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -14,11 +15,12 @@ import time
 
 import numpy as np
 import pytest
-from flow_support import TERMINAL, max_overlap, parse_time, result_status, runs_for_scan, wait_until
+from flow_support import TERMINAL, burst_outcome, result_status, runs_for_scan, wait_until, write_burst
 from production_support import require_services, start_production_serve, start_production_stack
 from tiled_support import run_temperature_scan, scan_volumes
 
 from xtec_flows import cluster
+from xtec_flows.demo.services import child_env
 from xtec_flows.io import tiled as tiled_io
 
 pytestmark = [pytest.mark.production, pytest.mark.slow]
@@ -42,7 +44,9 @@ def _scan(prod, seed, shape=SHAPE, **kw):
 
 def _complete(prod, uid, timeout=180):
     client = prod.plugin()
-    wait_until(lambda: result_status(client, uid) == "complete", timeout, what=f"complete result for {uid}")
+    # once a second: each poll is a few requests, and Tiled is the stack's busiest process
+    wait_until(lambda: result_status(client, uid) == "complete", timeout, interval=1.0,
+               what=f"complete result for {uid}")
 
 
 def _runs(prod, uid, n=1, timeout=120):
@@ -50,33 +54,51 @@ def _runs(prod, uid, n=1, timeout=120):
         runs = runs_for_scan(prod.prefect.api_url, uid)
         return runs if len(runs) >= n and all(r["state_type"] in TERMINAL for r in runs) else None
 
-    return wait_until(done, timeout, what=f"finished flow runs for {uid}")
+    return wait_until(done, timeout, interval=1.0, what=f"finished flow runs for {uid}")
 
 
 def _expected_labels(seed):
     return np.asarray(cluster(scan_volumes(TEMPS, SHAPE, seed=seed), TEMPS, n_components=3).labels)
 
 
-def test_scan_to_result_on_the_production_stack(prod, tmp_path):
+@pytest.fixture(scope="module")
+def processed(prod):
+    """One scan written by the beamline writer and processed by the stack, shared by the tests
+    that only need a result: (uid, SHA-256 of the raw run taken right after its stop document,
+    before its flow run can have started)."""
     uid = _scan(prod, seed=1)
+    before = _fingerprint(prod.writer()["raw"][uid]).hexdigest()
     _complete(prod, uid)
+    return uid, before
+
+
+def test_scan_to_result_on_the_production_stack(prod, processed, tmp_path):
+    uid, _ = processed
     assert [r["state_type"] for r in _runs(prod, uid)] == ["COMPLETED"]
     # The clustering ran on the Dask workers started the way deploy/ says.
     worker_logs = " ".join(w.log_path.read_text(errors="replace") for w in prod.workers)
     assert "Registered to" in worker_logs
     # A plain tiled client in another process reads the result with the plugin's key.
     code = (
-        "import sys, numpy as np\n"
+        "import os, sys, numpy as np\n"
         "from tiled.client import from_uri\n"
         "from tiled.queries import Key\n"
-        f"c = from_uri({prod.tiled.uri!r}, api_key={prod.plugin_key!r})\n"
+        f"c = from_uri({prod.tiled.uri!r}, api_key=os.environ['TILED_API_KEY'])\n"
         f"node = c['xtec'].search(Key('source.uid') == {uid!r}).values().first()\n"
         "np.save(sys.argv[1], node['labels'].read())\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "l.npy")], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, env=child_env(TILED_API_KEY=prod.plugin_key))  # never on a command line
     assert out.returncode == 0, out.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), _expected_labels(1))
+
+
+def test_raw_runs_are_byte_for_byte_unchanged_by_processing(prod, processed):
+    # (before the access-policy test, which lets the writer change this run's metadata)
+    uid, before = processed
+    _runs(prod, uid)  # every flow run of the scan has finished
+    assert _fingerprint(prod.writer()["raw"][uid]).hexdigest() == before
+    assert _fingerprint(prod.plugin()["raw"][uid]).hexdigest() == before
 
 
 def test_unauthenticated_requests_are_refused(prod):
@@ -88,42 +110,18 @@ def test_unauthenticated_requests_are_refused(prod):
                         headers={"Authorization": "Apikey wrongkey"}).status_code == 401
 
 
-_WRITER = """
-import json, sys
-import numpy as np
-from tiled.client import from_uri
-from xtec_flows.demo.beamline import run_temperature_scan
-raw = from_uri(sys.argv[1], api_key=sys.argv[2])["raw"]
-seeds = json.loads(sys.argv[3])
-temps = np.linspace(20.0, 300.0, 6)
-print(json.dumps([run_temperature_scan(raw, temps, spatial_shape=(12, 12, 12), seed=s) for s in seeds]))
-"""
-
-
 @pytest.mark.load
 def test_twenty_scans_within_a_minute_each_processed_once_within_the_limit(prod):
     # Two acquisition processes (two end stations), ten small scans each, while the first
     # results are already being computed.
-    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, prod.tiled.uri, prod.writer_key,
-                                 json.dumps(list(range(200 + 10 * w, 210 + 10 * w)))],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(2)]
-    uids = []
-    for w in writers:
-        out, err = w.communicate(timeout=300)
-        assert w.returncode == 0, err[-2000:]
-        uids += json.loads(out.strip().splitlines()[-1])
+    uids = write_burst(prod.tiled.uri, prod.writer_key, writers=2, per_writer=10, seed0=200, n_temps=4)
     assert len(set(uids)) == 20
-    raw = prod.writer()["raw"]
-    stops = [float(raw[u].metadata["stop"]["time"]) for u in uids]
-    for uid in uids:
-        _complete(prod, uid, timeout=600)
+    outcome = burst_outcome(prod.plugin(), prod.prefect.api_url, uids)
+    stops = outcome["stops"].values()
     assert max(stops) - min(stops) < 60, f"the 20 scans took {max(stops) - min(stops):.0f} s to complete"
-    intervals = []
-    for uid in uids:
-        runs = _runs(prod, uid)
+    for uid, runs in outcome["runs"].items():
         assert [r["state_type"] for r in runs] == ["COMPLETED"], uid
-        intervals.append((parse_time(runs[0]["start_time"]), parse_time(runs[0]["end_time"])))
-    assert max_overlap(intervals) <= LIMIT
+    assert outcome["peak"] <= LIMIT
     keys = list(tiled_io._walk(prod.plugin(), "xtec"))
     assert len(keys) == len(set(keys))
     tiled_log = prod.tiled.log_path.read_text(errors="replace")
@@ -135,15 +133,18 @@ def test_redis_restart_while_subscribed_loses_no_scan(prod):
     (tiled's defaults) bridge a short restart. The scan's events may be lost; the periodic
     catch-up must still find it."""
     prod.redis.kill()
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER.replace("(12, 12, 12)", "(16, 16, 16)"),
-                               prod.tiled.uri, prod.writer_key, json.dumps([31])],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={k: v for k, v in os.environ.items() if not k.startswith("TILED_RETRY")})
-    time.sleep(4)  # the scan starts while Redis is down
-    prod.redis.start()
-    out, err = writer.communicate(timeout=300)
-    assert writer.returncode == 0, err[-2000:]
-    (uid,) = json.loads(out.strip().splitlines()[-1])
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # tiled's default client retries (not a shortened budget) are what bridge the restart
+            writing = pool.submit(write_burst, prod.tiled.uri, prod.writer_key, writers=1, per_writer=1, seed0=31,
+                                  n_temps=12, shape=(16, 16, 16),
+                                  env={"TILED_RETRY_ATTEMPTS": None, "TILED_RETRY_TIMEOUT": None})
+            time.sleep(4)  # the scan starts while Redis is down
+            prod.redis.start()
+            (uid,) = writing.result(timeout=300)
+    finally:
+        if not prod.redis.alive:  # never leave the stack without its cache for the next tests
+            prod.redis.start()
     _complete(prod, uid, timeout=180)
     assert [r["state_type"] for r in _runs(prod, uid)] == ["COMPLETED"]
     after = _scan(prod, seed=32)  # and events flow again afterwards
@@ -162,6 +163,24 @@ def test_serve_killed_and_restarted_processes_each_scan_once(prod):
                                and all(r["state_type"] in TERMINAL for r in rs) else None)(
         runs_for_scan(prod.prefect.api_url, uid)), 120, what="the scan's flow runs to finish")
     assert sum(r["state_type"] == "COMPLETED" for r in runs) == 1
+
+
+def test_prefect_server_down_for_30_s_while_two_scans_complete(prod):
+    """The orchestrator's database-backed server is gone for half a minute: the watcher keeps
+    the scans it could not submit and the runner rides out the outage; both scans are processed
+    once after the server returns."""
+    down = time.monotonic()
+    prod.prefect.stop()
+    try:
+        uids = [_scan(prod, seed=seed) for seed in (45, 46)]
+        time.sleep(max(0.0, 30.0 - (time.monotonic() - down)))
+        assert all(result_status(prod.plugin(), uid) is None for uid in uids)  # nothing could have run
+    finally:
+        prod.prefect.start()
+    assert prod.serve.alive, "serve must survive the orchestrator's outage"
+    for uid in uids:
+        _complete(prod, uid, timeout=300)
+        assert [r["state_type"] for r in _runs(prod, uid)] == ["COMPLETED"]
 
 
 def _params():
@@ -224,6 +243,14 @@ def test_no_key_appears_in_logs_parameters_artifacts_or_metadata(prod):
     client = prod.plugin()
     texts["tiled metadata"] = json.dumps([node.metadata for node in tiled_io._walk(client, "xtec").values()],
                                          default=str)
+    # and in no command line of any process on the machine (ps shows them to every user)
+    from pathlib import Path
+
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            texts[f"the command line of pid {cmdline.parent.name}"] = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            continue  # the process ended meanwhile
     for where, text in texts.items():
         for key in secrets_:
             assert key not in text, f"an API key appears in {where}"
@@ -247,9 +274,8 @@ def _refused(action) -> int:
     pytest.fail("Tiled allowed an action its access policy should refuse")
 
 
-def test_access_policy_confines_each_service_to_its_own_tree(prod):
-    uid = _scan(prod, seed=71)
-    _complete(prod, uid)
+def test_access_policy_confines_each_service_to_its_own_tree(prod, processed):
+    uid, _ = processed
     plugin, writer = prod.plugin(), prod.writer()
     result = tiled_io._walk(plugin, "xtec")[tiled_io.result_key(uid, _params())]
     before = json.dumps(result.metadata, sort_keys=True, default=str)
@@ -306,15 +332,6 @@ def _fingerprint(node, digest=None):
     return digest
 
 
-def test_raw_runs_are_byte_for_byte_unchanged_by_processing(prod):
-    uid = _scan(prod, seed=81)
-    before = _fingerprint(prod.writer()["raw"][uid]).hexdigest()  # read at once, before the flow starts
-    _complete(prod, uid)
-    _runs(prod, uid)
-    assert _fingerprint(prod.writer()["raw"][uid]).hexdigest() == before
-    assert _fingerprint(prod.plugin()["raw"][uid]).hexdigest() == before
-
-
 def _bootstrap_module():
     import importlib.util
 
@@ -326,7 +343,7 @@ def _bootstrap_module():
     return module
 
 
-def test_key_without_write_scope_fails_clearly_before_any_work(prod, tmp_path, monkeypatch):
+def test_key_without_write_scope_fails_clearly_before_any_work(prod, processed, tmp_path, monkeypatch):
     from xtec_flows.demo.services import ServeService
     from xtec_flows.pipeline import ClusterParams
     from xtec_flows.process import process_scan
@@ -336,8 +353,7 @@ def test_key_without_write_scope_fails_clearly_before_any_work(prod, tmp_path, m
     admin = bootstrap.admin_context(prod.tiled.uri, "local", "admin")
     read_only = admin.admin.create_api_key(prod.principals["XTEC_FLOWS_PRINCIPAL"],
                                            scopes=["read:metadata", "read:data"], note="read-only")["secret"]
-    uid = _scan(prod, seed=91)
-    _complete(prod, uid)
+    uid, _ = processed
     results_before = sorted(tiled_io._walk(prod.plugin(), "xtec"))
 
     # In a flow: refused before the scan is read, nothing written (other parameters, so the
@@ -350,11 +366,11 @@ def test_key_without_write_scope_fails_clearly_before_any_work(prod, tmp_path, m
         process_scan(prod.writer(), f"raw/{uid}", other)
 
     # `xtec-flows serve` with either key stops at start-up with the reason; nothing subscribed.
-    for name, key in (("read-only", read_only), ("writer", prod.writer_key)):
-        serve = ServeService(
-            tmp_path / name, prod.tiled.uri, key, prod.prefect.api_url,
-            args=["--raw-path", "raw", "-k", "3", "--reprocess-cron", ""])
-        serve.launch()
+    serves = {name: ServeService(tmp_path / name, prod.tiled.uri, key, prod.prefect.api_url,
+                                 args=["--raw-path", "raw", "-k", "3", "--reprocess-cron", ""]).launch()
+              for name, key in (("read-only", read_only), ("writer", prod.writer_key))}
+    for name, serve in serves.items():
+        key = read_only if name == "read-only" else prod.writer_key
         assert serve.proc.wait(timeout=120) == 2, name
         text = serve.log_path.read_text(errors="replace")
         assert "error: " in text and ("bootstrap_access.py" in text), text[-2000:]

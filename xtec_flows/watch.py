@@ -142,11 +142,12 @@ def result_states(results_root) -> dict[str, str]:
     """
     states = {}
     for key, node in results_root.items():
-        states[key] = _state_of(node.metadata or {})
+        states[key] = state_of_metadata(node.metadata or {})
     return states
 
 
-def _state_of(md: dict) -> str:
+def state_of_metadata(md: dict) -> str:
+    """DONE, REJECTED or UNFINISHED, from a result node's metadata."""
     status = md.get("status")
     if status == "complete":
         return DONE
@@ -158,7 +159,7 @@ def _state_of(md: dict) -> str:
 def result_state(results_root, key: str) -> str:
     """State of one result (MISSING when there is none)."""
     node = tiled_io.find_result(results_root, key)
-    return MISSING if node is None else _state_of(node.metadata or {})
+    return MISSING if node is None else state_of_metadata(node.metadata or {})
 
 
 def completed_scans(raw, rule: ScanRule = ScanRule(), *, since: float | None = None, until: float | None = None):
@@ -208,7 +209,7 @@ def select_for_reprocessing(raw, results_root, params: dict, rule: ScanRule = Sc
     has_complete: set = set()
     for key, node in results_root.items():
         md = node.metadata or {}
-        states[key] = _state_of(md)
+        states[key] = state_of_metadata(md)
         if states[key] == DONE:
             has_complete.add((md.get("source") or {}).get("uid"))
     out = []
