@@ -195,9 +195,10 @@ def _burst_on(name: str, start, client_of, api_url_of, key_of, args) -> dict:
         finally:
             stack.stop()
     stops = list(outcome["stops"].values())
-    return {"stack": name, "startup": startup, "scans": len(uids), "runs": sum(len(r) for r in outcome["runs"].values()),
+    return {**outcome, "stack": name, "startup": startup, "scans": len(uids),
+            "runs": sum(len(r) for r in outcome["runs"].values()),
             "completed": sum(r["state_type"] == "COMPLETED" for rs in outcome["runs"].values() for r in rs),
-            "acquisition": max(stops) - min(stops), **outcome}
+            "acquisition": max(stops) - min(stops)}
 
 
 def compare_burst(args, argv) -> int:
