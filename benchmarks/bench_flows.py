@@ -169,13 +169,7 @@ def main(argv=None) -> int:
          "prefect, dask and tiled; the flow run reads the scan over HTTP, clusters, writes the result node "
          "(about 34 requests in all) and then renders the maps and artifacts. The burst's latency beyond "
          "the single-scan figure is queueing behind `--limit`.")
-    block = "\n".join(out) + "\n"
-    sys.stdout.write(block)
-    if args.results:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_engine import merge_results
-
-        merge_results(Path(args.results), {"flows": block})
+    _publish("\n".join(out) + "\n", args.results, "flows")
     return 0
 
 
@@ -236,14 +230,18 @@ def compare_burst(args, argv) -> int:
                "passes the access policy, and the chunks are read by Dask worker processes, so per-scan "
                "overhead, not clustering, sets the throughput of small scans; on 2 cores the services and the "
                "flow runs share the CPU.")
-    block = "\n".join(out) + "\n"
+    _publish("\n".join(out) + "\n", args.results, "burst")
+    return 0
+
+
+def _publish(block: str, results: str, section: str) -> None:
+    """Print the tables and merge them into RESULTS.md (unless ``results`` is empty)."""
     sys.stdout.write(block)
-    if args.results:
+    if results:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_engine import merge_results
 
-        merge_results(Path(args.results), {"burst": block})
-    return 0
+        merge_results(Path(results), {section: block})
 
 
 def _reference_seconds(vol, temps) -> float | None:

@@ -53,6 +53,17 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _section(raw: dict, name: str, keys, where: str) -> dict:
+    """The optional mapping ``raw[name]``, with only known keys (ConfigError naming the file otherwise)."""
+    section = raw.get(name) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: {name} must be a mapping with keys {sorted(keys)}")
+    unknown = sorted(set(section) - set(keys))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {[f'{name}.{k}' for k in unknown]}; known: {sorted(keys)}")
+    return section
+
+
 def load_config(path: Path, system: str | None = None) -> dict:
     """Read and check the YAML file.
 
@@ -112,13 +123,7 @@ def load_config(path: Path, system: str | None = None) -> dict:
     # dask-jobqueue treats None as "use dask's jobqueue config"; drop them so the file is the only source.
     job = {k: v for k, v in job.items() if v is not None}
 
-    sched = raw.get("scheduler") or {}
-    if not isinstance(sched, dict):
-        raise ConfigError(f"{where}: scheduler must be a mapping with keys {sorted(SCHEDULER_KEYS)}")
-    unknown = sorted(set(sched) - SCHEDULER_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {[f'scheduler.{k}' for k in unknown]}; "
-                          f"known: {sorted(SCHEDULER_KEYS)}")
+    sched = _section(raw, "scheduler", SCHEDULER_KEYS, where)
     if "port" in sched and (not _is_int(sched["port"]) or not 0 <= sched["port"] <= 65535):
         raise ConfigError(f"{where}: scheduler.port must be an integer 0..65535; got {sched['port']!r}")
     no_dashboard = "dashboard_address" in sched and sched["dashboard_address"] is None
@@ -128,13 +133,7 @@ def load_config(path: Path, system: str | None = None) -> dict:
         # told otherwise, so give it any free port instead.
         sched.update(dashboard=False, dashboard_address=":0")
 
-    adaptive = raw.get("adaptive") or {}
-    if not isinstance(adaptive, dict):
-        raise ConfigError(f"{where}: adaptive must be a mapping with keys {sorted(ADAPTIVE_KEYS)}")
-    unknown = sorted(set(adaptive) - ADAPTIVE_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {[f'adaptive.{k}' for k in unknown]}; "
-                          f"known: {sorted(ADAPTIVE_KEYS)}")
+    adaptive = _section(raw, "adaptive", ADAPTIVE_KEYS, where)
     lo, hi = adaptive.get("minimum_jobs", 0), adaptive.get("maximum_jobs", 1)
     if not _is_int(lo) or lo < 0:
         raise ConfigError(f"{where}: adaptive.minimum_jobs must be an integer >= 0; got {lo!r}")
