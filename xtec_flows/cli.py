@@ -107,7 +107,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoothing-iterations", type=int, default=1)
     p.add_argument("--unit-cell", type=_int_tuple, help="mode s, periodic kernel: voxels per r.l.u. per axis, e.g. 16,16,16")
     p.add_argument("--chunks", type=_int_tuple, help="spatial block shape for streaming, e.g. 64,64,64")
-    p.add_argument("--scratch", help="directory for intermediate arrays (default: memory or a temp dir)")
+    p.add_argument("--scratch", help="directory for intermediate arrays (default: memory, a temp dir above 1 GiB, or the Dask "
+                   "workers' memory under a distributed Client; on a multi-host cluster DIR must be shared)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

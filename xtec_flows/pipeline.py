@@ -4,7 +4,8 @@ The 4-D input (T, *spatial) is streamed block by block through dask, normally on
 
 1. *statistics* (the one read): the temperature mean of every voxel (0 where
    masked, NaN where the trajectory holds NaN/Inf) goes to a 3-D scratch array
-   (1/T of the input); at the same time the block keeps the trajectories above
+   (1/T of the input; a zarr array, or dask blocks persisted in the workers'
+   memory under a distributed Client, see ``_scratch_store``); at the same time the block keeps the trajectories above
    a provisional cut (every valid one for inputs under ``CACHE_ALL_BYTES``;
    otherwise a cut estimated on a sample of blocks, lowered by a margin);
 2. *threshold*: the histogram of log <I>_T is built from the scratch array by
@@ -310,18 +311,61 @@ def distributed_client_active() -> bool:
 
 
 def _scratch_store(nbytes: int, scratch):
-    """Store for intermediate arrays, and the temp dir to clean up (or None).
+    """Where the intermediate arrays (statistic, provisional labels) live.
 
-    Tasks on distributed workers receive a pickled copy of the store, so an
-    in-memory store would swallow their writes: with a Client, scratch goes to
-    disk (pass ``scratch`` on a shared file system for a multi-host cluster).
+    Returns (zarr store or None, temp dir to clean up or None). ``None`` as the
+    store means *cluster memory*: with a distributed Client and no ``scratch``
+    directory, the intermediates are dask arrays persisted on the workers.
+    A zarr store is wrong there: tasks get a pickled copy of an in-memory
+    store and would swallow their writes, and a temp dir on this host is not
+    the temp dir of a worker on another host (each would see only its own
+    blocks). An explicit ``scratch`` directory is used as given, so on a
+    multi-host cluster it must be on a file system every worker shares.
     """
     if scratch is not None:
         return zarr.storage.LocalStore(str(scratch)), None
-    if nbytes <= SCRATCH_IN_MEMORY_BYTES and not distributed_client_active():
+    if distributed_client_active():
+        return None, None
+    if nbytes <= SCRATCH_IN_MEMORY_BYTES:
         return zarr.storage.MemoryStore(), None
     tmp = tempfile.TemporaryDirectory(prefix="xtec-flows-scratch-")
     return zarr.storage.LocalStore(tmp.name), tmp
+
+
+def _assemble(parts: list, regions: list, grid: tuple, dtype) -> da.Array:
+    """One dask array from per-block delayed arrays, laid out as ``regions`` on ``grid``."""
+    blocks = np.empty(grid, dtype=object)
+    for part, (idx, _, region) in zip(parts, regions):
+        blocks[idx] = da.from_delayed(part, tuple(r.stop - r.start for r in region), dtype=dtype)
+    return da.block(blocks.tolist())
+
+
+def _intermediate(make_block, args_per_block: list, regions: list, shape: tuple, chunks: tuple, store, name: str,
+                  dtype, progress: bool = False):
+    """Run one task per block that yields a block of an intermediate array and a summary.
+
+    ``make_block(*args, target, region)`` returns (block or None, summary): it
+    writes its block into the zarr array ``target`` when there is one (and
+    returns None for it), else returns the block. With a zarr ``store`` the
+    intermediate is a zarr scratch array named ``name``; without one
+    (distributed Client) it is a dask array persisted in the workers' memory.
+
+    Returns (summaries in the order of ``regions``, the intermediate as a dask
+    array of ``shape`` chunked by ``chunks``, and the array to index directly:
+    the zarr array, or the persisted dask array itself).
+    """
+    if store is not None:
+        target = zarr_io.scratch_array(store, name, shape, chunks, dtype)
+        tasks = [dask.delayed(make_block, nout=2)(*args, target, region)
+                 for args, (_, _, region) in zip(args_per_block, regions)]
+        summaries = _compute(*[t[1] for t in tasks], progress=progress)
+        return list(summaries), da.from_zarr(target, chunks=chunks), target
+    tasks = [dask.delayed(make_block, nout=2)(*args, None, region)
+             for args, (_, _, region) in zip(args_per_block, regions)]
+    array = _assemble([t[0] for t in tasks], regions, tuple(math.ceil(n / c) for n, c in zip(shape, chunks)), dtype)
+    with _progress(progress):
+        array, summaries = dask.persist(array, [t[1] for t in tasks])
+    return list(dask.compute(*summaries)), array, array
 
 
 def _progress(enabled: bool):
@@ -390,13 +434,17 @@ def _label_count(stat, log_cut):
     return peaks.label_mask(_block_mask(stat, log_cut))[1]
 
 
-def _label_write(stat, log_cut, label_offset, region, offset, shape, target):
+def _label_write(stat, log_cut, label_offset, offset, shape, target, region):
+    """(block's provisional labels, or None once written to ``target``; first voxel of each label)."""
     labels, n = peaks.label_mask(_block_mask(stat, log_cut))
-    glob = np.where(labels > 0, labels.astype(np.int64) + label_offset, 0)
-    target[region] = glob.astype(np.int32)
+    glob = np.where(labels > 0, labels.astype(np.int64) + label_offset, 0).astype(np.int32)
     grids = np.meshgrid(*[np.arange(o, o + s) for o, s in zip(offset, stat.shape)], indexing="ij")
     flat = np.ravel_multi_index(tuple(grids), shape)
-    return peaks.first_voxel_per_label(labels, n, flat)
+    firsts = peaks.first_voxel_per_label(labels, n, flat)
+    if target is None:
+        return glob, firsts
+    target[region] = glob
+    return None, firsts
 
 
 # ---------------------------------------------------------------------------------------
@@ -409,16 +457,19 @@ def _compute(*tasks, progress=False):
         return dask.compute(*tasks)
 
 
-def _block_first_pass(block, stat_target, region, offset, shape, mask_type, provisional, fine_edges):
+def _block_first_pass(block, offset, shape, mask_type, provisional, fine_edges, stat_target, region):
     """Everything the first read of one block yields.
 
-    Writes the block's <I>_T into the scratch array and returns a dict with the
-    counts and range of valid log-means, the number of non-finite trajectories,
-    a fine histogram of the log-means (if ``fine_edges`` is given) and the
-    trajectories, flat indices and log-means of the voxels above ``provisional``.
+    Returns (the block's <I>_T, or None once written into ``stat_target``; a
+    dict with the counts and range of valid log-means, the number of
+    non-finite trajectories, a fine histogram of the log-means (if
+    ``fine_edges`` is given) and the trajectories, flat indices and log-means
+    of the voxels above ``provisional``).
     """
     stat = _block_statistic(block, mask_type)
-    stat_target[region] = stat
+    written = stat_target is not None
+    if written:
+        stat_target[region] = stat
     n_bad = int((~np.isfinite(stat)).sum())
     logv = _log_valid(stat)
     out = {
@@ -431,12 +482,12 @@ def _block_first_pass(block, stat_target, region, offset, shape, mask_type, prov
     if provisional == -math.inf:
         # Small input: keep the block itself (no copy); select after the cut is known.
         out["block"], out["stat"] = block, stat
-        return out
-    keep = _block_mask(stat, provisional)
-    out["flat"] = _block_flat(offset, stat.shape, shape, keep)
-    out["traj"] = np.ascontiguousarray(block[:, keep].T, dtype=np.float32)
-    out["log"] = np.log(stat[keep].astype(np.float64))
-    return out
+    else:
+        keep = _block_mask(stat, provisional)
+        out["flat"] = _block_flat(offset, stat.shape, shape, keep)
+        out["traj"] = np.ascontiguousarray(block[:, keep].T, dtype=np.float32)
+        out["log"] = np.log(stat[keep].astype(np.float64))
+    return (None if written else stat), out
 
 
 def _provisional_cut(x: da.Array, params: ClusterParams, regions: list):
@@ -545,21 +596,13 @@ def gather_trajectories(
     try:
         t0 = time.perf_counter()
         provisional, fine_edges = _provisional_cut(x, params, regions)
-        stat_arr = zarr_io.scratch_array(store, "statistic", spatial_shape, regular, "float32")
         xb = x.to_delayed().reshape(x.numblocks[1:])
-        first = list(
-            _compute(
-                *[
-                    dask.delayed(_block_first_pass)(
-                        xb[idx], stat_arr, region, offset, spatial_shape, params.mask, provisional, fine_edges
-                    )
-                    for idx, offset, region in regions
-                ],
-                progress=progress,
-            )
+        first, stat_d, _ = _intermediate(
+            _block_first_pass,
+            [(xb[idx], offset, spatial_shape, params.mask, provisional, fine_edges) for idx, offset, _ in regions],
+            regions, spatial_shape, regular, store, "statistic", np.float32, progress=progress,
         )
         n_bad = sum(p["n_bad"] for p in first)
-        stat_d = da.from_zarr(stat_arr, chunks=regular)
         if n_bad and params.nonfinite == "raise":
             where = np.unravel_index(int(da.argmax(~da.isfinite(stat_d).ravel()).compute()), spatial_shape)
             raise ValueError(
@@ -626,7 +669,7 @@ def gather_trajectories(
             t0 = time.perf_counter()
             mapping, n_peaks, prov_arr = _chunked_components(stat_d, store, spatial_shape, regular, cutoff.log_cutoff)
             coords = np.unravel_index(flat, spatial_shape)
-            peak_ids = mapping[prov_arr.get_coordinate_selection(coords)]
+            peak_ids = mapping[_values_at(prov_arr, coords)]
             timings["components"] = time.perf_counter() - t0
     finally:
         if tmp is not None:
@@ -689,12 +732,28 @@ def _sort_by_voxel(results: list, n_temperatures: int, keep: np.ndarray | None =
     return flat[order], raw, prov
 
 
+def _read_slabs(array, selections: list) -> list:
+    """``array[sel]`` for every selection, as numpy; a dask array is read in one compute."""
+    if isinstance(array, da.Array):
+        return list(dask.compute(*[array[sel] for sel in selections]))
+    return [array[sel] for sel in selections]
+
+
+def _values_at(array, coords: tuple) -> np.ndarray:
+    """``array`` at the points ``coords`` (a tuple of index arrays), as numpy."""
+    if isinstance(array, da.Array):
+        return array.vindex[coords].compute()
+    return array.get_coordinate_selection(coords)
+
+
 def _chunked_components(stat_d, store, shape, chunks, log_cut):
     """Connected components of the threshold mask, block by block (see numerics.peaks).
 
+    ``store`` is the zarr scratch store, or None to keep the provisional labels
+    in the workers' memory (distributed Client).
+
     Returns (mapping from provisional to final label, number of peaks, the
-    provisional-label scratch array)."""
-    prov = zarr_io.scratch_array(store, "provisional_labels", shape, chunks, "int32")
+    provisional labels: a zarr scratch array or a persisted dask array)."""
     blocks = stat_d.to_delayed()
     regions = list(block_regions(stat_d.chunks))
     counts = _compute(*[dask.delayed(_label_count)(blocks[idx], log_cut) for idx, _, _ in regions])
@@ -702,20 +761,21 @@ def _chunked_components(stat_d, store, shape, chunks, log_cut):
     n_prov = int(sum(counts))
     if n_prov >= np.iinfo(np.int32).max:
         raise ValueError(f"too many provisional peaks ({n_prov}) for int32 labels; raise the threshold")
-    firsts = _compute(
-        *[
-            dask.delayed(_label_write)(blocks[idx], log_cut, int(off), region, offset, shape, prov)
-            for (idx, offset, region), off in zip(regions, offsets)
-        ]
+    firsts, _, prov = _intermediate(
+        _label_write,
+        [(blocks[idx], log_cut, int(off), offset, shape) for (idx, offset, _), off in zip(regions, offsets)],
+        regions, shape, chunks, store, "provisional_labels", np.int32,
     )
     first_flat = np.concatenate([[0]] + [f for f in firsts]).astype(np.int64)
-    edges = []
+    # The two voxel layers either side of every block boundary: labels that meet there merge.
+    boundaries = []
     for axis, c in enumerate(stat_d.chunks):
         for boundary in np.cumsum(c)[:-1]:
             sl = [slice(None)] * len(shape)
             sl[axis] = slice(int(boundary) - 1, int(boundary) + 1)
-            slab = np.moveaxis(prov[tuple(sl)], axis, 0)
-            edges.append(peaks.slab_edges(slab))
+            boundaries.append((axis, tuple(sl)))
+    slabs = _read_slabs(prov, [sl for _, sl in boundaries])
+    edges = [peaks.slab_edges(np.moveaxis(slab, axis, 0)) for (axis, _), slab in zip(boundaries, slabs)]
     edges = np.concatenate(edges) if edges else np.empty((0, 2), np.int64)
     mapping, n_final = peaks.resolve_labels(n_prov, edges, first_flat)
     return mapping, n_final, prov

@@ -1,0 +1,116 @@
+"""A Dask cluster whose workers do not share a file system with the client, as on several hosts.
+
+One ``dask worker`` runs in its own mount namespace with a private /tmp (``unshare --mount``),
+so nothing it writes to a local temp directory is visible to the client or the other worker:
+exactly what happens when workers run on other hosts. The engine must give the same labels
+as the local threaded scheduler there. It once did not: the per-voxel statistic and the
+provisional peak labels went to a zarr scratch array in the *client's* temp directory, each
+worker wrote its blocks into its own /tmp, and the threshold saw only part of the volume.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import xtec_flows
+from xtec_flows import pipeline
+from xtec_flows.demo.services import ManagedProcess, child_env, executable, free_port
+from xtec_flows.synthetic import make_volume
+
+REQUIRE = os.environ.get("XTEC_FLOWS_REQUIRE_SERVICES") == "1"
+
+
+def _private_tmp_possible() -> str | None:
+    if shutil.which("unshare") is None:
+        return "unshare is not installed"
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs tmpfs /tmp"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        return f"cannot make a private /tmp mount namespace: {probe.stderr.strip()[:200]} (needs root)"
+    return None
+
+
+class Scheduler(ManagedProcess):
+    def __init__(self, directory):
+        self.port = free_port()
+        super().__init__("dask-scheduler", [executable("dask"), "scheduler", "--host", "127.0.0.1", "--port",
+                                            str(self.port), "--no-dashboard"], child_env(), directory / "scheduler.log")
+
+    @property
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def ready(self) -> bool:
+        return "Scheduler at" in self.log_path.read_text(errors="replace")
+
+
+class Worker(ManagedProcess):
+    def __init__(self, directory, scheduler: str, name: str, private_tmp: bool):
+        worker = [executable("dask"), "worker", scheduler, "--nthreads", "1", "--memory-limit", "2GiB", "--name",
+                  name, "--no-dashboard", "--host", "127.0.0.1"]
+        if private_tmp:
+            # The worker's local directory lives in its private /tmp too, as on a host of its own.
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    "mount -t tmpfs tmpfs /tmp && exec \"$@\"", "sh", *worker, "--local-directory", "/tmp/dask"]
+        else:
+            argv = [*worker, "--local-directory", str(directory / f"dask-{name}")]
+        super().__init__(f"dask-worker-{name}", argv, child_env(), directory / f"{name}.log")
+
+    def ready(self) -> bool:
+        return "Registered to" in self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = _private_tmp_possible()
+    if reason:
+        if REQUIRE:
+            pytest.fail(f"multi-host Dask test: {reason} (XTEC_FLOWS_REQUIRE_SERVICES=1 forbids skipping)")
+        pytest.skip(f"multi-host Dask test skipped: {reason}")
+    directory = tmp_path_factory.mktemp("multihost")
+    scheduler = Scheduler(directory).start()
+    workers = [Worker(directory, scheduler.address, "shared", private_tmp=False),
+               Worker(directory, scheduler.address, "elsewhere", private_tmp=True)]
+    try:
+        for w in workers:
+            w.start()
+        yield scheduler.address
+    finally:
+        for proc in [*workers, scheduler]:
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def volume():
+    return make_volume((8, 24, 24, 24), seed=5)
+
+
+@pytest.mark.parametrize("mode", ["d", "peaks"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["cached", "provisional-cut"])
+def test_workers_without_a_shared_temp_dir_give_the_local_labels(cluster, volume, mode, streaming, monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    vol, temps, _ = volume
+    if streaming:
+        # The path of inputs too large to keep whole: trajectories above a provisional cut,
+        # the histogram from the statistic array in several passes.
+        monkeypatch.setattr(pipeline, "CACHE_ALL_BYTES", 0)
+    kwargs = dict(mode=mode, n_components=3, n_init=1, chunks=(8, 8, 8), random_state=0)
+    local = xtec_flows.cluster(vol, temps, **kwargs)
+    with distributed.Client(cluster, timeout=30) as client, distributed.get_task_stream(client) as stream:
+        remote = xtec_flows.cluster(vol, temps, **kwargs)
+        held = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+    ran_on = {t["worker"] for t in stream.data}
+    assert len(ran_on) == 2, f"the block tasks should have run on both workers, ran on {ran_on}"
+    # Every voxel's statistic reached the threshold: the histogram and the cut are the local ones.
+    assert remote.n_valid == local.n_valid == vol[0].size
+    np.testing.assert_array_equal(remote.histogram_counts, local.histogram_counts)
+    assert remote.log_cutoff == local.log_cutoff
+    assert remote.n_thresholded == local.n_thresholded
+    np.testing.assert_array_equal(remote.labels[...], local.labels[...])
+    # The intermediates persisted on the workers are released once the result is made.
+    assert held == 0
