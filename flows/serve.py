@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from xtec_flows import watch
@@ -161,23 +162,76 @@ def crash_orphaned_runs(deployment_ids) -> int:
     return len(runs)
 
 
+#: Longest wait between attempts to reach an unreachable Prefect server (seconds).
+MAX_ORCHESTRATOR_BACKOFF = 15.0
+
+
+def orchestrator_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or anything it wraps) means the Prefect server could not be reached or
+    failed with a 5xx: a condition to wait out, not a reason to stop serving."""
+    import httpx
+
+    pending, seen = [exc], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, httpx.TransportError):
+            return True
+        if isinstance(e, httpx.HTTPStatusError) and e.response is not None and e.response.status_code >= 500:
+            return True
+        # Prefect's service loops give up with this after consecutive connection failures.
+        if isinstance(e, RuntimeError) and "exceeded error threshold" in str(e):
+            return True
+        if isinstance(e, BaseExceptionGroup):
+            pending.extend(e.exceptions)
+        pending.extend([e.__cause__, e.__context__])
+    return False
+
+
+def _while_orchestrator_unreachable(action, what: str):
+    """Call ``action()`` until it returns, waiting out an unreachable Prefect server with a
+    bounded exponential backoff (a server restarting, or started after this process: systemd's
+    After= orders start-up, not readiness). Other errors propagate at once."""
+    delay = 1.0
+    while True:
+        try:
+            return action()
+        except Exception as exc:
+            if not orchestrator_unreachable(exc):
+                raise
+            log.warning("%s: the Prefect server is unreachable (%s); trying again in %.0f s", what,
+                        type(exc).__name__, delay)
+        time.sleep(delay)
+        delay = min(2 * delay, MAX_ORCHESTRATOR_BACKOFF)
+
+
 def serve(cfg: ServeConfig) -> None:
-    """Serve both deployments and watch for completed scans until SIGTERM / Ctrl-C."""
+    """Serve both deployments and watch for completed scans until SIGTERM / Ctrl-C.
+
+    An unreachable Prefect server, at start-up or later, is waited out (the watcher keeps the
+    scans it could not submit and submits them once Prefect answers again).
+    """
     import prefect
 
     deployments = build_deployments(cfg)
     watcher = make_watcher(cfg)
     # Register the deployments before the watcher submits anything to them, and clear what a
     # killed predecessor left running so that catch-up can re-submit it.
-    ids = [d.apply() for d in deployments]
-    crash_orphaned_runs(ids)
+    ids = _while_orchestrator_unreachable(lambda: [d.apply() for d in deployments], "registering deployments")
+    _while_orchestrator_unreachable(lambda: crash_orphaned_runs(ids), "checking for orphaned flow runs")
     thread = threading.Thread(target=watcher.run, name="xtec-scan-watcher", daemon=True)
     thread.start()
     log.info("serving %s with at most %d concurrent run(s); watching %s/%s", [d.name for d in deployments],
              cfg.limit, tiled_io.redact_uri(cfg.tiled_uri), cfg.raw_path)
     try:
-        prefect.serve(*deployments, limit=cfg.limit, pause_on_shutdown=False, print_starting_message=False,
-                      query_seconds=cfg.query_seconds)
+        # prefect.serve returns on SIGTERM / Ctrl-C; it raises when Prefect cannot be reached
+        # (while it registers the deployments, or once its poll loop has failed several times).
+        _while_orchestrator_unreachable(
+            lambda: prefect.serve(*deployments, limit=cfg.limit, pause_on_shutdown=False,
+                                  print_starting_message=False, query_seconds=cfg.query_seconds),
+            "serving the deployments")
     finally:
         watcher.stop()
         thread.join(timeout=10)

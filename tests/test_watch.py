@@ -253,3 +253,32 @@ def test_serve_names_a_missing_raw_container(tiled_server):
     cfg = ServeConfig(tiled_uri=tiled_server.uri, raw_path="no_such_container")
     with pytest.raises(ValueError, match="no container 'no_such_container'.*--raw-path"):
         make_watcher(cfg, client=tiled_server.client())
+
+
+def test_serve_waits_out_a_prefect_server_that_does_not_answer(tiled_server, tmp_path):
+    """systemd's After= orders start-up, not readiness, and a Prefect server restarts now and
+    then: ``xtec-flows serve`` started while nothing answers at PREFECT_API_URL keeps trying with
+    a backoff and a warning instead of exiting, and still stops at once on SIGTERM."""
+    from xtec_flows.demo.services import ServeService, free_port
+
+    raw = f"raw-{uuid.uuid4().hex[:8]}"
+    tiled_server.client().create_container(raw)
+    nobody = free_port()  # nothing listens there
+    serve = ServeService(tmp_path / "serve", tiled_server.uri, tiled_server.api_key,
+                         f"http://127.0.0.1:{nobody}/api",
+                         args=["--raw-path", raw, "--root", f"xtec-{raw}", "--reprocess-cron", ""])
+    serve.launch()
+    try:
+        def tried_three_times():
+            assert serve.alive, f"serve exited instead of waiting for Prefect:\n{serve.log_tail()}"
+            return serve.log_path.read_text().count("the Prefect server is unreachable") >= 3
+
+        wait_until(tried_three_times, 90, what="three attempts to reach the Prefect server")
+        assert serve.alive, serve.log_tail()
+        text = serve.log_path.read_text()
+        assert "registering deployments: the Prefect server is unreachable" in text
+        assert "Traceback" not in text and "error:" not in text
+        serve.stop(grace=10.0)
+        assert serve.proc.returncode != -9, "serve did not stop within 10 s of SIGTERM"
+    finally:
+        serve.stop()

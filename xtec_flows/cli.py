@@ -543,10 +543,14 @@ def main(argv=None) -> int:
     except Exception as exc:
         if not _is_remote_error(exc):
             raise
-        sys.stderr.write(
-            f"xtec-flows {args.command}: error: the Tiled server refused or failed the request: {_safe_message(exc)}"
-            "\n(check the URI and the API key: --api-key or TILED_API_KEY)\n"
-        )
+        if _from_prefect(exc):
+            sys.stderr.write(
+                f"xtec-flows {args.command}: error: the Prefect server refused or failed the request: "
+                f"{_safe_message(exc)}\n(check PREFECT_API_URL and, for Prefect Cloud, PREFECT_API_KEY)\n")
+        else:
+            sys.stderr.write(
+                f"xtec-flows {args.command}: error: the Tiled server refused or failed the request: "
+                f"{_safe_message(exc)}\n(check the URI and the API key: --api-key or TILED_API_KEY)\n")
         return 2
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(_compact(doc)) + "\n")
@@ -568,6 +572,19 @@ def _is_remote_error(exc: BaseException) -> bool:
     if module.startswith(("tiled", "httpx", "httpcore")):
         return True
     return isinstance(exc, RuntimeError) and "API key" in str(exc)
+
+
+def _from_prefect(exc: BaseException) -> bool:
+    """Whether an HTTP-layer error came from a request to PREFECT_API_URL (serve talks to both
+    servers with httpx, and the user must be told which one failed)."""
+    base = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not base:
+        return False
+    try:
+        url = str(exc.request.url)  # httpx errors carry the request they failed on
+    except (AttributeError, RuntimeError):
+        return type(exc).__module__.startswith("prefect")
+    return url.startswith(base)
 
 
 def _compact(doc: dict) -> dict:
