@@ -72,6 +72,7 @@ class ManagedProcess:
         self.log_path = Path(log_path)
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
+        self._log_offset = 0  # where this launch's lines start in the (appended) log
 
     #: seconds :meth:`start` waits for :meth:`ready`
     start_timeout = 60.0
@@ -91,6 +92,8 @@ class ManagedProcess:
         if self.alive:
             raise RuntimeError(f"{self.name} is already running")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # A restart appends to the same log: readiness must look only at this launch's lines.
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=self.env, cwd=self.cwd, start_new_session=True)
@@ -151,6 +154,15 @@ class ManagedProcess:
     def _reap(self, timeout: float) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout)
+
+    def log_since_launch(self) -> str:
+        """What the child has logged since the last :meth:`launch` (the log is appended to)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self, n: int = 40) -> str:
         try:
@@ -221,16 +233,23 @@ class TiledService(ManagedProcess):
 
 
 class PrefectService(ManagedProcess):
-    """``prefect server start`` on 127.0.0.1 with its SQLite database under ``home``."""
+    """``prefect server start`` on 127.0.0.1 with its SQLite database under ``home``.
 
-    def __init__(self, home, *, port: int | None = None, extra_env: dict | None = None):
+    argv : another command line for the same server (the production tests start the systemd
+        unit's own ExecStart); it must listen on ``port``
+    """
+
+    def __init__(self, home, *, port: int | None = None, extra_env: dict | None = None,
+                 argv: list[str] | None = None):
         self.home = Path(home).resolve()
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        argv = [executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
-                "--analytics-off"]
-        env = child_env(PREFECT_HOME=str(self.home), PREFECT_SERVER_API_HOST="127.0.0.1",
-                        PREFECT_SERVER_API_PORT=str(self.port), **(extra_env or {}))
+        if argv is None:
+            argv = [executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
+                    "--analytics-off"]
+        # extra_env wins (a unit's environment file sets PREFECT_HOME too)
+        env = child_env(**{"PREFECT_HOME": str(self.home), "PREFECT_SERVER_API_HOST": "127.0.0.1",
+                           "PREFECT_SERVER_API_PORT": str(self.port), **(extra_env or {})})
         super().__init__("prefect-server", argv, env, self.home / "prefect-server.log", cwd=self.home)
 
     @property
@@ -244,16 +263,25 @@ class PrefectService(ManagedProcess):
 
 
 class ServeService(ManagedProcess):
-    """``xtec-flows serve`` against a Tiled and a Prefect server."""
+    """``xtec-flows serve`` against a Tiled and a Prefect server.
+
+    argv : the whole command line instead of ``xtec-flows serve --tiled-uri <tiled_uri> *args``
+        (the production tests start the systemd unit's own ExecStart, which takes the Tiled URI
+        from XTEC_FLOWS_TILED_URI in ``extra_env``)
+    """
 
     def __init__(self, directory, tiled_uri: str, api_key: str, prefect_api_url: str, args=(),
-                 extra_env: dict | None = None):
+                 extra_env: dict | None = None, argv: list[str] | None = None):
         self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
-        argv = [executable("xtec-flows"), "serve", "--tiled-uri", tiled_uri, *args]
-        env = child_env(TILED_API_KEY=api_key, PREFECT_API_URL=prefect_api_url,
-                        PREFECT_HOME=str(self.directory / "prefect-client"),
-                        XTEC_FLOWS_MAPS_DIR=str(self.directory / "maps"), **(extra_env or {}))
+        if argv is None:
+            argv = [executable("xtec-flows"), "serve", "--tiled-uri", tiled_uri, *args]
+        elif args:
+            raise ValueError("give either argv (a whole command line) or args (added to the default one)")
+        # extra_env wins (a unit's environment file sets the key, the API URL and the maps folder too)
+        env = child_env(**{"TILED_API_KEY": api_key, "PREFECT_API_URL": prefect_api_url,
+                           "PREFECT_HOME": str(self.directory / "prefect-client"),
+                           "XTEC_FLOWS_MAPS_DIR": str(self.directory / "maps"), **(extra_env or {})})
         super().__init__("xtec-flows-serve", argv, env, self.directory / "serve.log", cwd=self.directory)
 
     start_timeout = 120.0
@@ -261,5 +289,5 @@ class ServeService(ManagedProcess):
     def ready(self) -> bool:
         # Ready once the watcher has subscribed or fallen back to polling (it logs either);
         # the deployments are registered before the watcher starts.
-        text = self.log_path.read_text(errors="replace")
+        text = self.log_since_launch()
         return "subscribed to completed scans" in text or "polling every" in text
