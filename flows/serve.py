@@ -16,6 +16,7 @@ through flow parameters, so it is not stored in Prefect.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ class ServeConfig:
     reconcile_seconds : watcher catch-up period; lookback_seconds: its window
     query_seconds : how often the runner polls Prefect for scheduled runs
     dask_address : existing Dask scheduler for the clustering (None: local threads)
+    watch_only : only watch and submit; Prefect workers serve the deployments
+        (deploy/prefect/prefect.yaml), so ``limit``, ``query_seconds`` and the reprocessing
+        settings are theirs, not this process's
     """
 
     tiled_uri: str
@@ -65,6 +69,7 @@ class ServeConfig:
     dask_address: str | None = None
     volume_field: str | None = None
     temperature_field: str | None = None
+    watch_only: bool = False
 
     def __post_init__(self):
         if "api_key=" in self.tiled_uri:
@@ -207,12 +212,54 @@ def _while_orchestrator_unreachable(action, what: str):
         delay = min(2 * delay, MAX_ORCHESTRATOR_BACKOFF)
 
 
+def require_deployment(name: str) -> str:
+    """The id of deployment ``name`` ("flow/deployment") on the Prefect server; ValueError
+    naming the remedy when it is not there."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return str(client.read_deployment_by_name(name).id)
+        except ObjectNotFound:
+            raise ValueError(
+                f"the Prefect server has no deployment {name!r} for --watch-only to submit to; deploy "
+                "deploy/prefect/prefect.yaml first (the commands are in its header) and start a worker "
+                "on its pool, or run serve without --watch-only to serve the deployments itself") from None
+
+
+def watch_and_submit(cfg: ServeConfig) -> None:
+    """Watch for completed scans and submit each once to ``post-scan``, which Prefect workers
+    serve (deploy/prefect/prefect.yaml); until SIGTERM / Ctrl-C.
+
+    The deployment must exist (checked at start, waiting out an unreachable Prefect server);
+    its work pool's concurrency limit, not this process, bounds the runs.
+    """
+    from .cluster_scan import cluster_scan
+
+    watcher = make_watcher(cfg)
+    name = f"{cluster_scan.name}/{POST_SCAN}"
+    _while_orchestrator_unreachable(lambda: require_deployment(name), f"looking up deployment {name}")
+    previous = signal.signal(signal.SIGTERM, lambda *_: watcher.stop())
+    log.info("watching %s/%s; submitting completed scans to %s, served by Prefect workers",
+             tiled_io.redact_uri(cfg.tiled_uri), cfg.raw_path, name)
+    try:
+        watcher.run()
+    except KeyboardInterrupt:
+        log.info("interrupted; stopping")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def serve(cfg: ServeConfig) -> None:
-    """Serve both deployments and watch for completed scans until SIGTERM / Ctrl-C.
+    """Serve both deployments and watch for completed scans until SIGTERM / Ctrl-C (with
+    ``cfg.watch_only``, only watch: see :func:`watch_and_submit`).
 
     An unreachable Prefect server, at start-up or later, is waited out (the watcher keeps the
     scans it could not submit and submits them once Prefect answers again).
     """
+    if cfg.watch_only:
+        return watch_and_submit(cfg)
     import prefect
 
     deployments = build_deployments(cfg)

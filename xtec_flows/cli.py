@@ -196,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--query-seconds", type=float, default=2.0, help="how often the runner polls Prefect")
     v.add_argument("--dask-address", default=os.environ.get("XTEC_FLOWS_DASK_ADDRESS"),
                    help="existing Dask scheduler, e.g. tcp://host:8786 (default: local threads)")
+    v.add_argument("--watch-only", action="store_true",
+                   help="only watch and submit each completed scan to xtec-cluster-scan/post-scan, which "
+                        "Prefect workers serve (deploy/prefect/prefect.yaml); --limit and the reprocessing "
+                        "options are then the work pool's and the yaml's")
 
     d = sub.add_parser("demo", help="end to end on this machine: Tiled + Prefect + serve + a simulated scan")
     d.add_argument("--workdir", default="demo-output", help="directory for the servers' data and the maps")
@@ -500,7 +504,7 @@ def cmd_serve(args) -> dict:
         reprocess_days_back=args.reprocess_days_back, reconcile_seconds=args.reconcile_seconds,
         lookback_seconds=None if args.lookback_days <= 0 else 86400.0 * args.lookback_days,
         query_seconds=args.query_seconds, dask_address=args.dask_address,
-        volume_field=args.volume_field, temperature_field=args.temperature_field,
+        volume_field=args.volume_field, temperature_field=args.temperature_field, watch_only=args.watch_only,
     )
     serve(cfg)
     return {"stopped": True}
