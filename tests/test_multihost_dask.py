@@ -1,8 +1,10 @@
 """A Dask cluster whose workers do not share a file system with the client, as on several hosts.
 
-One ``dask worker`` runs in its own mount namespace with a private /tmp (``unshare --mount``),
-so nothing it writes to a local temp directory is visible to the client or the other worker:
-exactly what happens when workers run on other hosts. The engine must give the same labels
+The test process uses a temp directory of its own, and one ``dask worker`` runs in its own mount
+namespace with a private tmpfs mounted over that directory (``unshare --mount``), so nothing it
+writes to the client's temp directory is visible to the client or the other worker: exactly what
+happens when workers run on other hosts. (Only that directory is hidden, not all of /tmp: the
+checkout and its venv may live under /tmp.) The engine must give the same labels
 as the local threaded scheduler there. It once did not: the per-voxel statistic and the
 provisional peak labels went to a zarr scratch array in the *client's* temp directory, each
 worker wrote its blocks into its own /tmp, and the threshold saw only part of the volume.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 
 import numpy as np
 import pytest
@@ -25,11 +28,11 @@ from xtec_flows.synthetic import make_volume
 REQUIRE = os.environ.get("XTEC_FLOWS_REQUIRE_SERVICES") == "1"
 
 
-def _private_tmp_possible() -> str | None:
+def _private_tmp_possible(directory) -> str | None:
     if shutil.which("unshare") is None:
         return "unshare is not installed"
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                            "mount -t tmpfs tmpfs /tmp"], capture_output=True, text=True, timeout=30)
+                            'mount -t tmpfs tmpfs "$0"', str(directory)], capture_output=True, text=True, timeout=30)
     if probe.returncode != 0:
         return f"cannot make a private /tmp mount namespace: {probe.stderr.strip()[:200]} (needs root)"
     return None
@@ -50,13 +53,15 @@ class Scheduler(ManagedProcess):
 
 
 class Worker(ManagedProcess):
-    def __init__(self, directory, scheduler: str, name: str, private_tmp: bool):
+    def __init__(self, directory, scheduler: str, name: str, private_tmp=None):
         worker = [executable("dask"), "worker", scheduler, "--nthreads", "1", "--memory-limit", "2GiB", "--name",
                   name, "--no-dashboard", "--host", "127.0.0.1"]
-        if private_tmp:
-            # The worker's local directory lives in its private /tmp too, as on a host of its own.
+        if private_tmp is not None:
+            # The worker sees its own empty tmpfs where the client's temp directory is, and keeps
+            # its local directory there too, as on a host of its own.
             argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                    "mount -t tmpfs tmpfs /tmp && exec \"$@\"", "sh", *worker, "--local-directory", "/tmp/dask"]
+                    'mount -t tmpfs tmpfs "$0" && shift && exec "$@"', str(private_tmp), "sh", *worker,
+                    "--local-directory", str(private_tmp / "dask")]
         else:
             argv = [*worker, "--local-directory", str(directory / f"dask-{name}")]
         super().__init__(f"dask-worker-{name}", argv, child_env(), directory / f"{name}.log")
@@ -67,19 +72,21 @@ class Worker(ManagedProcess):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = _private_tmp_possible()
+    """(scheduler address, the client's temp directory, hidden from the second worker)."""
+    directory = tmp_path_factory.mktemp("multihost")
+    client_tmp = tmp_path_factory.mktemp("client-tmp")
+    reason = _private_tmp_possible(client_tmp)
     if reason:
         if REQUIRE:
             pytest.fail(f"multi-host Dask test: {reason} (XTEC_FLOWS_REQUIRE_SERVICES=1 forbids skipping)")
         pytest.skip(f"multi-host Dask test skipped: {reason}")
-    directory = tmp_path_factory.mktemp("multihost")
     scheduler = Scheduler(directory).start()
-    workers = [Worker(directory, scheduler.address, "shared", private_tmp=False),
-               Worker(directory, scheduler.address, "elsewhere", private_tmp=True)]
+    workers = [Worker(directory, scheduler.address, "shared"),
+               Worker(directory, scheduler.address, "elsewhere", private_tmp=client_tmp)]
     try:
         for w in workers:
             w.start()
-        yield scheduler.address
+        yield scheduler.address, client_tmp
     finally:
         for proc in [*workers, scheduler]:
             proc.stop()
@@ -94,6 +101,8 @@ def volume():
 @pytest.mark.parametrize("streaming", [False, True], ids=["cached", "provisional-cut"])
 def test_workers_without_a_shared_temp_dir_give_the_local_labels(cluster, volume, mode, streaming, monkeypatch):
     distributed = pytest.importorskip("distributed")
+    address, client_tmp = cluster
+    monkeypatch.setattr(tempfile, "tempdir", str(client_tmp))  # where a scratch temp dir would go
     vol, temps, _ = volume
     if streaming:
         # The path of inputs too large to keep whole: trajectories above a provisional cut,
@@ -101,7 +110,7 @@ def test_workers_without_a_shared_temp_dir_give_the_local_labels(cluster, volume
         monkeypatch.setattr(pipeline, "CACHE_ALL_BYTES", 0)
     kwargs = dict(mode=mode, n_components=3, n_init=1, chunks=(8, 8, 8), random_state=0)
     local = xtec_flows.cluster(vol, temps, **kwargs)
-    with distributed.Client(cluster, timeout=30) as client, distributed.get_task_stream(client) as stream:
+    with distributed.Client(address, timeout=30) as client, distributed.get_task_stream(client) as stream:
         remote = xtec_flows.cluster(vol, temps, **kwargs)
         held = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
     ran_on = {t["worker"] for t in stream.data}
