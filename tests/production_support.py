@@ -511,8 +511,14 @@ def start_production_stack(directory: Path, limit: int = 2, reconcile_seconds: f
 
 def start_production_serve(stack: ProductionStack, limit: int = 2, reconcile_seconds: float = 8.0,
                            watch_only: bool = False) -> ServeService:
-    """xtec-flows-serve.service against the stack (its Dask scheduler through --dask-address);
-    ``watch_only`` adds ``--watch-only``, the set-up beside Prefect workers (prefect.yaml)."""
+    """xtec-flows-serve.service against the stack, started (see :func:`production_serve`)."""
+    return production_serve(stack, limit, reconcile_seconds, watch_only).start()
+
+
+def production_serve(stack: ProductionStack, limit: int = 2, reconcile_seconds: float = 8.0,
+                     watch_only: bool = False) -> ServeService:
+    """xtec-flows-serve.service against the stack (its Dask scheduler through --dask-address),
+    not started; ``watch_only`` adds ``--watch-only``, the set-up beside Prefect workers (prefect.yaml)."""
     directory = stack.directory / "serve"
     unit = unit_command(
         "xtec-flows-serve.service",
@@ -530,4 +536,4 @@ def start_production_serve(stack: ProductionStack, limit: int = 2, reconcile_sec
         test_only_env={"TILED_RETRY_ATTEMPTS": "3", "TILED_RETRY_TIMEOUT": "10"})
     serve = ServeService(unit.working_directory, stack.tiled.uri, stack.plugin_key, stack.prefect.api_url,
                          extra_env=unit.env, argv=unit.argv)
-    return serve.start()
+    return serve

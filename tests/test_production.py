@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 import pytest
-from flow_support import TERMINAL, burst_outcome, result_status, runs_for_scan, wait_until, write_burst
-from production_support import require_services, start_production_serve, start_production_stack
+from flow_support import TERMINAL, burst_outcome, parse_time, result_status, runs_for_scan, wait_until, write_burst
+from production_support import production_serve, require_services, start_production_serve, start_production_stack
 from tiled_support import run_temperature_scan, scan_volumes
 
 from xtec_flows import cluster
@@ -440,6 +440,15 @@ def test_prefect_yaml_deployment_runs_a_scan_on_a_process_worker(prod, tmp_path)
                             child_env(**worker_env), tmp_path / "prefect-worker.log", cwd=tmp_path / "worker-cwd")
     ours: list[dict] = []
     watcher = None
+
+    def remove_deployments():
+        """prefect.yaml's deployments (with their scheduled runs, so nothing of them can run later)
+        and its pool; again is harmless."""
+        with httpx.Client(trust_env=False, timeout=30) as http:
+            while ours:
+                http.delete(f"{api}/deployments/{ours.pop()['id']}")
+            http.delete(f"{api}/work_pools/{pool}")
+
     prod.serve.stop()
     writing = concurrent.futures.ThreadPoolExecutor(1)
     try:
@@ -478,9 +487,15 @@ def test_prefect_yaml_deployment_runs_a_scan_on_a_process_worker(prod, tmp_path)
         with httpx.Client(trust_env=False, timeout=30) as http:
             run = http.get(f"{api}/flow_runs/{run_id}").json()
             deployments_json = json.dumps(http.post(f"{api}/deployments/filter", json={}).json())
-            # paused before the worker started: not even a scheduled run of the cron deployment
-            assert http.post(f"{api}/flow_runs/filter",
-                             json={"deployments": {"id": {"any_": [scheduled["id"]]}}}).json() == []
+            # Paused before the worker started, so the cron deployment ran nothing. Prefect's scheduler
+            # may still have inserted next night's runs while the pause deleted them (it read the
+            # deployment as active just before): those may exist, but only as future Scheduled runs.
+            cron_runs = http.post(f"{api}/flow_runs/filter",
+                                  json={"deployments": {"id": {"any_": [scheduled["id"]]}}}).json()
+            now = time.time()
+            for cron_run in cron_runs:
+                assert cron_run["state_type"] == "SCHEDULED" and cron_run["start_time"] is None, cron_run
+                assert parse_time(cron_run["expected_start_time"]) > now, cron_run
         assert run["state_type"] == "COMPLETED", f"{run['state_name']}:\n{worker.log_tail(60)}"
         assert watcher.alive and "submitting completed scans to xtec-cluster-scan/post-scan" in watcher.log_tail()
         # Executed by the process worker from prefect.yaml's deployment (serve only watched).
@@ -498,13 +513,19 @@ def test_prefect_yaml_deployment_runs_a_scan_on_a_process_worker(prod, tmp_path)
                  "the worker's command line": open(f"/proc/{worker.pid}/cmdline", "rb").read().decode()}
         for where, text in texts.items():
             assert prod.plugin_key not in text, f"the plugin's key appears in {where}"
+
+        # Without prefect.yaml's deployments, --watch-only refuses to start and says what to deploy.
+        watcher.stop()
+        remove_deployments()
+        lone = production_serve(prod, limit=LIMIT, watch_only=True)
+        out = subprocess.run(lone.argv, env=lone.env, cwd=lone.cwd, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+        assert "no deployment 'xtec-cluster-scan/post-scan'" in out.stderr and "prefect.yaml" in out.stderr
+        assert "Traceback" not in out.stderr and prod.plugin_key not in out.stderr + out.stdout
     finally:
         writing.shutdown(wait=True)
         if watcher is not None:
             watcher.stop()
         worker.stop()
-        with httpx.Client(trust_env=False, timeout=30) as http:
-            for deployment in ours:  # with their scheduled runs, so nothing of them can run later
-                http.delete(f"{api}/deployments/{deployment['id']}")
-            http.delete(f"{api}/work_pools/{pool}")
+        remove_deployments()
         prod.serve = start_production_serve(prod, limit=LIMIT)
