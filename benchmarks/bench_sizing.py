@@ -36,7 +36,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import secrets
 import shlex
 import shutil
@@ -65,6 +64,7 @@ from bench_engine import (  # noqa: E402  (shared formatting, machine line and R
     machine_line,
     merge_results,
     parse_shape,
+    peak_rss_bytes,
     run_reference_pipeline,
     shape_str,
     table,
@@ -80,20 +80,6 @@ BYTES_PER_VALUE = 4  # float32 scans throughout
 # ---------------------------------------------------------------------------------------
 # children: one measured configuration per subprocess
 # ---------------------------------------------------------------------------------------
-
-
-def _rss_bytes() -> int:
-    """Peak RSS of this process since it started its program: VmHWM of /proc/self/status.
-
-    Not getrusage's ru_maxrss: Linux carries that across fork + exec, so a child started from a big
-    parent would report the parent's size."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _current_rss() -> int:
@@ -132,7 +118,7 @@ def _scheduler(cfg: dict):
     with LocalCluster(n_workers=cfg["workers"], threads_per_worker=1, processes=True, dashboard_address=None,
                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         client.wait_for_workers(cfg["workers"], timeout=60)
-        yield lambda: sorted(client.run(_rss_bytes).values())
+        yield lambda: sorted(client.run(peak_rss_bytes).values())
 
 
 def child_engine(cfg: dict) -> dict:
@@ -155,7 +141,7 @@ def child_engine(cfg: dict) -> dict:
         workers = worker_rss()
     best = min(runs, key=lambda r: r[0])
     return {"cpus": cpus, "times": [r[0] for r in runs], "time": best[0], "timings": best[1],
-            "n_thresholded": best[2], "n_valid": best[3], "rss": _rss_bytes(), "base_rss": base_rss,
+            "n_thresholded": best[2], "n_valid": best[3], "rss": peak_rss_bytes(), "base_rss": base_rss,
             "worker_rss": workers}
 
 
@@ -168,7 +154,7 @@ def child_reference(cfg: dict) -> dict:
     volume = g["intensity"][...]
     t, th, gmm = run_reference_pipeline(volume, K, seed=0)
     return {"cpus": cpus, "time": t["total"], "timings": t, "epochs": int(gmm.epoch),
-            "n_thresholded": int(len(th.ind_thresholded)), "rss": _rss_bytes()}
+            "n_thresholded": int(len(th.ind_thresholded)), "rss": peak_rss_bytes()}
 
 
 def child_process_scan(cfg: dict) -> dict:
@@ -199,7 +185,7 @@ def child_process_scan(cfg: dict) -> dict:
     total, md, reused = min(runs, key=lambda r: r[0])
     return {"cpus": cpus, "time": total, "times": [r[0] for r in runs], "read": read, "checksum": checksum,
             "reused": reused, "timings": md.get("timings", {}), "n_thresholded": md.get("n_thresholded"),
-            "input_reads": md.get("input_reads"), "rss": _rss_bytes(), "base_rss": base_rss, "worker_rss": workers}
+            "input_reads": md.get("input_reads"), "rss": peak_rss_bytes(), "base_rss": base_rss, "worker_rss": workers}
 
 
 CHILDREN = {"engine": child_engine, "reference": child_reference, "process_scan": child_process_scan}
