@@ -10,7 +10,8 @@ the end) and a Redis streaming cache (the tests' own ``redis-server`` on a free 
 killed); principals, keys, access-tag grants and the /raw and /xtec containers made by
 ``deploy/tiled/bootstrap_access.py all``; the Prefect server on PostgreSQL (``prefect-server.service``);
 a Dask scheduler and two workers (``dask-scheduler.service``, ``dask-worker@1``, ``dask-worker@2``);
-``xtec-flows serve`` (``xtec-flows-serve.service``) pointed at all of them.
+``xtec-flows serve`` (``xtec-flows-serve.service``) pointed at all of them. ``tiled-multiprocess.service``
+(:class:`ProductionTiled` with ``processes``) is started by the test that needs it.
 
 When PostgreSQL (127.0.0.1:5432) or ``redis-server`` is missing the tier is skipped with a
 message, except with ``XTEC_FLOWS_REQUIRE_SERVICES=1`` (``.ci/run`` sets it): then it fails.
@@ -222,8 +223,14 @@ def unit_command(unit: str, *, instance: str | None = None, overrides: Mapping[s
         raise UnitMismatch(f"{name}: WorkingDirectory= is {directories or 'not set'}, but the test gives "
                            f"{working_directory or 'no directory'} for it")
     files = [_expand_specifiers(f, name, instance) for f in service.get("EnvironmentFile", [])]
+    # systemd reads Environment= first and lets EnvironmentFile= override it; its values may name
+    # installed files (TILED_CONFIG=/etc/xtec-flows/tiled.yml), mapped like ExecStart='s.
+    assignments = [token for line in service.get("Environment", [])
+                   for token in shlex.split(_expand_specifiers(line, name, instance))]
+    unit_env = {key: _map_installed(value) for key, _, value in (a.partition("=") for a in assignments)}
+    _facility_values(name, "Environment= variable", unit_env)
     return UnitCommand(name, argv + [str(t) for t in test_only_args],
-                       environment(name, files, env, test_only_env), working_directory)
+                       {**unit_env, **environment(name, files, env, test_only_env)}, working_directory)
 
 
 def facility_commands(path: Path) -> list[list[str]]:
@@ -351,24 +358,52 @@ class ProductionTiled(ManagedProcess):
     """tiled.service: ``tiled serve config deploy/tiled/config.yml`` with its ${VARS} from tiled.env.
 
     env : the test's values of tiled.env's variables (databases, secrets, directories, Redis)
+    processes : None for tiled.service (one process); a number for tiled-multiprocess.service,
+        the same configuration served by that many uvicorn worker processes
     """
 
     start_timeout = 120.0
 
-    def __init__(self, directory: Path, env: dict, port: int | None = None):
+    def __init__(self, directory: Path, env: dict, port: int | None = None, processes: int | None = None):
         self.directory = Path(directory)
         self.port = port or free_port()
-        unit = unit_command("tiled.service", overrides={"--host": LOOPBACK, "--port": str(self.port)}, env=env)
-        super().__init__("tiled-production", unit.argv, child_env(**unit.env), self.directory / "tiled.log",
-                         cwd=self.directory)
+        self.processes = processes
+        overrides = {"--host": LOOPBACK, "--port": str(self.port)}
+        if processes is None:
+            unit = unit_command("tiled.service", overrides=overrides, env=env)
+        else:
+            unit = unit_command("tiled-multiprocess.service", overrides={**overrides, "--workers": str(processes)},
+                                env=env)
+        name = "tiled-production" if processes is None else "tiled-multiprocess"
+        super().__init__(name, unit.argv, child_env(**unit.env), self.directory / f"{name}.log", cwd=self.directory)
 
     @property
     def uri(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
+    def server_processes(self) -> list:
+        """The uvicorn worker processes serving requests (psutil.Process; empty for tiled.service)."""
+        import psutil
+
+        if self.processes is None or not self.alive:
+            return []
+        # multiprocessing's spawned children; its resource tracker is a child too, but serves nothing,
+        # and a killed one stays a zombie until the supervisor reaps it
+        serving = []
+        for child in psutil.Process(self.pid).children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
+                    serving.append(child)
+            except psutil.Error:
+                pass
+        return serving
+
     def ready(self) -> bool:
         from xtec_flows.demo.services import _http_ok
 
+        if self.processes is not None:  # every server process has started its application
+            if self.log_since_launch().count("Application startup complete") < self.processes:
+                return False
         return _http_ok(f"{self.uri}/healthz")
 
 

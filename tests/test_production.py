@@ -79,18 +79,24 @@ def test_scan_to_result_on_the_production_stack(prod, processed, tmp_path):
     worker_logs = " ".join(w.log_path.read_text(errors="replace") for w in prod.workers)
     assert "Registered to" in worker_logs
     # A plain tiled client in another process reads the result with the plugin's key.
+    np.testing.assert_array_equal(_labels_read_elsewhere(prod.tiled.uri, prod.plugin_key, uid, tmp_path),
+                                  _expected_labels(1))
+
+
+def _labels_read_elsewhere(uri, key, uid, tmp_path):
+    """The labels of ``uid``'s result as a plain tiled client in another process reads them."""
     code = (
         "import os, sys, numpy as np\n"
         "from tiled.client import from_uri\n"
         "from tiled.queries import Key\n"
-        f"c = from_uri({prod.tiled.uri!r}, api_key=os.environ['TILED_API_KEY'])\n"
+        f"c = from_uri({uri!r}, api_key=os.environ['TILED_API_KEY'])\n"
         f"node = c['xtec'].search(Key('source.uid') == {uid!r}).values().first()\n"
         "np.save(sys.argv[1], node['labels'].read())\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "l.npy")], capture_output=True, text=True,
-                         timeout=120, env=child_env(TILED_API_KEY=prod.plugin_key))  # never on a command line
+                         timeout=120, env=child_env(TILED_API_KEY=key))  # never on a command line
     assert out.returncode == 0, out.stderr
-    np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), _expected_labels(1))
+    return np.load(tmp_path / "l.npy")
 
 
 def test_raw_runs_are_byte_for_byte_unchanged_by_processing(prod, processed):
@@ -187,6 +193,66 @@ def test_prefect_server_down_for_30_s_while_two_scans_complete(prod):
     for uid in uids:
         _complete(prod, uid, timeout=300)
         assert [r["state_type"] for r in _runs(prod, uid)] == ["COMPLETED"]
+
+
+def test_several_tiled_processes_share_one_catalog_and_its_events(prod, tmp_path):
+    """tiled-multiprocess.service (SIZING.md's answer when one Tiled process limits reads) beside the
+    tier's Tiled, on the same PostgreSQL catalog, zarr directory and Redis: a subscription through
+    it hears of a scan written through the other server (events cross processes only via Redis),
+    a plain client in another process reads the scan's result through it, and a server process
+    killed under traffic is replaced while the other one keeps answering."""
+    import threading
+
+    import httpx
+    from production_support import ProductionTiled
+
+    from xtec_flows import watch
+
+    scaled = ProductionTiled(tmp_path / "tiled-multiprocess", prod.tiled_env, processes=2).start()
+    try:
+        first = scaled.server_processes()
+        assert len(first) == 2, [p.cmdline() for p in first]
+        plugin = tiled_io.connect(scaled.uri, prod.plugin_key)
+        heard: list[str] = []
+
+        def on_update(update):  # a named function: tiled keeps only a weak reference to callbacks
+            if watch.stop_document(update.metadata) is not None:
+                heard.append(update.key)
+
+        subscription = plugin["raw"].subscribe()
+        subscription.child_metadata_updated.add_callback(on_update)
+        subscription.start_in_thread()
+        try:
+            uid = _scan(prod, seed=81)  # through the tier's own (single-process) Tiled
+            wait_until(lambda: uid in heard, 60, interval=0.2, what="the stop document through the other server")
+        finally:
+            subscription.disconnect()
+        _complete(prod, uid)  # processed by the tier's serve, which watches the tier's Tiled
+        np.testing.assert_array_equal(_labels_read_elsewhere(scaled.uri, prod.plugin_key, uid, tmp_path),
+                                      _expected_labels(81))
+        assert plugin["xtec"][tiled_io.result_key(uid, _params())].metadata["status"] == "complete"
+
+        # One server process dies; the other answers every new connection meanwhile, and uvicorn's
+        # supervisor starts a replacement.
+        victim, survivor = first
+        victim.kill()
+        with httpx.Client(trust_env=False, timeout=10) as http:
+            for _ in range(20):  # a fresh connection each: the kernel hands them to live processes only
+                answer = http.get(f"{scaled.uri}/healthz", headers={"Connection": "close"})
+                assert answer.status_code == 200
+        wait_until(lambda: len(scaled.server_processes()) == 2
+                   and scaled.log_since_launch().count("Application startup complete") >= 3,
+                   60, what="a replacement server process")
+        assert survivor.is_running() and victim.pid not in [p.pid for p in scaled.server_processes()]
+        fresh = tiled_io.connect(scaled.uri, prod.plugin_key)
+        np.testing.assert_array_equal(fresh["xtec"][tiled_io.result_key(uid, _params())]["labels"].read(),
+                                      _expected_labels(81))
+        # The access policy is the same on every process: the writer still cannot see results.
+        with httpx.Client(trust_env=False, timeout=10) as http:
+            assert http.get(f"{scaled.uri}/api/v1/metadata/xtec",
+                            headers={"Authorization": f"Apikey {prod.writer_key}"}).status_code == 404
+    finally:
+        scaled.stop()
 
 
 def _params():
