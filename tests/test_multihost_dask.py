@@ -99,8 +99,11 @@ def volume():
 
 @pytest.mark.parametrize("mode", ["d", "peaks"])
 @pytest.mark.parametrize("streaming", [False, True], ids=["cached", "provisional-cut"])
-def test_workers_without_a_shared_temp_dir_give_the_local_labels(cluster, volume, mode, streaming, monkeypatch):
+def test_workers_without_a_shared_temp_dir_give_the_local_labels(cluster, volume, mode, streaming, monkeypatch,
+                                                                tmp_path):
     distributed = pytest.importorskip("distributed")
+    import dask.array as da
+
     address, client_tmp = cluster
     monkeypatch.setattr(tempfile, "tempdir", str(client_tmp))  # where a scratch temp dir would go
     vol, temps, _ = volume
@@ -109,10 +112,25 @@ def test_workers_without_a_shared_temp_dir_give_the_local_labels(cluster, volume
         # the histogram from the statistic array in several passes.
         monkeypatch.setattr(pipeline, "CACHE_ALL_BYTES", 0)
     kwargs = dict(mode=mode, n_components=3, n_init=1, chunks=(8, 8, 8), random_state=0)
-    local = xtec_flows.cluster(vol, temps, **kwargs)
+
+    def counted(log):
+        """``vol`` as a dask input that notes every block read in ``log`` (a directory both workers
+        see; this closure travels to them by value)."""
+        def note_read(block, block_info=None):
+            with open(log, "a") as f:
+                f.write(f"{block_info[0]['chunk-location']}\n")
+            return block
+
+        return da.from_array(vol, chunks=(vol.shape[0], 8, 8, 8)).map_blocks(note_read, dtype=vol.dtype)
+
+    local = xtec_flows.cluster(counted(tmp_path / "local.log"), temps, **kwargs)
     with distributed.Client(address, timeout=30) as client, distributed.get_task_stream(client) as stream:
-        remote = xtec_flows.cluster(vol, temps, **kwargs)
+        remote = xtec_flows.cluster(counted(tmp_path / "remote.log"), temps, **kwargs)
         held = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+    # The cluster reads the input as often as the local run: later passes use the persisted
+    # statistic, never the input again (they once re-read every block in each pass).
+    reads = {name: sorted((tmp_path / f"{name}.log").read_text().splitlines()) for name in ("local", "remote")}
+    assert reads["remote"] == reads["local"] and len(reads["local"]) >= 27
     ran_on = {t["worker"] for t in stream.data}
     assert len(ran_on) == 2, f"the block tasks should have run on both workers, ran on {ran_on}"
     # Every voxel's statistic reached the threshold: the histogram and the cut are the local ones.

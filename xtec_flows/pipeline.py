@@ -362,9 +362,12 @@ def _intermediate(make_block, args_per_block: list, regions: list, shape: tuple,
         return list(summaries), da.from_zarr(target, chunks=chunks), target
     tasks = [dask.delayed(make_block, nout=2)(*args, None, region)
              for args, (_, _, region) in zip(args_per_block, regions)]
-    array = _assemble([t[0] for t in tasks], regions, tuple(math.ceil(n / c) for n, c in zip(shape, chunks)), dtype)
     with _progress(progress):
-        array, summaries = dask.persist(array, [t[1] for t in tasks])
+        # Persist the per-block tasks, then assemble the array from what was persisted. An array
+        # persisted as a whole is lowered again from its original expression by to_delayed()
+        # (dask's array expressions), so every later pass over it would read the input again.
+        blocks, summaries = dask.persist([t[0] for t in tasks], [t[1] for t in tasks])
+    array = _assemble(blocks, regions, tuple(math.ceil(n / c) for n, c in zip(shape, chunks)), dtype)
     return list(dask.compute(*summaries)), array, array
 
 
