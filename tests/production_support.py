@@ -227,8 +227,14 @@ def unit_command(unit: str, *, instance: str | None = None, overrides: Mapping[s
     # installed files (TILED_CONFIG=/etc/xtec-flows/tiled.yml), mapped like ExecStart='s.
     assignments = [token for line in service.get("Environment", [])
                    for token in shlex.split(_expand_specifiers(line, name, instance))]
+    if any("=" not in a for a in assignments):
+        raise UnitMismatch(f"{name}: an Environment= token is not KEY=VALUE: {assignments}")
     unit_env = {key: _map_installed(value) for key, _, value in (a.partition("=") for a in assignments)}
     _facility_values(name, "Environment= variable", unit_env)
+    hidden = sorted(set(unit_env) & (set(env) | set(test_only_env)))
+    if hidden:
+        raise UnitMismatch(f"{name}: the test would replace {hidden}, which its Environment= sets "
+                           "(only EnvironmentFile= variables are overridden)")
     return UnitCommand(name, argv + [str(t) for t in test_only_args],
                        {**unit_env, **environment(name, files, env, test_only_env)}, working_directory)
 

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from flow_support import TERMINAL, burst_outcome, parse_time, result_status, runs_for_scan, wait_until, write_burst
+from flow_support import TERMINAL, burst_outcome, result_status, runs_for_scan, wait_until, write_burst
 from production_support import production_serve, require_services, start_production_serve, start_production_stack
 from tiled_support import run_temperature_scan, scan_volumes
 
@@ -199,8 +199,8 @@ def test_several_tiled_processes_share_one_catalog_and_its_events(prod, tmp_path
     """tiled-multiprocess.service (SIZING.md's answer when one Tiled process limits reads) beside the
     tier's Tiled, on the same PostgreSQL catalog, zarr directory and Redis: a subscription through
     it hears of a scan written through the other server (events cross processes only via Redis),
-    a plain client in another process reads the scan's result through it, and a server process
-    killed under traffic is replaced while the other one keeps answering."""
+    a plain client in another process reads the scan's result through it, and when one server
+    process is killed the other answers every new connection until a replacement has started."""
     import threading
 
     import httpx
@@ -247,10 +247,13 @@ def test_several_tiled_processes_share_one_catalog_and_its_events(prod, tmp_path
         fresh = tiled_io.connect(scaled.uri, prod.plugin_key)
         np.testing.assert_array_equal(fresh["xtec"][tiled_io.result_key(uid, _params())]["labels"].read(),
                                       _expected_labels(81))
-        # The access policy is the same on every process: the writer still cannot see results.
+        # The access policy is the same on every process: the writer sees runs but not results
+        # (fresh connections, so the kernel spreads the requests over both processes).
+        writer = {"Authorization": f"Apikey {prod.writer_key}", "Connection": "close"}
         with httpx.Client(trust_env=False, timeout=10) as http:
-            assert http.get(f"{scaled.uri}/api/v1/metadata/xtec",
-                            headers={"Authorization": f"Apikey {prod.writer_key}"}).status_code == 404
+            for _ in range(6):
+                assert http.get(f"{scaled.uri}/api/v1/metadata/raw", headers=writer).status_code == 200
+                assert http.get(f"{scaled.uri}/api/v1/metadata/xtec", headers=writer).status_code == 404
     finally:
         scaled.stop()
 
@@ -554,14 +557,12 @@ def test_prefect_yaml_deployment_runs_a_scan_on_a_process_worker(prod, tmp_path)
             run = http.get(f"{api}/flow_runs/{run_id}").json()
             deployments_json = json.dumps(http.post(f"{api}/deployments/filter", json={}).json())
             # Paused before the worker started, so the cron deployment ran nothing. Prefect's scheduler
-            # may still have inserted next night's runs while the pause deleted them (it read the
-            # deployment as active just before): those may exist, but only as future Scheduled runs.
+            # may still have inserted runs while the pause deleted them (it read the deployment as
+            # active just before): those may exist, but only as Scheduled runs that never started.
             cron_runs = http.post(f"{api}/flow_runs/filter",
                                   json={"deployments": {"id": {"any_": [scheduled["id"]]}}}).json()
-            now = time.time()
             for cron_run in cron_runs:
                 assert cron_run["state_type"] == "SCHEDULED" and cron_run["start_time"] is None, cron_run
-                assert parse_time(cron_run["expected_start_time"]) > now, cron_run
         assert run["state_type"] == "COMPLETED", f"{run['state_name']}:\n{worker.log_tail(60)}"
         assert watcher.alive and "submitting completed scans to xtec-cluster-scan/post-scan" in watcher.log_tail()
         # Executed by the process worker from prefect.yaml's deployment (serve only watched).

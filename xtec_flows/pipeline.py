@@ -363,9 +363,10 @@ def _intermediate(make_block, args_per_block: list, regions: list, shape: tuple,
     tasks = [dask.delayed(make_block, nout=2)(*args, None, region)
              for args, (_, _, region) in zip(args_per_block, regions)]
     with _progress(progress):
-        # Persist the per-block tasks, then assemble the array from what was persisted. An array
-        # persisted as a whole is lowered again from its original expression by to_delayed()
-        # (dask's array expressions), so every later pass over it would read the input again.
+        # Persist the per-block tasks together, as plain delayed objects, then assemble the array
+        # from what was persisted. Persisting the assembled array (its summaries apart) left later
+        # passes over it without the persisted blocks: each pass read the whole input again
+        # (tests/test_multihost_dask.py counts the reads).
         blocks, summaries = dask.persist([t[0] for t in tasks], [t[1] for t in tasks])
     array = _assemble(blocks, regions, tuple(math.ceil(n / c) for n, c in zip(shape, chunks)), dtype)
     return list(dask.compute(*summaries)), array, array
