@@ -18,6 +18,12 @@ Everything is measured on this machine in one run, then turned into worker count
   sizing   from those numbers (nothing hard-coded): workers and Tiled server processes for a 24x700^3
            float32 scan within 15 minutes, and for one scan every N minutes.
 
+With ``--tiled production`` the Tiled part runs against deploy/'s own Tiled instead (``tiled.service`` on
+``deploy/tiled/config.yml``: catalog, authn and table databases on this machine's PostgreSQL, created and
+dropped by the run, a Redis streaming cache, principals, scoped keys and the access policy from
+``bootstrap_access.py all``), with the plugin's key: the scan is uploaded under /xtec (/raw takes bluesky
+runs only), read and clustered from there. Its report is section 12.
+
 Every measured configuration runs in its own subprocess, so peak RSS is that process's own and one run's
 memory does not leak into the next. Seeds are fixed. Memory stays bounded: the volume is streamed from zarr
 into Tiled and read back as a sum, never held whole; only the reference's small volume is loaded.
@@ -25,6 +31,7 @@ into Tiled and read back as a sum, never held whole; only the reference's small 
     python benchmarks/bench_sizing.py                     # ~4 min on 2 cores -> RESULTS.md section "sizing"
     python benchmarks/bench_sizing.py --size 24,128 --no-results      # quick look
     python benchmarks/bench_sizing.py --target 24,1000 --deadline-min 10 --cadence-min 2,5,10
+    python benchmarks/bench_sizing.py --tiled production  # deploy/'s Tiled -> section 12 (needs PostgreSQL)
 
 Progress goes to stderr, the tables to stdout and into benchmarks/RESULTS.md (section 10).
 """
@@ -70,8 +77,11 @@ from bench_engine import (  # noqa: E402  (shared formatting, machine line and R
     table,
 )
 
-SECTION = "sizing"
-TITLE = "10. Sizing: per-worker throughput and workers needed"
+#: --tiled: (RESULTS.md section id, its title)
+SECTIONS = {
+    "embedded": ("sizing", "10. Sizing: per-worker throughput and workers needed"),
+    "production": ("sizing-production", "12. Sizing with deploy/'s Tiled: PostgreSQL catalog, API keys, access policy"),
+}
 K = 4
 SCAN_KEY = "sizing_scan"
 BYTES_PER_VALUE = 4  # float32 scans throughout
@@ -174,10 +184,10 @@ def child_process_scan(cfg: dict) -> dict:
         base_rss = _current_rss()
         for i in range(cfg["repeat"]):
             t0 = time.perf_counter()
-            out = process_scan(client, SCAN_KEY, params, root=f"{cfg['root']}_{i}")
+            out = process_scan(client, cfg["scan"], params, root=f"{cfg['root']}_{i}")
             runs.append((time.perf_counter() - t0, dict(out.node.metadata), out.reused))
         # The same scan read once more, alone, with the same scheduler: how much of a run is the read.
-        scan = tiled_io.open_scan(client, SCAN_KEY)
+        scan = tiled_io.open_scan(client, cfg["scan"])
         t0 = time.perf_counter()
         checksum = float(scan.volume.sum(dtype=np.float64).compute())
         read = time.perf_counter() - t0
@@ -381,16 +391,79 @@ def measure_engine(args, path: Path, ref_path: Path, vt: float, ref_vt: float) -
     return rows, results
 
 
-def launch_tiled(workdir: Path):
-    """Start a Tiled server subprocess without waiting for it: its start-up (catalog creation) overlaps the
-    untimed volume writing. Returns (service, API key)."""
+@dataclass
+class SizingTiled:
+    """The Tiled server a sizing run uploads to and reads from.
+
+    service : the server process (``uri``, ``pid``, ``wait_ready``, ``ready``, ``start_timeout``, ``stop``)
+    upload_key, read_key : API keys of the scan's writer and of its reader (the plugin)
+    scan_path : where the scan is written, below the top level
+    results_prefix : where process_scan's results roots go ("" or "xtec/")
+    description : one sentence for the report
+    stop : stops the server and whatever it needs (idempotent)
+    """
+
+    service: object
+    upload_key: str
+    read_key: str
+    scan_path: str
+    results_prefix: str
+    description: str
+    stop: object
+
+
+def launch_tiled(workdir: Path, kind: str) -> SizingTiled:
+    """Start the Tiled server of ``kind`` (see --tiled). The embedded one is not waited for: its start-up
+    (catalog creation) overlaps the untimed volume writing."""
+    if kind == "production":
+        return _launch_production_tiled(workdir)
     from xtec_flows.demo.services import TiledService
 
     api_key = secrets.token_hex(16)  # alphanumeric, as tiled requires; lives only in environments
     srv = TiledService(workdir / "tiled", api_key, streaming_cache=None)
     log("tiled: launching a Tiled server subprocess")
     srv.launch()
-    return srv, api_key
+    return SizingTiled(
+        srv, api_key, api_key, SCAN_KEY, "",
+        "A `tiled serve config` subprocess (`xtec_flows.demo.services.TiledService`: SQLite catalog, zarr storage, "
+        "API key) on 127.0.0.1",
+        srv.stop)
+
+
+def _launch_production_tiled(workdir: Path) -> SizingTiled:
+    tests = str(HERE.parent / "tests")
+    if tests not in sys.path:  # deploy/'s Tiled is started by the production tier's own harness
+        sys.path.insert(0, tests)
+    from production_support import Databases, bootstrap_access, launch_production_tiled, missing_services
+
+    reason = missing_services()
+    if reason is not None:
+        raise RuntimeError(f"--tiled production needs PostgreSQL and redis-server: {reason}")
+    dbs, started = Databases(), []
+
+    def stop():
+        for proc in reversed(started):
+            proc.stop()
+        dbs.drop()
+
+    try:
+        log("tiled: starting deploy/'s Tiled (PostgreSQL, Redis, access policy) and bootstrapping its access")
+        tier = launch_production_tiled(workdir / "production", dbs, started)
+        tier.tiled.wait_ready(tier.tiled.ready, tier.tiled.start_timeout)
+        values = bootstrap_access(tier)
+    except BaseException:
+        stop()
+        raise
+    # /raw holds bluesky runs only (its client looks keys up as run uids), so the plain array goes under
+    # /xtec, where the plugin's key may write: the reads are the plugin's either way.
+    plugin_key = values["XTEC_FLOWS_TILED_API_KEY"]
+    return SizingTiled(
+        tier.tiled, plugin_key, plugin_key, f"xtec/{SCAN_KEY}", "xtec/",
+        "deploy/'s Tiled (`tiled.service` on `deploy/tiled/config.yml`: catalog, authn and table databases on "
+        "PostgreSQL, Redis streaming cache, TagBasedAccessPolicy, keys from `bootstrap_access.py all`) on "
+        "127.0.0.1; the plugin's key uploads the scan under /xtec (/raw takes bluesky runs only), reads it and "
+        "writes results there",
+        stop)
 
 
 def measure_tiled(args, server, arr, temps, vt: float, nbytes: int) -> tuple[list, list, dict]:
@@ -401,32 +474,33 @@ def measure_tiled(args, server, arr, temps, vt: float, nbytes: int) -> tuple[lis
     from xtec_flows.demo.services import child_env
     from xtec_flows.io import tiled as tiled_io
 
-    srv, api_key = server
+    srv = server.service
     t0 = time.perf_counter()
     srv.wait_ready(srv.ready, srv.start_timeout)
     log(f"tiled: server up (waited {fmt_t(time.perf_counter() - t0)} more)")
     rows_io, rows_ps, out = [], [], {}
     try:
-        server = psutil.Process(srv.pid)
-        client = tiled_io.connect(srv.uri, api_key)
+        process = psutil.Process(srv.pid)
+        parent, _, key = server.scan_path.rpartition("/")
+        uploader = tiled_io.connect(srv.uri, server.upload_key)
         log("tiled: upload, block by block from the zarr (dask threads)")
         t0 = time.perf_counter()
-        client.write_array(da.from_zarr(arr), key=SCAN_KEY, dims=["T", "L", "K", "H"],
-                           metadata={"temperatures": temps.tolist()})
+        (tiled_io._walk(uploader, parent) if parent else uploader).write_array(
+            da.from_zarr(arr), key=key, dims=["T", "L", "K", "H"], metadata={"temperatures": temps.tolist()})
         t_up = time.perf_counter() - t0
         rows_io.append(["upload (`client.write_array` of `da.from_zarr(...)`: one `write_block` per zarr chunk, "
                         "2 dask threads)", fmt_t(t_up), fmt_mb(nbytes, t_up), "-", load_now()])
         local_sum = float(da.from_zarr(arr).sum(dtype=np.float64).compute())
-        scan = tiled_io.open_scan(client, SCAN_KEY)
+        scan = tiled_io.open_scan(tiled_io.connect(srv.uri, server.read_key), server.scan_path)
         best = (0.0, None)
         for n in args.read_concurrency:
             times, cpu_srv, cpu_cli, sums = [], [], [], []
             for _ in range(args.repeat):
-                s0, c0, t0 = _cpu_seconds(server), time.process_time(), time.perf_counter()
+                s0, c0, t0 = _cpu_seconds(process), time.process_time(), time.perf_counter()
                 with dask.config.set(scheduler="threads", num_workers=n):
                     sums.append(float(scan.volume.sum(dtype=np.float64).compute()))
                 times.append(time.perf_counter() - t0)
-                cpu_srv.append(_cpu_seconds(server) - s0)
+                cpu_srv.append(_cpu_seconds(process) - s0)
                 cpu_cli.append(time.process_time() - c0)
             i = int(np.argmin(times))
             mb_s = nbytes / times[i] / 1e6
@@ -446,14 +520,15 @@ def measure_tiled(args, server, arr, temps, vt: float, nbytes: int) -> tuple[lis
         out["server_cpu_s_per_gb"] = min(out[f"read_{n}"]["cpu_server"] for n in args.read_concurrency) / gb
         out["client_cpu_s_per_gb"] = min(out[f"read_{n}"]["cpu_client"] for n in args.read_concurrency) / gb
 
-        env = child_env(TILED_API_KEY=api_key)
+        env = child_env(TILED_API_KEY=server.read_key)
         for label, cfg in (
             ("local threads (2, like `serve` without `--dask-address`)", {"threads": 2}),
             ("LocalCluster 1 worker × 1 thread; the worker reads from Tiled (deploy/ shape)", {"workers": 1}),
         ):
-            root = f"sizing_{len(rows_ps)}"
+            root = f"{server.results_prefix}sizing_{len(rows_ps)}"
             log(f"tiled: process_scan, {label}")
-            res = run_child("process_scan", {"uri": srv.uri, "root": root, "repeat": args.repeat, **cfg},
+            res = run_child("process_scan", {"uri": srv.uri, "scan": server.scan_path, "root": root,
+                                             "repeat": args.repeat, **cfg},
                             args.child_timeout, env=env)
             out[label] = res
             if "error" in res:
@@ -476,7 +551,7 @@ def measure_tiled(args, server, arr, temps, vt: float, nbytes: int) -> tuple[lis
         out["checksums_equal"] = all(math.isclose(s, local_sum, rel_tol=1e-9) for s in ps_sum)
     finally:
         log("tiled: stopping the server")
-        srv.stop()
+        server.stop()
     return rows_io, rows_ps, out
 
 
@@ -555,7 +630,8 @@ def sizing_tables(args, m: Measured, worker_rss: float | None, driver: tuple[flo
     return md
 
 
-def build_report(args, machine, la_start, eng_rows, eng, tiled_io_rows, ps_rows, tl, gen_s, nbytes, vt) -> str:
+def build_report(args, machine, la_start, eng_rows, eng, tiled_io_rows, ps_rows, tl, gen_s, nbytes, vt,
+                 tiled_description: str) -> str:
     md = [
         f"Volume {shape_str(args.shape)} float32 ({fmt_bytes(nbytes)}, V₀ = {vt:.3g} voxel-temperatures), "
         f"`synthetic.write_zarr` seed 0, chunks (24, 64, 64, 64), written in {fmt_t(gen_s)} (not timed below; the "
@@ -580,8 +656,7 @@ def build_report(args, machine, la_start, eng_rows, eng, tiled_io_rows, ps_rows,
     md += [
         "### Tiled: reads through the HTTP client, and process_scan",
         "",
-        "A `tiled serve config` subprocess (`xtec_flows.demo.services.TiledService`: SQLite catalog, zarr storage, "
-        "API key) on 127.0.0.1; clients use `xtec_flows.io.tiled.connect` "
+        f"{tiled_description}; clients use `xtec_flows.io.tiled.connect` "
         "(uncompressed responses). Reads sum the scan block by block (nothing held whole); CPU is user+system "
         "seconds of the server process and of the reading process. process_scan writes into a fresh results root; "
         "'reading' is the same scan read once more alone with the same scheduler, as a share of the run.",
@@ -609,7 +684,7 @@ def main_run(args) -> int:
     t_all = time.perf_counter()
     server = None
     try:
-        server = launch_tiled(workdir)
+        server = launch_tiled(workdir, args.tiled)
         log(f"writing {shape_str(args.shape)} and {shape_str(args.ref_shape)} synthetic volumes")
         gen_s, arr, temps = write_volume(workdir / "scan.zarr", args.shape, seed=0)
         write_volume(workdir / "small.zarr", args.ref_shape, seed=0)
@@ -618,7 +693,8 @@ def main_run(args) -> int:
         ref_vt = float(math.prod(args.ref_shape))
         eng_rows, eng = measure_engine(args, workdir / "scan.zarr", workdir / "small.zarr", vt, ref_vt)
         tiled_io_rows, ps_rows, tl = measure_tiled(args, server, arr, temps, vt, nbytes)
-        body = build_report(args, machine, la_start, eng_rows, eng, tiled_io_rows, ps_rows, tl, gen_s, nbytes, vt)
+        body = build_report(args, machine, la_start, eng_rows, eng, tiled_io_rows, ps_rows, tl, gen_s, nbytes, vt,
+                            server.description)
         dist = tl.get("LocalCluster 1 worker × 1 thread; the worker reads from Tiled (deploy/ shape)", {})
         if "error" in dist or "timings" not in dist or not tl.get("server_mb_s"):
             body += "\n**Sizing skipped**: the process_scan run on a worker or the Tiled reads failed (see above).\n"
@@ -642,19 +718,20 @@ def main_run(args) -> int:
         failed = True
     finally:
         if server is not None:
-            server[0].stop()  # idempotent: measure_tiled stops it too
+            server.stop()  # idempotent: measure_tiled stops it too
         shutil.rmtree(workdir, ignore_errors=True)
     la_end = os.getloadavg()
+    section, title = SECTIONS[args.tiled]
     block = (
-        f"## {TITLE}\n\n"
+        f"## {title}\n\n"
         f"_{machine['date']}; `{command}`; took {fmt_t(time.perf_counter() - t_all)}; load average at start "
         f"{', '.join(f'{x:.2f}' for x in la_start)}, at end {', '.join(f'{x:.2f}' for x in la_end)}._  \n"
         f"_Machine: {machine_line(machine)}._\n\n{body}\n"
     )
     print(block, flush=True)
     if args.results and not failed:
-        merge_results(Path(args.results), {SECTION: block})
-        log(f"section '{SECTION}' merged into {args.results}")
+        merge_results(Path(args.results), {section: block})
+        log(f"section '{section}' merged into {args.results}")
     elif args.results:
         log("not writing RESULTS.md: the run failed")
     return 1 if failed else 0
@@ -671,7 +748,10 @@ def parse_args(argv=None):
     p.add_argument("--read-concurrency", default="1,2",
                    help="concurrent Tiled requests to try (default 1,2; more on a server with more cores)")
     p.add_argument("--repeat", type=int, default=2, help="runs per engine configuration and Tiled read (default 2)")
-    p.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file to merge section 10 into")
+    p.add_argument("--tiled", choices=sorted(SECTIONS), default="embedded",
+                   help="the Tiled server to read from: the embedded default (SQLite; section 10) or deploy/'s "
+                        "production configuration (PostgreSQL, Redis, API keys, access policy; section 12)")
+    p.add_argument("--results", default=str(HERE / "RESULTS.md"), help="markdown file to merge the section into")
     p.add_argument("--no-results", action="store_true", help="print only")
     p.add_argument("--workdir", default=None, help="where the temporary volumes and the Tiled server live")
     p.add_argument("--wait-load", type=float, default=None,

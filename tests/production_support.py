@@ -489,45 +489,71 @@ class ProductionStack:
         self.databases.drop()
 
 
+@dataclass
+class TiledTier:
+    """Tiled as deploy/ runs it: its Redis, its server process, tiled.env's values, the catalog database."""
+
+    redis: RedisService
+    tiled: ProductionTiled
+    env: dict
+    catalog_db: str
+
+
+def launch_production_tiled(directory: Path, dbs: Databases, started: list) -> TiledTier:
+    """Fresh catalog, authn and table databases, the tests' own Redis (started), and tiled.service
+    launched on them (not waited for: see ``TiledTier.tiled.wait_ready``); what was started is
+    appended to ``started``, for the caller to stop."""
+    directory = Path(directory)
+    catalog, authn, tables = (dbs.create(r) for r in ("catalog", "authn", "tables"))
+    redis = RedisService(directory / "redis").start()
+    started.append(redis)
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    (directory / "raw").mkdir(parents=True, exist_ok=True)
+    tiled_env = {
+        "TILED_ADMIN_PASSWORD": secrets.token_hex(12),
+        "TILED_SECRET_KEY": secrets.token_hex(32),
+        "TILED_AUTHN_DATABASE_URI": dbs.uri(authn),
+        "TILED_CATALOG_DATABASE_URI": dbs.uri(catalog),
+        "TILED_TABLES_DATABASE_URI": dbs.uri(tables, "postgresql"),
+        "TILED_DATA_DIR": str(directory / "data"),
+        "TILED_RAW_HDF5_DIR": str(directory / "raw"),
+        "TILED_REDIS_URI": redis.uri,
+    }
+    tiled = ProductionTiled(directory / "tiled", tiled_env)
+    tiled.launch()
+    started.append(tiled)
+    return TiledTier(redis, tiled, tiled_env, catalog)
+
+
+def bootstrap_access(tier: TiledTier) -> dict:
+    """``deploy/tiled/bootstrap_access.py all`` as deploy/README tells the admin: principals, scoped
+    keys, access-tag grants, /raw and /xtec. Returns what it printed (keys and principal UUIDs)."""
+    keys = subprocess.run([sys.executable, str(DEPLOY / "tiled" / "bootstrap_access.py"), "all", tier.tiled.uri],
+                          env=child_env(**tier.env), capture_output=True, text=True, timeout=120)
+    if keys.returncode != 0:
+        raise RuntimeError(f"bootstrap_access.py failed:\n{keys.stderr[-2000:]}")
+    return dict(line.split("=", 1) for line in keys.stdout.split())
+
+
 def start_production_stack(directory: Path, limit: int = 2, reconcile_seconds: float = 8.0) -> ProductionStack:
     directory = Path(directory)
     dbs = Databases()
     started: list[ManagedProcess] = []
     try:
-        catalog, authn, tables, prefect_db = (dbs.create(r) for r in ("catalog", "authn", "tables", "prefect"))
-        redis = RedisService(directory / "redis").start()
-        started.append(redis)
-        admin_password = secrets.token_hex(12)
-        (directory / "data").mkdir(parents=True, exist_ok=True)
-        (directory / "raw").mkdir(parents=True, exist_ok=True)
-        tiled_env = {
-            "TILED_ADMIN_PASSWORD": admin_password,
-            "TILED_SECRET_KEY": secrets.token_hex(32),
-            "TILED_AUTHN_DATABASE_URI": dbs.uri(authn),
-            "TILED_CATALOG_DATABASE_URI": dbs.uri(catalog),
-            "TILED_TABLES_DATABASE_URI": dbs.uri(tables, "postgresql"),
-            "TILED_DATA_DIR": str(directory / "data"),
-            "TILED_RAW_HDF5_DIR": str(directory / "raw"),
-            "TILED_REDIS_URI": redis.uri,
-        }
-        tiled = ProductionTiled(directory / "tiled", tiled_env)
+        tier = launch_production_tiled(directory, dbs, started)
+        tiled = tier.tiled
         prefect_port = free_port()
         prefect_unit = unit_command(
             "prefect-server.service", overrides={"--host": LOOPBACK, "--port": str(prefect_port)},
             env={"PREFECT_HOME": str(directory / "prefect"),
-                 "PREFECT_API_DATABASE_CONNECTION_URL": dbs.uri(prefect_db)})
+                 "PREFECT_API_DATABASE_CONNECTION_URL": dbs.uri(dbs.create("prefect"))})
         prefect = PrefectService(directory / "prefect", port=prefect_port, extra_env=prefect_unit.env,
                                  argv=prefect_unit.argv)
-        for svc in (tiled, prefect):
-            svc.launch()
-            started.append(svc)
+        prefect.launch()
+        started.append(prefect)
         for svc in (tiled, prefect):
             svc.wait_ready(svc.ready, svc.start_timeout)
-        keys = subprocess.run([sys.executable, str(DEPLOY / "tiled" / "bootstrap_access.py"), "all", tiled.uri],
-                              env=child_env(**tiled_env), capture_output=True, text=True, timeout=120)
-        if keys.returncode != 0:
-            raise RuntimeError(f"bootstrap_access.py failed:\n{keys.stderr[-2000:]}")
-        values = dict(line.split("=", 1) for line in keys.stdout.split())
+        values = bootstrap_access(tier)
         plugin_key, writer_key = values["XTEC_FLOWS_TILED_API_KEY"], values["BEAMLINE_WRITER_TILED_API_KEY"]
         scheduler = DaskScheduler(directory).start()
         started.append(scheduler)
@@ -538,8 +564,8 @@ def start_production_stack(directory: Path, limit: int = 2, reconcile_seconds: f
             started.append(w)
         for w in workers:
             w.wait_ready(w.ready, 60)
-        stack = ProductionStack(directory, dbs, redis, tiled, prefect, scheduler, workers, None, plugin_key,
-                                writer_key, catalog, tiled_env,
+        stack = ProductionStack(directory, dbs, tier.redis, tiled, prefect, scheduler, workers, None, plugin_key,
+                                writer_key, tier.catalog_db, tier.env,
                                 {k: v for k, v in values.items() if k.endswith("_PRINCIPAL")})
         stack.serve = start_production_serve(stack, limit=limit, reconcile_seconds=reconcile_seconds)
         return stack
