@@ -33,7 +33,7 @@ into Tiled and read back as a sum, never held whole; only the reference's small 
     python benchmarks/bench_sizing.py --target 24,1000 --deadline-min 10 --cadence-min 2,5,10
     python benchmarks/bench_sizing.py --tiled production  # deploy/'s Tiled -> section 12 (needs PostgreSQL)
 
-Progress goes to stderr, the tables to stdout and into benchmarks/RESULTS.md (section 10).
+Progress goes to stderr, the tables to stdout and into benchmarks/RESULTS.md (section 10; 12 with --tiled production).
 """
 
 from __future__ import annotations
@@ -396,7 +396,7 @@ class SizingTiled:
     """The Tiled server a sizing run uploads to and reads from.
 
     service : the server process (``uri``, ``pid``, ``wait_ready``, ``ready``, ``start_timeout``, ``stop``)
-    upload_key, read_key : API keys of the scan's writer and of its reader (the plugin)
+    api_key : the key that uploads, reads and processes the scan (the plugin's on deploy/'s Tiled)
     scan_path : where the scan is written, below the top level
     results_prefix : where process_scan's results roots go ("" or "xtec/")
     description : one sentence for the report
@@ -404,8 +404,7 @@ class SizingTiled:
     """
 
     service: object
-    upload_key: str
-    read_key: str
+    api_key: str
     scan_path: str
     results_prefix: str
     description: str
@@ -424,7 +423,7 @@ def launch_tiled(workdir: Path, kind: str) -> SizingTiled:
     log("tiled: launching a Tiled server subprocess")
     srv.launch()
     return SizingTiled(
-        srv, api_key, api_key, SCAN_KEY, "",
+        srv, api_key, SCAN_KEY, "",
         "A `tiled serve config` subprocess (`xtec_flows.demo.services.TiledService`: SQLite catalog, zarr storage, "
         "API key) on 127.0.0.1",
         srv.stop)
@@ -456,9 +455,8 @@ def _launch_production_tiled(workdir: Path) -> SizingTiled:
         raise
     # /raw holds bluesky runs only (its client looks keys up as run uids), so the plain array goes under
     # /xtec, where the plugin's key may write: the reads are the plugin's either way.
-    plugin_key = values["XTEC_FLOWS_TILED_API_KEY"]
     return SizingTiled(
-        tier.tiled, plugin_key, plugin_key, f"xtec/{SCAN_KEY}", "xtec/",
+        tier.tiled, values["XTEC_FLOWS_TILED_API_KEY"], f"xtec/{SCAN_KEY}", "xtec/",
         "deploy/'s Tiled (`tiled.service` on `deploy/tiled/config.yml`: catalog, authn and table databases on "
         "PostgreSQL, Redis streaming cache, TagBasedAccessPolicy, keys from `bootstrap_access.py all`) on "
         "127.0.0.1; the plugin's key uploads the scan under /xtec (/raw takes bluesky runs only), reads it and "
@@ -482,16 +480,16 @@ def measure_tiled(args, server, arr, temps, vt: float, nbytes: int) -> tuple[lis
     try:
         process = psutil.Process(srv.pid)
         parent, _, key = server.scan_path.rpartition("/")
-        uploader = tiled_io.connect(srv.uri, server.upload_key)
+        client = tiled_io.connect(srv.uri, server.api_key)
         log("tiled: upload, block by block from the zarr (dask threads)")
         t0 = time.perf_counter()
-        (tiled_io._walk(uploader, parent) if parent else uploader).write_array(
+        tiled_io._walk(client, parent).write_array(
             da.from_zarr(arr), key=key, dims=["T", "L", "K", "H"], metadata={"temperatures": temps.tolist()})
         t_up = time.perf_counter() - t0
         rows_io.append(["upload (`client.write_array` of `da.from_zarr(...)`: one `write_block` per zarr chunk, "
                         "2 dask threads)", fmt_t(t_up), fmt_mb(nbytes, t_up), "-", load_now()])
         local_sum = float(da.from_zarr(arr).sum(dtype=np.float64).compute())
-        scan = tiled_io.open_scan(tiled_io.connect(srv.uri, server.read_key), server.scan_path)
+        scan = tiled_io.open_scan(client, server.scan_path)
         best = (0.0, None)
         for n in args.read_concurrency:
             times, cpu_srv, cpu_cli, sums = [], [], [], []
@@ -520,7 +518,7 @@ def measure_tiled(args, server, arr, temps, vt: float, nbytes: int) -> tuple[lis
         out["server_cpu_s_per_gb"] = min(out[f"read_{n}"]["cpu_server"] for n in args.read_concurrency) / gb
         out["client_cpu_s_per_gb"] = min(out[f"read_{n}"]["cpu_client"] for n in args.read_concurrency) / gb
 
-        env = child_env(TILED_API_KEY=server.read_key)
+        env = child_env(TILED_API_KEY=server.api_key)
         for label, cfg in (
             ("local threads (2, like `serve` without `--dask-address`)", {"threads": 2}),
             ("LocalCluster 1 worker × 1 thread; the worker reads from Tiled (deploy/ shape)", {"workers": 1}),

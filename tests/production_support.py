@@ -375,11 +375,10 @@ class ProductionTiled(ManagedProcess):
         self.port = port or free_port()
         self.processes = processes
         overrides = {"--host": LOOPBACK, "--port": str(self.port)}
-        if processes is None:
-            unit = unit_command("tiled.service", overrides=overrides, env=env)
-        else:
-            unit = unit_command("tiled-multiprocess.service", overrides={**overrides, "--workers": str(processes)},
-                                env=env)
+        if processes is not None:
+            overrides["--workers"] = str(processes)
+        unit = unit_command("tiled.service" if processes is None else "tiled-multiprocess.service",
+                            overrides=overrides, env=env)
         name = "tiled-production" if processes is None else "tiled-multiprocess"
         super().__init__(name, unit.argv, child_env(**unit.env), self.directory / f"{name}.log", cwd=self.directory)
 

@@ -201,8 +201,6 @@ def test_several_tiled_processes_share_one_catalog_and_its_events(prod, tmp_path
     it hears of a scan written through the other server (events cross processes only via Redis),
     a plain client in another process reads the scan's result through it, and when one server
     process is killed the other answers every new connection until a replacement has started."""
-    import threading
-
     import httpx
     from production_support import ProductionTiled
 
@@ -244,9 +242,7 @@ def test_several_tiled_processes_share_one_catalog_and_its_events(prod, tmp_path
                    and scaled.log_since_launch().count("Application startup complete") >= 3,
                    60, what="a replacement server process")
         assert survivor.is_running() and victim.pid not in [p.pid for p in scaled.server_processes()]
-        fresh = tiled_io.connect(scaled.uri, prod.plugin_key)
-        np.testing.assert_array_equal(fresh["xtec"][tiled_io.result_key(uid, _params())]["labels"].read(),
-                                      _expected_labels(81))
+        np.testing.assert_array_equal(_labels(prod, uid, scaled.uri), _expected_labels(81))
         # The access policy is the same on every process: the writer sees runs but not results
         # (fresh connections, so the kernel spreads the requests over both processes).
         writer = {"Authorization": f"Apikey {prod.writer_key}", "Connection": "close"}
@@ -271,8 +267,10 @@ def _expected_big(seed):
     return np.asarray(cluster(scan_volumes(TEMPS, BIG, seed=seed), TEMPS, n_components=3).labels)
 
 
-def _labels(prod, uid):
-    return tiled_io._walk(prod.plugin(), "xtec")[tiled_io.result_key(uid, _params())]["labels"].read()
+def _labels(prod, uid, uri=None):
+    """The labels of ``uid``'s result, read with the plugin's key (from ``uri``, default the tier's Tiled)."""
+    client = tiled_io.connect(uri or prod.tiled.uri, prod.plugin_key)
+    return tiled_io._walk(client, "xtec")[tiled_io.result_key(uid, _params())]["labels"].read()
 
 
 def test_dask_worker_killed_mid_clustering_still_gives_identical_labels(prod):
