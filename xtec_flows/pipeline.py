@@ -45,10 +45,16 @@ from .numerics import masking, peaks, threshold
 from .numerics.mixture import MixtureParams, fit_mixture
 from .numerics.rescale import RESCALE_METHODS, rescale
 from .numerics.smoothing import LabelSmoother, SmoothingKernel
+from .class_discovery import ClassDiscovery, discover_classes
 
 log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("raise", "mask")
+# None: a fixed number of components, each one cluster (XTEC-d/s as published). "auto":
+# class discovery (see class_discovery.py).
+CLASS_MODES = (None, "auto")
+# The parameters that only class discovery reads.
+CLASS_DISCOVERY_FIELDS = ("classes", "max_components", "stability_runs")
 # Voxels per spatial block when the input does not suggest a chunking: 64**3
 # voxels x 24 temperatures x 4 bytes = 25 MB per block.
 DEFAULT_BLOCK_VOXELS = 64**3
@@ -91,6 +97,9 @@ class ClusterParams:
     n_init: int = 3
     random_state: int | None = 0
     init_sample_size: int = 20_000
+    classes: str | None = None
+    max_components: int = 8
+    stability_runs: int = 3
 
     def __post_init__(self):
         validation.check_choice("mode", self.mode, validation.MODES)
@@ -117,6 +126,16 @@ class ClusterParams:
             object.__setattr__(self, "smoothing", SmoothingKernel())
         if self.mode != "s" and self.smoothing is not None:
             raise ValueError(f"smoothing applies to mode 's' only; got mode {self.mode!r} with smoothing")
+        validation.check_choice("classes", self.classes, CLASS_MODES)
+        validation.check_int("stability_runs", self.stability_runs, 0)
+        if isinstance(self.max_components, bool) or not isinstance(self.max_components, int) or not (
+            2 <= self.max_components <= 127
+        ):
+            raise ValueError(
+                "max_components (the upper bound on mixture components for classes='auto') must be an "
+                f"integer from 2 to 127; got {self.max_components!r}. Class discovery fits more components "
+                "than classes and groups them, so it needs at least 2 (default 8)"
+            )
 
     @classmethod
     def from_dict(cls, values: dict | None) -> ClusterParams:
@@ -140,6 +159,11 @@ class ClusterParams:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if self.classes is None:
+            # Fixed-K runs record exactly what they did before class discovery existed, so
+            # their result keys (a hash of these parameters) do not change.
+            for name in CLASS_DISCOVERY_FIELDS:
+                d.pop(name)
         if self.smoothing is not None:
             d["smoothing"] = asdict(self.smoothing)
             d["smoothing"]["unit_cell"] = list(self.smoothing.unit_cell)
@@ -213,6 +237,17 @@ class ClusterResult:
     timings: dict
     n_reads: int = 1
     version: str = __version__
+    components: zarr.Array | None = None
+    discovery: ClassDiscovery | None = None
+
+    @property
+    def classes(self) -> list | None:
+        """Class summaries (dicts, see ``PhysicalClass.to_dict``) with classes='auto', else None."""
+        return None if self.discovery is None else [c.to_dict() for c in self.discovery.classes]
+
+    @property
+    def stability(self) -> dict | None:
+        return None if self.discovery is None else self.discovery.stability
 
     @property
     def intensity_cutoff(self) -> float:
@@ -248,6 +283,10 @@ class ClusterResult:
             "n_peaks": self.n_peaks,
             "input_reads": self.n_reads,
             "timings": self.timings,
+            **({} if self.discovery is None else {
+                "n_classes": len(self.discovery.classes),
+                **self.discovery.to_dict(),
+            }),
         }
 
 
@@ -800,6 +839,7 @@ class FitOutput:
     n_iter: int
     converged: bool
     history: list
+    row_labels: np.ndarray | None = None  # (n_rows,) int8, per row of the features (peaks: per peak)
 
 
 def _rescale_float32(raw: np.ndarray, method: str, rows: int = 1 << 18) -> np.ndarray:
@@ -821,7 +861,8 @@ def features(traj: Trajectories, params: ClusterParams) -> np.ndarray:
 
 
 def fit_trajectories(
-    traj: Trajectories, params: ClusterParams, n_components: int | None = None, X: np.ndarray | None = None
+    traj: Trajectories, params: ClusterParams, n_components: int | None = None, X: np.ndarray | None = None,
+    warn_empty: bool = True,
 ) -> FitOutput:
     """Cluster gathered trajectories (features computed unless given); labels per thresholded voxel."""
     k = params.n_components if n_components is None else n_components
@@ -853,7 +894,7 @@ def fit_trajectories(
         labels = labels[traj.peak_ids - 1]
         counts = np.bincount(labels, minlength=k)
     empty = [int(i) for i in np.nonzero(counts == 0)[0]]
-    if empty:
+    if empty and warn_empty:
         warnings.warn(
             f"{len(empty)} of {k} clusters received no voxels (labels {empty})"
             + (" after label smoothing" if params.mode == "s" else "")
@@ -861,7 +902,8 @@ def fit_trajectories(
             RuntimeWarning,
             stacklevel=3,
         )
-    return FitOutput(fit.params, labels, counts, fit.log_likelihood, fit.bic, fit.n_iter, fit.converged, fit.history)
+    return FitOutput(fit.params, labels, counts, fit.log_likelihood, fit.bic, fit.n_iter, fit.converged, fit.history,
+                     row_labels=fit.labels)
 
 
 def write_labels(traj: Trajectories, sample_labels: np.ndarray, store=None, attrs: dict | None = None) -> zarr.Array:
@@ -908,8 +950,12 @@ def cluster(
     max_iter: int = 300,
     n_init: int = 3,
     random_state: int | None = 0,
+    classes: str | None = None,
+    max_components: int = 8,
+    stability_runs: int = 3,
     chunks: tuple | None = None,
     labels_store=None,
+    components_store=None,
     overwrite: bool = False,
     scratch=None,
     progress: bool = False,
@@ -927,6 +973,14 @@ def cluster(
     n_components : int
     threshold : {"kl", "simple", "none"} or float (explicit cut on <I>_T)
     rescale : {"mean", "zscore", "log-mean", "none"}
+    classes : None or "auto"
+        None: ``n_components`` clusters, each one label (XTEC-d/s as published).
+        "auto": class discovery (see :mod:`xtec_flows.class_discovery`): a mixture of
+        ``max_components`` components, grouped into classes by the shape of their
+        temperature dependence (order parameter, critical, onset, static, other) and
+        Tc; ``labels`` then holds class labels, ``components`` the component labels,
+        and ``result.classes`` each class's kind, Tc, exponent and stability over
+        ``stability_runs`` refits. Needs at least 8 temperatures.
     labels_store : zarr store or path for the label array (default: in memory).
         A path holding other data is refused; an earlier xtec-flows label array
         there is replaced only with ``overwrite=True``.
@@ -958,16 +1012,19 @@ def cluster(
         max_iter=max_iter,
         n_init=n_init,
         random_state=random_state,
+        classes=classes,
+        max_components=max_components,
+        stability_runs=stability_runs,
     )
     return run(
         volume, temperatures, params, chunks=chunks, labels_store=labels_store, overwrite=overwrite,
-        scratch=scratch, progress=progress,
+        scratch=scratch, progress=progress, components_store=components_store,
     )
 
 
 def run(
     volume, temperatures, params: ClusterParams, *, chunks=None, labels_store=None, overwrite=False, scratch=None,
-    progress=False, on_stage=None,
+    progress=False, on_stage=None, components_store=None,
 ) -> ClusterResult:
     """:func:`cluster` with a ready :class:`ClusterParams`.
 
@@ -977,19 +1034,43 @@ def run(
     """
     report = on_stage or (lambda name, fraction: None)
     zarr_io.check_labels_target(labels_store, overwrite)
+    if params.classes is not None:
+        zarr_io.check_labels_target(components_store, overwrite)
+        check_class_discovery_input(volume, temperatures)
     traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress)
     report("read", 0.6)
     t0 = time.perf_counter()
     X = features(traj, params)
-    traj.raw = None  # the raw intensities are not needed any more: free them before the fit
-    fit = fit_trajectories(traj, params, X=X)
+    discovery = None
+    if params.classes is None:
+        traj.raw = None  # the raw intensities are not needed any more: free them before the fit
+        fit = fit_trajectories(traj, params, X=X)
+        traj.timings["fit"] = time.perf_counter() - t0
+    else:
+        k = min(params.max_components, X.shape[0])
+        fit = fit_trajectories(traj, params, n_components=k, X=X, warn_empty=False)
+        traj.timings["fit"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        row_raw = traj.raw if params.mode != "peaks" else peaks.peak_means(traj.raw, traj.peak_ids, traj.n_peaks)[0]
+        discovery = discover_classes(
+            traj.temperatures, X, row_raw, fit.row_labels, fit.params.means, n_components=k,
+            stability_runs=params.stability_runs, random_state=params.random_state, reg_covar=params.reg_covar,
+            tol=params.tol, max_iter=params.max_iter, init_sample_size=params.init_sample_size,
+        )
+        traj.raw = None
+        del row_raw
+        traj.timings["classes"] = time.perf_counter() - t1
     del X
-    traj.timings["fit"] = time.perf_counter() - t0
     report("fit", 0.8)
     t0 = time.perf_counter()
-    labels = write_labels(
-        traj, fit.sample_labels, labels_store, attrs={zarr_io.PRODUCER_KEY: __version__, "params": params.to_dict()}
-    )
+    attrs = {zarr_io.PRODUCER_KEY: __version__, "params": params.to_dict()}
+    components = None
+    if discovery is None:
+        labels = write_labels(traj, fit.sample_labels, labels_store, attrs=attrs)
+    else:
+        labels = write_labels(traj, discovery.class_labels(fit.sample_labels), labels_store,
+                              attrs={**attrs, "content": "classes"})
+        components = write_labels(traj, fit.sample_labels, components_store, attrs={**attrs, "content": "components"})
     traj.timings["labels"] = time.perf_counter() - t0
     report("labels", 0.85)
     return ClusterResult(
@@ -1014,7 +1095,22 @@ def run(
         params=params,
         timings=traj.timings,
         n_reads=traj.n_reads,
+        components=components,
+        discovery=discovery,
     )
+
+
+def check_class_discovery_input(volume, temperatures) -> None:
+    """Refuse, before anything is read, a series too short to fit a Tc."""
+    from .numerics.classes import MIN_TEMPERATURES
+
+    n_t = validation.check_volume(volume)[0]
+    if n_t < MIN_TEMPERATURES:
+        raise ValueError(
+            f"classes='auto' fits a transition temperature, an exponent and a baseline to every class, which "
+            f"needs at least {MIN_TEMPERATURES} temperatures; this series has {n_t}. Measure more temperatures, "
+            "or cluster with a fixed number of components (classes=None, e.g. n_components=3)"
+        )
 
 
 def select_n_components(volume, temperatures, k_values=range(2, 11), *, chunks=None, scratch=None, progress=False, **kwargs) -> list[dict]:

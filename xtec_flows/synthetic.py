@@ -132,6 +132,10 @@ class SeriesModel:
     cdw_wavevector: tuple[float, float, float] = (0.5, 0.5, 0.0)
     """q_CDW as (H, K, L) in r.l.u.; CDW peaks sit at integer HKL + q_CDW.
     (1/2, 1/2, 0) puts them 8*sqrt(2) px from the nearest Bragg peak."""
+    cdw_arms: int = 1
+    """Number of CDW domains (1..3): arm j has the wavevector with its (H, K, L)
+    components cyclically shifted j times, as the symmetry-equivalent domains
+    of a multi-q CDW; every arm has the same order parameter and halo."""
 
     halo_amplitude: float = 300.0
     """Critical diffuse peak height (counts) at Tc (the capped susceptibility)."""
@@ -150,6 +154,17 @@ class SeriesModel:
     """Relative amplitude of the smooth background variation in q."""
     background_slope: float = 0.15
     """Relative background increase from t_min to t_max (thermal diffuse scattering)."""
+
+    exposure: float = 1.0
+    """Counting time relative to the default: every mean count is multiplied by
+    it before the Poisson draw, so 0.3 is 3x noisier (relative) than 1."""
+    monitor_jitter: float = 0.0
+    """Relative standard deviation of the incident-beam monitor between
+    temperatures: temperature i's whole volume is scaled by a factor drawn
+    from a normal distribution of mean 1 and this width (clipped at 0.5),
+    the same for every block (drawn from ``monitor_seed``)."""
+    monitor_seed: int = 0
+    """Seed of the monitor factors (independent of the noise seed, block-independent)."""
 
     gap_period: int = 30
     """Detector gap every gap_period voxels along the last axis (0 disables gaps)."""
@@ -182,6 +197,11 @@ class SeriesModel:
         need(self.background_modulation < 1, "background_modulation",
              "< 1 (the background must stay positive)")
         need(len(self.cdw_wavevector) == 3, "cdw_wavevector", "a (H, K, L) triple")
+        need(int(self.cdw_arms) == self.cdw_arms and 1 <= self.cdw_arms <= 3, "cdw_arms",
+             "an integer from 1 to 3")
+        need(math.isfinite(self.exposure) and self.exposure > 0, "exposure", "a finite number > 0")
+        need(math.isfinite(self.monitor_jitter) and 0 <= self.monitor_jitter < 0.5, "monitor_jitter",
+             "a number in [0, 0.5)")
         need(int(self.gap_period) == self.gap_period and self.gap_period >= 0,
              "gap_period", "an integer >= 0 (0 disables gaps)")
         need(int(self.gap_width) == self.gap_width
@@ -212,6 +232,23 @@ class SeriesModel:
     def halo_halfwidth(self, t: np.ndarray) -> np.ndarray:
         """Lorentzian half width 1/xi(T) (px), minimal (= halo_width) at Tc; (n,) -> (n,)."""
         return self.halo_width * self._scaled_distance(t) ** self.nu
+
+    def monitor_factors(self, n: int) -> np.ndarray:
+        """Incident-beam factor of each of ``n`` temperatures (all 1 without jitter); (n,) float64."""
+        if self.monitor_jitter == 0:
+            return np.ones(int(n))
+        rng = np.random.default_rng(np.random.SeedSequence(int(self.monitor_seed), spawn_key=(0x4D4F4E,)))
+        return np.clip(1.0 + self.monitor_jitter * rng.standard_normal(int(n)), 0.5, 1.5)
+
+    def cdw_arm_wavevectors(self) -> list[tuple[float, float, float]]:
+        """The (H, K, L) wavevector of every CDW arm (cyclic shifts of ``cdw_wavevector``)."""
+        h, k, l = self.cdw_wavevector
+        shifts = [(h, k, l), (l, h, k), (k, l, h)]
+        arms: list[tuple[float, float, float]] = []
+        for q in shifts[: int(self.cdw_arms)]:
+            if q not in arms:
+                arms.append(q)
+        return arms
 
     def background_factor(self, t: np.ndarray) -> np.ndarray:
         """Temperature factor of the background (1 at t_min); (n,) -> (n,)."""
@@ -268,9 +305,9 @@ def _normalize_region(region, spatial_shape) -> tuple[tuple[int, int], ...]:
     return tuple(bounds)
 
 
-def _axis_offsets(model: SeriesModel, n_spatial: int) -> tuple[float, ...]:
+def _axis_offsets(wavevector, n_spatial: int) -> tuple[float, ...]:
     """CDW offset (r.l.u.) per array axis: q_CDW is (H, K, L), arrays are (L, K, H)."""
-    h, k, l = model.cdw_wavevector
+    h, k, l = wavevector
     return (l, k, h)[-n_spatial:]
 
 
@@ -312,17 +349,25 @@ class _Fields:
         ppz = int(model.pixels_per_zone)
         n_sp = len(bounds)
         coords = [np.arange(a, b, dtype=np.float64) for a, b in bounds]
-        offsets = _axis_offsets(model, n_sp)
+        arms = [_axis_offsets(q, n_sp) for q in model.cdw_arm_wavevectors()]
         self.shape = tuple(b - a for a, b in bounds)
         # Peak lattices are rectangular, so the sum over sites of a separable
         # Gaussian is the product of per-axis combs: O(voxels), no site loop.
         self.bragg = _outer([_comb(x, 0.0, ppz, model.bragg_sigma) for x in coords], np.multiply)
-        self.cdw = _outer(
-            [_comb(x, off, ppz, model.cdw_sigma) for x, off in zip(coords, offsets)], np.multiply
-        )
-        # Halo: nearest CDW site only. A Lorentzian summed over a 3-D lattice
-        # diverges, and physically each halo is the tail of its own peak.
-        self.d2 = _outer([_nearest_sq(x, off, ppz) for x, off in zip(coords, offsets)], np.add)
+        self.cdw = None
+        self.d2 = None
+        for offsets in arms:
+            cdw = _outer(
+                [_comb(x, off, ppz, model.cdw_sigma) for x, off in zip(coords, offsets)], np.multiply
+            )
+            # Halo: nearest CDW site only (over all arms). A Lorentzian summed over a
+            # 3-D lattice diverges, and physically each halo is the tail of its own peak.
+            d2 = _outer([_nearest_sq(x, off, ppz) for x, off in zip(coords, offsets)], np.add)
+            if self.cdw is None:
+                self.cdw, self.d2 = cdw, d2
+            else:
+                self.cdw += cdw
+                np.minimum(self.d2, d2, out=self.d2)
         # Hard truncation of the halo at halo_radius (see SeriesModel.halo_radius).
         self.envelope = (self.d2 <= np.float32(model.halo_radius**2)).astype(np.float32)
         # Background: 1 + m * mean_i cos(2 pi q_i / P_i + phi_i), slow in q.
@@ -375,11 +420,12 @@ def components_block(model: SeriesModel, temps, region, spatial_shape) -> dict[s
     f32 = lambda a: np.asarray(a, np.float32)[col]  # noqa: E731 - (T,) -> (T, 1, 1[, 1])
     w = f32(model.halo_halfwidth(temps))
     gap = np.broadcast_to(f.gap_1d, f.shape).copy()
+    scale = model.exposure * model.monitor_factors(temps.size)
     return {
-        "background": f32(model.background_factor(temps)) * f.background,
-        "bragg": f32(model.bragg_factor(temps)) * f.bragg,
-        "cdw": f32(model.cdw_factor(temps)) * f.cdw,
-        "halo": f32(model.halo_susceptibility(temps)) * f.envelope / (1.0 + f.d2 / (w * w)),
+        "background": f32(scale * model.background_factor(temps)) * f.background,
+        "bragg": f32(scale * model.bragg_factor(temps)) * f.bragg,
+        "cdw": f32(scale * model.cdw_factor(temps)) * f.cdw,
+        "halo": f32(scale * model.halo_susceptibility(temps)) * f.envelope / (1.0 + f.d2 / (w * w)),
         "gap": gap,
     }
 
@@ -409,6 +455,8 @@ def intensity_block(model: SeriesModel, temps, region, spatial_shape, rng=None) 
     chi_t = model.halo_susceptibility(temps)
     inv_w2_t = 1.0 / model.halo_halfwidth(temps) ** 2
     bg_t = model.background_factor(temps)
+    # Counting time and the monitor scale every component of a temperature alike.
+    scale_t = model.exposure * model.monitor_factors(temps.size)
 
     out = np.empty((temps.size,) + f.shape, dtype=np.float32)
     scratch = np.empty(f.shape, dtype=np.float32)
@@ -427,6 +475,8 @@ def intensity_block(model: SeriesModel, temps, region, spatial_shape, rng=None) 
         if cdw_t[i] > 0:
             np.multiply(f.cdw, np.float32(cdw_t[i]), out=scratch)
             lam += scratch
+        if scale_t[i] != 1.0:
+            lam *= np.float32(scale_t[i])
         if rng is not None:
             # Exact Poisson counts (int64), cast to float32 on assignment.
             lam[...] = rng.poisson(lam)

@@ -1,0 +1,310 @@
+"""Class discovery: more mixture components than physics, grouped into classes by temperature dependence.
+
+Runs after the mixture fit (``classes="auto"``), on what the fit already has in
+memory: the components' labels and the raw trajectories. Steps:
+
+1. per-component moments of the relative trajectories I / <I>_T (one pass over the rows);
+2. a curve model per component (:func:`numerics.classes.fit_curve`), with a common
+   per-temperature factor divided out first (see :func:`common_temperature_factor`);
+3. components grouped into classes of one kind and one Tc (:func:`numerics.classes.group_components`),
+   each class refitted on its pooled mean trajectory;
+4. stability: the mixture refitted from other seeds on a subsample, its classes
+   matched to these ones (Hungarian), agreement reported as ARI and a per-class
+   Jaccard score; a class below ``STABLE_JACCARD`` is flagged ``stable: false``.
+
+Why groups of components and not a fit with K = number of classes: at the
+physical K the maximum-likelihood mixture spends its components on the broad
+background and on splitting CDW peaks, and swallows a critical halo into the
+background; more components separate the halo but split the CDW and Bragg
+peaks. The split pieces share a temperature dependence, which is what this
+module reunites (see benchmarks/RESULTS.md, section 13).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .numerics import classes as curves
+from .numerics import stability as agreement
+from .numerics.classes import ClassKind, ComponentMoments
+
+log = logging.getLogger(__name__)
+
+STABLE_JACCARD = 0.7
+"""A class whose voxels overlap its matched class of a refit by less than this (mean Jaccard) is not stable."""
+MIN_COMMON_FACTOR = 0.01
+"""A common temperature factor within 1 % of 1 at every temperature is counting noise: left uncorrected."""
+STABILITY_SAMPLE = 60_000
+"""Rows of the subsample on which stability refits run (all rows when there are fewer)."""
+
+
+@dataclass
+class PhysicalClass:
+    """One class: a kind of temperature dependence and the components that show it.
+
+    label : the value in the class-label array
+    kind : ClassKind
+    components : component labels (indices into the mixture) it merges
+    n_voxels : voxels (or peaks' voxels) in the class
+    fit : numerics.classes.CurveFit of the pooled mean relative trajectory
+    mean_raw : (T,) mean raw intensity;  mean_relative : (T,) mean of I / <I>_T
+    mean_rescaled : (T,) mean of the rescaled trajectories the mixture saw (count-weighted component means)
+    stability : mean Jaccard overlap with its matched class over the refits (NaN without refits)
+    """
+
+    label: int
+    kind: ClassKind
+    components: list
+    n_voxels: int
+    fit: curves.CurveFit
+    mean_raw: np.ndarray
+    mean_relative: np.ndarray
+    mean_rescaled: np.ndarray
+    stability: float = math.nan
+
+    @property
+    def stable(self) -> bool | None:
+        return None if not math.isfinite(self.stability) else bool(self.stability >= STABLE_JACCARD)
+
+    def to_dict(self) -> dict:
+        fit = self.fit.to_dict()
+        fit.pop("kind")
+        if self.kind is ClassKind.CRITICAL:
+            # A critical class's order term only models the tail of a neighbouring peak; its
+            # exponent is not the class's (the critical parameter is the width).
+            fit["beta"] = fit["beta_err"] = None
+        return {
+            "label": int(self.label),
+            "kind": self.kind.value,
+            "trend": fit.pop("trend"),
+            "components": [int(c) for c in self.components],
+            "n_voxels": int(self.n_voxels),
+            **fit,
+            "stability": None if not math.isfinite(self.stability) else float(self.stability),
+            "stable": self.stable,
+            "mean_raw": [float(v) for v in self.mean_raw],
+            "mean_relative": [float(v) for v in self.mean_relative],
+            "mean_rescaled": [float(v) for v in self.mean_rescaled],
+            "fit_curve": [float(v) for v in self.fit.curve],
+        }
+
+
+@dataclass
+class ClassDiscovery:
+    """The classes of one run.
+
+    classes : list of PhysicalClass, in label order
+    component_class : ndarray of shape (K,), int8, class label of every component (-1 for empty ones)
+    component_fits : list of CurveFit, one per component
+    temperature_factor : (T,) the common per-temperature factor divided out before fitting
+    stability : {"runs", "ari", "ari_mean", "sample"}: refits and their agreement with this run
+    """
+
+    classes: list
+    component_class: np.ndarray
+    component_fits: list
+    temperature_factor: np.ndarray
+    stability: dict = field(default_factory=dict)
+
+    def class_labels(self, component_labels: np.ndarray) -> np.ndarray:
+        """Class label of every sample from its component label; shape of the input, int8."""
+        return self.component_class[np.asarray(component_labels, dtype=np.intp)]
+
+    def to_dict(self) -> dict:
+        return {
+            "classes": [c.to_dict() for c in self.classes],
+            "component_class": [int(c) for c in self.component_class],
+            "component_kinds": [f.kind.value for f in self.component_fits],
+            "temperature_factor": [float(v) for v in self.temperature_factor],
+            "stability": self.stability,
+        }
+
+
+def common_temperature_factor(moments: ComponentMoments, fits: list) -> np.ndarray:
+    """A multiplicative factor per temperature shared by all voxels, (T,), mean 1.
+
+    Anything that scales a whole volume at one temperature (the incident-beam
+    monitor, a changed counting time, an absorption change) multiplies every
+    voxel's trajectory alike. Static components are the internal monitor, as
+    Bragg intensities are in crystallographic scaling: their curves are smooth
+    (c + s tau), so data / curve of the static components, count-weighted,
+    estimates the factor; components with a transition are not used, because
+    a misfit of their shape near Tc would pass for a monitor change. Without a
+    static component the factor is 1. It is reported with the result (a
+    drifting monitor is worth knowing about) and divided out before the final fits.
+    """
+    mean, _ = moments.relative_mean_sem()
+    ratios, weights = [], []
+    for k, fit in enumerate(fits):
+        if fit.kind is ClassKind.STATIC and moments.counts[k] > 0 and np.all(fit.curve > 0.05):
+            ratios.append(mean[k] / fit.curve)
+            weights.append(float(moments.counts[k]))
+    if not ratios:
+        return np.ones(mean.shape[1])
+    factor = np.average(np.asarray(ratios), axis=0, weights=np.asarray(weights))
+    return factor / factor.mean()
+
+
+def _fit_components(temperatures, moments: ComponentMoments, factor: np.ndarray, **fit_kw) -> list:
+    mean, sem = moments.relative_mean_sem()
+    fits = []
+    for k in range(mean.shape[0]):
+        if moments.counts[k] == 0:
+            fits.append(curves.CurveFit(kind=ClassKind.OTHER, model="empty"))
+            continue
+        fits.append(curves.fit_curve(temperatures, mean[k] / factor, sem[k] / factor, **fit_kw))
+    return fits
+
+
+def group_into_classes(temperatures, moments: ComponentMoments, rescaled_means: np.ndarray,
+                       *, factor: np.ndarray | None = None, **fit_kw):
+    """Curve fits, groups and refitted classes from component moments (no stability).
+
+    Parameters
+    ----------
+    temperatures : ndarray of shape (T,)
+    moments : ComponentMoments of K components
+    rescaled_means : ndarray of shape (K, T), the mixture's component means (rescaled units)
+    factor : ndarray of shape (T,), a known common temperature factor; None estimates it
+        (:func:`common_temperature_factor`)
+
+    Returns
+    -------
+    ClassDiscovery without stability
+    """
+    t = np.asarray(temperatures, dtype=float)
+    if factor is None:
+        fits = _fit_components(t, moments, np.ones(t.size), **fit_kw)
+        factor = common_temperature_factor(moments, fits)
+        if np.max(np.abs(factor - 1.0)) < MIN_COMMON_FACTOR:
+            factor = np.ones(t.size)
+        else:
+            fits = _fit_components(t, moments, factor, **fit_kw)
+    else:
+        fits = _fit_components(t, moments, factor, **fit_kw)
+    groups = curves.group_components(fits, moments.counts, t)
+    merged = moments.merged([g.components for g in groups]) if groups else None
+    component_class = np.full(moments.counts.size, -1, dtype=np.int8)
+    found = []
+    if merged is not None:
+        mean, sem = merged.relative_mean_sem()
+        raw_mean = merged.raw_mean()
+    for label, g in enumerate(groups):
+        component_class[g.components] = label
+        if g.kind in (ClassKind.OTHER, ClassKind.STATIC):
+            kinds = None
+        else:
+            # Refit the pooled class with the models of its kind only, so the class keeps
+            # the kind its components agreed on (a pooled mean can sit on a boundary).
+            kinds = ("order", "order+critical") if g.kind is ClassKind.ORDER_PARAMETER else (
+                ("critical", "order+critical") if g.kind is ClassKind.CRITICAL else ("onset",))
+        fit = curves.fit_curve(t, mean[label] / factor, sem[label] / factor, kinds=kinds, **fit_kw) \
+            if kinds else curves.fit_curve(t, mean[label] / factor, sem[label] / factor, **fit_kw)
+        if g.kind is ClassKind.OTHER:
+            fit.kind = ClassKind.OTHER
+        elif kinds is None:
+            fit.kind = g.kind
+        if g.kind is not ClassKind.STATIC and fit.kind is not g.kind:
+            fit.kind = g.kind
+        w = moments.counts[g.components].astype(float)
+        rescaled = (rescaled_means[g.components] * w[:, None]).sum(axis=0) / w.sum()
+        found.append(PhysicalClass(label, g.kind, list(g.components), int(merged.counts[label]), fit,
+                                   raw_mean[label], mean[label], rescaled))
+    return ClassDiscovery(found, component_class, fits, factor)
+
+
+def measure_stability(discovery: ClassDiscovery, reference_labels: np.ndarray, refit_labelings: list) -> None:
+    """Fill ``discovery.stability`` and each class's score from class labelings of the same sample rows.
+
+    Parameters
+    ----------
+    reference_labels : ndarray of shape (n,), this run's class labels on the sample
+    refit_labelings : list of (ndarray of shape (n,), list of ClassKind per label) from refits
+    """
+    labels = [c.label for c in discovery.classes]
+    scores = np.zeros((len(refit_labelings), len(labels)))
+    aris = []
+    for r, (other, kinds) in enumerate(refit_labelings):
+        aris.append(agreement.adjusted_rand_index(reference_labels, other))
+        mapping = agreement.match_labels(reference_labels, other)
+        # A match of another kind is no reproduction.
+        mapping = {a: b for a, b in mapping.items() if b < len(kinds) and kinds[b] is discovery.classes[a].kind}
+        scores[r] = agreement.jaccard_by_label(reference_labels, other, mapping, labels)
+    for c, s in zip(discovery.classes, scores.mean(axis=0) if len(refit_labelings) else []):
+        c.stability = float(s)
+    discovery.stability = {
+        "runs": len(refit_labelings),
+        "ari": [float(a) for a in aris],
+        "ari_mean": float(np.mean(aris)) if aris else None,
+        "sample": int(np.asarray(reference_labels).size),
+        "stable_jaccard": STABLE_JACCARD,
+    }
+
+
+def discover_classes(
+    temperatures: np.ndarray,
+    X: np.ndarray,
+    row_raw: np.ndarray,
+    row_labels: np.ndarray,
+    component_means: np.ndarray,
+    *,
+    n_components: int,
+    stability_runs: int = 3,
+    random_state: int | None = 0,
+    reg_covar: float = 1e-6,
+    tol: float = 1e-4,
+    max_iter: int = 300,
+    init_sample_size: int = 20_000,
+) -> ClassDiscovery:
+    """Classes from a fitted mixture, with their stability over refits.
+
+    Parameters
+    ----------
+    temperatures : ndarray of shape (T,)
+    X : ndarray of shape (n_rows, T), the features the mixture was fitted on (rescaled)
+    row_raw : ndarray of shape (n_rows, T), raw intensities of the same rows
+    row_labels : ndarray of shape (n_rows,), the fitted component of each row
+    component_means : ndarray of shape (K, T), the mixture's means (rescaled units)
+    stability_runs : refits from seeds ``random_state + 1 ...`` on a subsample of at most
+        ``STABILITY_SAMPLE`` rows (each with one k-means++ start and no smoothing: they test
+        whether the classes, not a particular optimum, reproduce)
+
+    Returns
+    -------
+    ClassDiscovery
+    """
+    from .numerics.mixture import fit_mixture
+
+    moments = curves.component_moments(row_raw, row_labels, n_components)
+    discovery = group_into_classes(temperatures, moments, component_means)
+    if stability_runs <= 0:
+        discovery.stability = {"runs": 0, "ari": [], "ari_mean": None, "sample": 0, "stable_jaccard": STABLE_JACCARD}
+        return discovery
+    n_rows = X.shape[0]
+    rng = np.random.default_rng(None if random_state is None else [int(random_state), 0x5EED])
+    sample = np.arange(n_rows) if n_rows <= STABILITY_SAMPLE else np.sort(
+        rng.choice(n_rows, size=STABILITY_SAMPLE, replace=False))
+    Xs, raw_s = X[sample], row_raw[sample]
+    reference = discovery.class_labels(row_labels[sample])
+    refits = []
+    for r in range(1, stability_runs + 1):
+        seed = None if random_state is None else int(random_state) + r
+        # tol 10x looser than the main fit's: a refit is asked which classes it finds, and the
+        # last digits of its likelihood do not move a component between kinds.
+        fit = fit_mixture(Xs, n_components, reg_covar=reg_covar, tol=10 * tol, max_iter=max_iter, n_init=1,
+                          random_state=seed, init_sample_size=init_sample_size)
+        # The common factor is a property of the data, not of a fit: reuse this run's.
+        # Grid fits only (no refinement): the refits are asked for their classes, not for errors.
+        other = group_into_classes(temperatures, curves.component_moments(raw_s, fit.labels, n_components),
+                                   fit.params.means, factor=discovery.temperature_factor, refine=False)
+        refits.append((other.class_labels(fit.labels), [c.kind for c in other.classes]))
+    measure_stability(discovery, reference, refits)
+    unstable = [c.label for c in discovery.classes if c.stable is False]
+    if unstable:
+        log.warning("classes %s did not reproduce over %d refits (stability < %.2f)", unstable, stability_runs,
+                    STABLE_JACCARD)
+    return discovery

@@ -1,0 +1,689 @@
+"""From mixture components to physical classes: curve models of a temperature dependence.
+
+A maximum-likelihood diagonal mixture spends its components where the density
+of trajectories is complex, not where the physics changes: it splits CDW peaks
+into cores and shells and Bragg peaks by intensity, and with few components
+it swallows a weak critical halo into the background (the halo/background
+pair is also the pair that entropy-based merging (Baudry et al., J. Comput.
+Graph. Stat. 19, 332, 2010) combines first, because their posteriors overlap
+most). What a diffraction physicist separates is the *shape* of I(T): an
+order parameter that vanishes at Tc, a critical peak at Tc, an intensity that
+appears on warming, or a static intensity with a weak Debye-Waller or thermal
+trend. So we fit more components than there are classes and group them by
+model comparison of their mean trajectories, in the spirit of functional-data
+clustering (curves summarised by the parameters of a physical model) rather
+than of posterior overlap:
+
+=============== ==============================================================
+kind            curve model of the mean *relative* trajectory I(T) / <I>_T
+=============== ==============================================================
+static          c + s tau                        (tau = reduced temperature)
+order_parameter c + s tau + A (1 - T/Tc)_+^(2 beta)  [+ B L(T; Tc, w)]
+critical        c + s tau + B L(T; Tc, w)            [+ A (1 - T/Tc)_+^(2 beta)]
+onset           c + s tau + A ((T - Tc)/(Tmax - Tc))_+^(2 beta)
+other           none of these describes the curve (R^2 below ``min_r2``)
+=============== ==============================================================
+
+L is a Lorentzian in T, 1 / (1 + ((T - Tc)/w)^2), a smooth stand-in for the
+capped power law of a critical susceptibility. The order and critical terms
+share one Tc: on the flanks of a CDW peak the order parameter and its
+critical fluctuations overlap, and a component there is "order parameter"
+when the ordered intensity at the lowest temperature exceeds the critical
+peak at Tc, "critical" otherwise (the rule a diffraction truth table uses).
+Models are compared by BIC with the noise variance unknown,
+``T log(RSS/T) + p log T`` (each at its best point of a parameter grid): a component
+mean averages thousands of voxels, so its scatter about any smooth curve is
+dominated by model misfit and mixing, not by counting noise; an unknown
+variance keeps the comparison about shape. A non-static model must also
+change the relative intensity by at least ``min_amplitude`` (20 % of the
+voxel's mean by default): with millions of voxels a 1 % wiggle (monitor
+jitter, a Debye-Waller curvature) is always "significant", but it is not a
+phase transition.
+
+Uncertainties are 1 sigma from the Jacobian of the weighted least-squares
+problem at the optimum, scaled by the reduced chi^2 (``absolute_sigma=False``
+in scipy's terms), so misfit widens them.
+
+Everything here is a pure function of small arrays (K x T); the volume never
+enters.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class ClassKind(str, enum.Enum):
+    """The kinds of temperature dependence a class can have (values are what results record)."""
+
+    ORDER_PARAMETER = "order_parameter"
+    CRITICAL = "critical"
+    ONSET = "onset"
+    OTHER = "other"
+    STATIC = "static"
+
+
+# Display and label order of kinds: the temperature-dependent physics first.
+KIND_ORDER = tuple(ClassKind)
+
+MIN_TEMPERATURES = 8
+"""Fewest temperatures with which a Tc, an exponent and a baseline can be fitted (7 parameters + 1)."""
+
+# Grids for the separable (variable-projection) search: for fixed (Tc, beta, w) the
+# model is linear in (c, s, A, B), solved exactly; the best grid point then seeds a
+# nonlinear least-squares refinement of all parameters.
+_BETA_GRID = np.array([0.05, 0.1, 0.17, 0.25, 0.33, 0.45, 0.65, 1.0])
+_WIDTH_FRACTIONS = np.geomspace(0.01, 0.3, 7)  # of the temperature range
+_N_TC_GRID = 48
+
+
+@dataclass
+class CurveFit:
+    """A fitted temperature dependence of one mean trajectory (relative units, I / <I>_T).
+
+    kind : ClassKind
+    model : name of the selected model ("static", "order", "critical", "order+critical", "onset")
+    tc, tc_err : transition temperature and 1 sigma (NaN for static and other)
+    beta, beta_err : order-parameter exponent (order and onset terms; NaN otherwise)
+    width, width_err : half width in T of the critical Lorentzian (NaN without that term)
+    amplitude, amplitude_err : the order (or onset) term's change of the relative intensity
+        between the lowest temperature and Tc (or Tc and the highest temperature)
+    critical_amplitude, critical_amplitude_err : height of the critical peak at Tc
+    baseline, slope : c and s of the static part (slope per unit reduced temperature)
+    trend : "decreasing", "increasing" or "flat" (the static part, for static curves)
+    r2 : weighted coefficient of determination of the selected model
+    chi2_red : weighted residual sum of squares per degree of freedom (sem units)
+    bic : the selected model's BIC (unknown-variance form)
+    curve : (T,) the fitted curve at the given temperatures
+    """
+
+    kind: ClassKind
+    model: str
+    tc: float = math.nan
+    tc_err: float = math.nan
+    beta: float = math.nan
+    beta_err: float = math.nan
+    width: float = math.nan
+    width_err: float = math.nan
+    amplitude: float = math.nan
+    amplitude_err: float = math.nan
+    critical_amplitude: float = math.nan
+    critical_amplitude_err: float = math.nan
+    baseline: float = math.nan
+    slope: float = math.nan
+    trend: str = "flat"
+    r2: float = math.nan
+    chi2_red: float = math.nan
+    bic: float = math.nan
+    curve: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+    def to_dict(self) -> dict:
+        """JSON-ready values (NaN becomes None)."""
+        out = {}
+        for name in ("model", "tc", "tc_err", "beta", "beta_err", "width", "width_err", "amplitude",
+                     "amplitude_err", "critical_amplitude", "critical_amplitude_err", "baseline", "slope",
+                     "trend", "r2", "chi2_red", "bic"):
+            v = getattr(self, name)
+            out[name] = None if isinstance(v, float) and not math.isfinite(v) else v
+        out["kind"] = self.kind.value
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# curve shapes
+# ---------------------------------------------------------------------------------------
+
+
+def order_parameter_shape(t: np.ndarray, tc, beta) -> np.ndarray:
+    """(1 - T/Tc)_+^(2 beta), the intensity of a superlattice peak below Tc; broadcasts."""
+    reduced = np.clip(1.0 - np.asarray(t, float) / tc, 0.0, None)
+    return reduced ** (2.0 * np.asarray(beta, float))
+
+
+def onset_shape(t: np.ndarray, tc, beta, t_max: float) -> np.ndarray:
+    """((T - Tc)/(T_max - Tc))_+^(2 beta): an intensity that appears on warming through Tc."""
+    tc = np.asarray(tc, float)
+    reduced = np.clip((np.asarray(t, float) - tc) / np.maximum(t_max - tc, 1e-12), 0.0, None)
+    return reduced ** (2.0 * np.asarray(beta, float))
+
+
+def critical_shape(t: np.ndarray, tc, width) -> np.ndarray:
+    """1 / (1 + ((T - Tc)/w)^2): a critical peak at Tc of half width w (in T)."""
+    z = (np.asarray(t, float) - tc) / width
+    return 1.0 / (1.0 + z * z)
+
+
+def _reduced(t: np.ndarray) -> np.ndarray:
+    """Temperatures mapped onto [-1, 1], so the slope is the change across the range / 2."""
+    lo, hi = float(t.min()), float(t.max())
+    return (2.0 * t - (lo + hi)) / (hi - lo)
+
+
+# ---------------------------------------------------------------------------------------
+# fitting
+# ---------------------------------------------------------------------------------------
+
+# Model name -> (has order term, has critical term, has onset term).
+_MODELS = {
+    "static": (False, False, False),
+    "order": (True, False, False),
+    "critical": (False, True, False),
+    "order+critical": (True, True, False),
+    "onset": (False, False, True),
+}
+
+
+def _n_params(name: str) -> int:
+    order, crit, onset = _MODELS[name]
+    # c, s; each shape term adds its amplitude; Tc is shared; beta and w once each.
+    n = 2 + int(order) + int(crit) + int(onset)
+    if order or crit or onset:
+        n += 1  # Tc
+    if order or onset:
+        n += 1  # beta
+    if crit:
+        n += 1  # width
+    return n
+
+
+def _min_width(t: np.ndarray) -> float:
+    """Narrowest critical peak a temperature grid can show: its median step. A narrower
+    Lorentzian lights up one temperature at most, i.e. it fits a single noisy point."""
+    return float(np.median(np.diff(np.sort(t))))
+
+
+def _bic(wrss: float, n: int, p: int) -> float:
+    return n * math.log(max(wrss, 1e-300) / n) + p * math.log(n)
+
+
+def _tc_grid(t: np.ndarray) -> np.ndarray:
+    """Candidate Tc values: strictly inside the measured range, leaving two temperatures beyond."""
+    ts = np.sort(t)
+    lo, hi = ts[1], ts[-2]
+    return np.linspace(lo, hi, _N_TC_GRID)
+
+
+def _design(t, name, tc, beta, width):
+    """Columns (T, m) of the linear part for one nonlinear point: 1, tau, shape terms."""
+    tau = _reduced(t)
+    cols = [np.ones_like(t), tau]
+    order, crit, onset = _MODELS[name]
+    if order:
+        cols.append(order_parameter_shape(t, tc, beta))
+    if onset:
+        cols.append(onset_shape(t, tc, beta, float(t.max())))
+    if crit:
+        cols.append(critical_shape(t, tc, width))
+    return np.stack(cols, axis=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_projections(t_key: tuple, name: str):
+    """Least-squares projections of every grid point of a model, for one set of temperatures.
+
+    The shape columns depend on the temperatures and the nonlinear parameters only,
+    so for each grid point and each subset of active shape columns the pseudo-inverse
+    is computed once; fitting a curve is then a batched matrix-vector product.
+
+    Returns (TC, BETA, WIDTH) of shape (G,), and per subset: (columns used,
+    design (G, T, m), pseudo-inverse (G, m, T)).
+    """
+    t = np.asarray(t_key, dtype=float)
+    order, crit, onset = _MODELS[name]
+    tcs = _tc_grid(t)
+    betas = _BETA_GRID if (order or onset) else np.array([np.nan])
+    widths = np.maximum(_WIDTH_FRACTIONS * (t.max() - t.min()), _min_width(t)) if crit else np.array([np.nan])
+    TC, BE, WI = (a.ravel() for a in np.meshgrid(tcs, betas, widths, indexing="ij"))
+    tau = _reduced(t)
+    cols = [np.broadcast_to(np.ones_like(t), (TC.size, t.size)), np.broadcast_to(tau, (TC.size, t.size))]
+    if order:
+        cols.append(order_parameter_shape(t[None, :], TC[:, None], BE[:, None]))
+    if onset:
+        cols.append(onset_shape(t[None, :], TC[:, None], BE[:, None], float(t.max())))
+    if crit:
+        cols.append(critical_shape(t[None, :], TC[:, None], WI[:, None]))
+    A = np.stack(cols, axis=2)  # (G, T, m)
+    m = A.shape[2]
+    subsets = [[]]
+    for j in range(2, m):
+        subsets += [sub + [j] for sub in subsets]
+    projections = []
+    for subset in subsets:
+        use = [0, 1] + subset
+        As = np.ascontiguousarray(A[:, :, use])
+        projections.append((use, As, np.linalg.pinv(As)))
+    return TC, BE, WI, m, projections
+
+
+def _grid_search(t, y, w, name):
+    """Best (WRSS, (tc, beta, width, linear coefficients)) on the grid; shape amplitudes >= 0.
+
+    The grid is searched unweighted (its projections are shared by every curve on the same
+    temperatures); the weighted refinement then starts from the best point, and the WRSS
+    returned is the weighted one at that point.
+    """
+    TC, BE, WI, m, projections = _grid_projections(tuple(float(v) for v in t), name)
+    best = (np.inf, None)
+    for use, As, pinv in projections:
+        coef = pinv @ y  # (G, m')
+        resid = y[None, :] - np.einsum("gti,gi->gt", As, coef)
+        rss = np.einsum("gt,gt->g", resid, resid)
+        if len(use) > 2:
+            rss = np.where(np.all(coef[:, 2:] >= 0, axis=1), rss, np.inf)
+        g = int(np.argmin(rss))
+        if rss[g] < best[0]:
+            full = np.zeros(m)
+            full[use] = coef[g]
+            best = (float(rss[g]), (g, full, As[g], coef[g]))
+    g, full, design, coef = best[1]
+    return best[0], (float(TC[g]), float(BE[g]), float(WI[g]), full)
+
+
+def _refine(t, y, w, name, start):
+    """Nonlinear weighted least squares from a grid optimum; returns (x, cov, wrss, curve)."""
+    from scipy.optimize import least_squares
+
+    order, crit, onset = _MODELS[name]
+    tc0, beta0, w0, lin = start
+    names = ["c", "s"]
+    x0 = [lin[0], lin[1]]
+    lo, hi = [-np.inf, -np.inf], [np.inf, np.inf]
+    j = 2
+    for flag, label in ((order, "A"), (onset, "A"), (crit, "B")):
+        if flag:
+            names.append(label)
+            x0.append(max(lin[j], 0.0))
+            lo.append(0.0)
+            hi.append(np.inf)
+            j += 1
+    ts = np.sort(t)
+    span = float(t.max() - t.min())
+    names.append("tc")
+    x0.append(tc0)
+    lo.append(float(ts[1]) - 1e-9)
+    hi.append(float(ts[-2]) + 1e-9)
+    if order or onset:
+        names.append("beta")
+        x0.append(beta0)
+        lo.append(0.02)
+        hi.append(3.0)
+    if crit:
+        names.append("w")
+        x0.append(w0)
+        lo.append(_min_width(t))
+        hi.append(span)
+    x0 = np.clip(np.asarray(x0, float), np.asarray(lo) + 1e-12, np.asarray(hi) - 1e-12)
+    tau = _reduced(t)
+    t_max = float(t.max())
+
+    def curve(x):
+        p = dict(zip(names, x))
+        out = p["c"] + p["s"] * tau
+        if order:
+            out = out + p["A"] * order_parameter_shape(t, p["tc"], p["beta"])
+        if onset:
+            out = out + p["A"] * onset_shape(t, p["tc"], p["beta"], t_max)
+        if crit:
+            out = out + p["B"] * critical_shape(t, p["tc"], p["w"])
+        return out
+
+    res = least_squares(lambda x: (curve(x) - y) * w, x0, bounds=(lo, hi), method="trf", x_scale="jac")
+    x = res.x
+    wrss = float(np.sum(res.fun**2))
+    dof = max(t.size - len(x), 1)
+    J = res.jac
+    try:
+        cov = np.linalg.pinv(J.T @ J) * (wrss / dof)
+    except np.linalg.LinAlgError:
+        cov = np.full((len(x), len(x)), np.nan)
+    return dict(zip(names, x)), dict(zip(names, np.sqrt(np.clip(np.diag(cov), 0, None)))), wrss, curve(x)
+
+
+def fit_curve(
+    temperatures: np.ndarray,
+    mean: np.ndarray,
+    sem: np.ndarray,
+    *,
+    min_amplitude: float = 0.2,
+    min_r2: float = 0.8,
+    kinds: tuple | None = None,
+    refine: bool = True,
+) -> CurveFit:
+    """Select and fit the model of one mean relative trajectory.
+
+    Parameters
+    ----------
+    temperatures : ndarray of shape (T,), T >= MIN_TEMPERATURES, distinct
+    mean : ndarray of shape (T,), the mean of I / <I>_T over a component's voxels
+    sem : ndarray of shape (T,), its standard error (> 0; floored at 1e-6 of the mean's spread)
+    min_amplitude : float
+        Smallest change of the relative intensity that counts as a temperature
+        dependence (order amplitude, critical peak height or onset amplitude).
+    min_r2 : float
+        Smallest weighted R^2 (about the weighted mean) of the selected model
+        for a curve with a temperature dependence; below it the kind is "other".
+    kinds : tuple of model names to consider (default: all)
+    refine : bool
+        Refine the grid optimum by nonlinear least squares and estimate uncertainties;
+        False keeps the grid point (Tc to 1/48 of the range) and leaves the errors NaN.
+
+    Returns
+    -------
+    CurveFit
+    """
+    t = np.asarray(temperatures, dtype=float)
+    y = np.asarray(mean, dtype=float)
+    s = np.asarray(sem, dtype=float)
+    if t.ndim != 1 or y.shape != t.shape or s.shape != t.shape:
+        raise ValueError(
+            f"temperatures, mean and sem must be 1-D arrays of one length; got shapes {t.shape}, {y.shape}, {s.shape}"
+        )
+    if t.size < MIN_TEMPERATURES:
+        raise ValueError(
+            f"fitting a Tc needs at least {MIN_TEMPERATURES} temperatures; got {t.size}. "
+            "Measure more temperatures or cluster with a fixed number of components (classes=None)"
+        )
+    if not (np.all(np.isfinite(t)) and np.all(np.isfinite(y))):
+        raise ValueError("temperatures and mean must be finite")
+    if np.unique(t).size != t.size:
+        raise ValueError("temperatures must be distinct to fit a temperature dependence")
+    order = np.argsort(t)
+    t, y, s = t[order], y[order], s[order]
+    floor = max(1e-9, 1e-6 * float(np.ptp(y)))
+    w = 1.0 / np.maximum(np.where(np.isfinite(s), s, np.inf), floor)
+    w = np.where(np.isfinite(w), w, 1.0 / floor)
+    n = t.size
+    names = tuple(kinds) if kinds is not None else tuple(_MODELS)
+    candidates = {}
+    for name in names:
+        if name == "static":
+            X = _design(t, "static", None, None, None)
+            coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+            r = y - X @ coef
+            candidates[name] = (float(r @ r), None)
+        else:
+            wrss, start = _grid_search(t, y, w, name)
+            candidates[name] = (wrss, start)
+    bics = {name: _bic(c[0], n, _n_params(name)) for name, c in candidates.items()}
+    ranked = sorted(bics, key=bics.get)
+    ybar = float(np.sum(w * w * y) / np.sum(w * w))
+    tss = float(np.sum((w * (y - ybar)) ** 2))
+    # Take the best model by BIC whose temperature dependence is large enough to count.
+    # The size test runs on the grid point (cheap); only the model taken is refined.
+    for name in ranked:
+        fit = _finish(t, y, w, name, candidates[name][1], tss, bics[name], refine=False)
+        if name == "static" or _change(fit) >= min_amplitude:
+            break
+    if refine and name != "static":
+        refined = _finish(t, y, w, name, candidates[name][1], tss, bics[name], refine=True)
+        if name == "static" or _change(refined) >= min_amplitude or kinds is not None:
+            fit = refined
+    if fit.kind is not ClassKind.STATIC and fit.r2 < min_r2:
+        fit.kind = ClassKind.OTHER
+    fit.curve = fit.curve[np.argsort(order)]
+    return fit
+
+
+def _change(fit: CurveFit) -> float:
+    """Largest change of the relative intensity made by the fit's non-static terms."""
+    vals = [v for v in (fit.amplitude, fit.critical_amplitude) if math.isfinite(v)]
+    return max(vals) if vals else 0.0
+
+
+def _grid_point(t, name, start):
+    """(parameters, NaN errors, curve) at a grid optimum, in the names _refine uses."""
+    order, crit, onset = _MODELS[name]
+    tc, beta, width, lin = start
+    p = {"c": lin[0], "s": lin[1], "tc": tc}
+    j = 2
+    if order or onset:
+        p["A"], p["beta"] = lin[j], beta
+        j += 1
+    if crit:
+        p["B"], p["w"] = lin[j], width
+    curve = _design(t, name, tc, beta, width) @ lin[: _design(t, name, tc, beta, width).shape[1]]
+    return p, {key: math.nan for key in p}, curve
+
+
+def _finish(t, y, w, name, start, tss, bic_value, refine=True) -> CurveFit:
+    """Refine the selected model and fill a CurveFit."""
+    n = t.size
+    if name == "static":
+        X = _design(t, "static", None, None, None)
+        coef, *_ = np.linalg.lstsq(X * w[:, None], y * w, rcond=None)
+        curve = X @ coef
+        wrss = float(np.sum((w * (y - curve)) ** 2))
+        dof = max(n - 2, 1)
+        cov = np.linalg.pinv((X * w[:, None]).T @ (X * w[:, None])) * (wrss / dof)
+        slope, slope_err = float(coef[1]), float(math.sqrt(max(cov[1, 1], 0.0)))
+        # The slope is the change across the range / 2; a trend is named when the change
+        # across the range is at least 2 % of the mean and 3 sigma.
+        change = 2 * slope
+        trend = "flat"
+        if abs(change) >= 0.02 * max(abs(float(coef[0])), 1e-12) and abs(slope) > 3 * slope_err:
+            trend = "decreasing" if slope < 0 else "increasing"
+        return CurveFit(
+            kind=ClassKind.STATIC, model="static", baseline=float(coef[0]), slope=slope, trend=trend,
+            r2=1.0 - wrss / tss if tss > 0 else 1.0, chi2_red=wrss / dof, bic=bic_value, curve=curve,
+        )
+    if refine:
+        p, e, wrss, curve = _refine(t, y, w, name, start)
+    else:
+        p, e, curve = _grid_point(t, name, start)
+        wrss = float(np.sum((w * (y - curve)) ** 2))
+    dof = max(n - len(p), 1)
+    order, crit, onset = _MODELS[name]
+    fit = CurveFit(
+        kind=ClassKind.ORDER_PARAMETER, model=name, tc=float(p["tc"]), tc_err=float(e["tc"]),
+        baseline=float(p["c"]), slope=float(p["s"]), r2=1.0 - wrss / tss if tss > 0 else 1.0,
+        chi2_red=wrss / dof, bic=bic_value, curve=curve,
+    )
+    t_min = float(t.min())
+    if order or onset:
+        fit.beta, fit.beta_err = float(p["beta"]), float(e["beta"])
+        # The order term's size: its value at the lowest temperature (order) or highest (onset).
+        g = order_parameter_shape(t_min, p["tc"], p["beta"]) if order else 1.0
+        fit.amplitude, fit.amplitude_err = float(p["A"] * g), float(e["A"] * g)
+    if crit:
+        fit.width, fit.width_err = float(p["w"]), float(e["w"])
+        # The peak's height as the data show it: its largest value at a measured temperature.
+        g = float(critical_shape(t, p["tc"], p["w"]).max())
+        fit.critical_amplitude, fit.critical_amplitude_err = float(p["B"] * g), float(e["B"] * g)
+    if onset:
+        fit.kind = ClassKind.ONSET
+    elif crit and (not order or fit.critical_amplitude > fit.amplitude):
+        fit.kind = ClassKind.CRITICAL
+    return fit
+
+
+# ---------------------------------------------------------------------------------------
+# grouping components into classes
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ComponentGroup:
+    """Components that form one class.
+
+    kind : ClassKind
+    components : list of component indices
+    trend : the static trend ("decreasing", "increasing", "flat"), for static classes
+    """
+
+    kind: ClassKind
+    components: list
+    trend: str = "flat"
+
+
+def tc_tolerance(temperatures: np.ndarray, tc: float) -> float:
+    """Tc resolution of a temperature grid: the spacing of the measured temperatures around tc."""
+    ts = np.sort(np.asarray(temperatures, float))
+    gaps = np.diff(ts)
+    i = int(np.clip(np.searchsorted(ts, tc) - 1, 0, gaps.size - 1))
+    return float(gaps[i])
+
+
+def group_components(
+    fits: list,
+    counts: np.ndarray,
+    temperatures: np.ndarray,
+    *,
+    n_sigma: float = 3.0,
+) -> list:
+    """Merge components of one kind whose transition temperatures agree.
+
+    Components of a kind with a Tc (order parameter, critical, onset) join a
+    group when their Tc is within ``max(n_sigma * sqrt(err_1^2 + err_2^2),
+    temperature spacing at Tc)`` of the group's count-weighted Tc; the
+    spacing floor because a temperature grid cannot resolve Tc more finely
+    than its step, however small the statistical error. Tc is the criterion,
+    not beta or amplitude, because a component's mean mixes its voxels with
+    their neighbours' (a CDW shell carries critical scattering, a halo the
+    tail of its CDW peak), which changes the apparent exponent and amplitude
+    but not where the transition is. Static components group by trend;
+    "other" components stay classes of their own.
+
+    Parameters
+    ----------
+    fits : list of CurveFit, one per component
+    counts : ndarray of shape (K,), voxels per component
+    temperatures : ndarray of shape (T,)
+
+    Returns
+    -------
+    list of ComponentGroup, in canonical class order: kinds in ``KIND_ORDER``, then Tc
+    descending (static: decreasing, flat, increasing), then size.
+    """
+    counts = np.asarray(counts, dtype=float)
+    if len(fits) != counts.size:
+        raise ValueError(f"fits ({len(fits)}) and counts ({counts.size}) must have one entry per component")
+    by_size = sorted(range(len(fits)), key=lambda k: (-counts[k], k))
+    groups: list[tuple[ComponentGroup, list]] = []  # (group, [(tc, err, count)])
+    for k in by_size:
+        f = fits[k]
+        if counts[k] <= 0:
+            continue
+        if f.kind is ClassKind.OTHER:
+            groups.append((ComponentGroup(f.kind, [k]), []))
+            continue
+        if f.kind is ClassKind.STATIC:
+            for g, _ in groups:
+                if g.kind is ClassKind.STATIC and g.trend == f.trend:
+                    g.components.append(k)
+                    break
+            else:
+                groups.append((ComponentGroup(f.kind, [k], f.trend), []))
+            continue
+        err = f.tc_err if math.isfinite(f.tc_err) else 0.0
+        placed = False
+        for g, members in groups:
+            if g.kind is not f.kind:
+                continue
+            wsum = sum(c for _, _, c in members)
+            tc_g = sum(tc * c for tc, _, c in members) / wsum
+            err_g = math.sqrt(sum((e * c) ** 2 for _, e, c in members)) / wsum
+            tol = max(n_sigma * math.hypot(err, err_g), tc_tolerance(temperatures, tc_g))
+            if abs(f.tc - tc_g) <= tol:
+                g.components.append(k)
+                members.append((f.tc, err, counts[k]))
+                placed = True
+                break
+        if not placed:
+            groups.append((ComponentGroup(f.kind, [k]), [(f.tc, err, counts[k])]))
+
+    trend_rank = {"decreasing": 0, "flat": 1, "increasing": 2}
+
+    def key(item):
+        g, members = item
+        tc = sum(tc * c for tc, _, c in members) / sum(c for _, _, c in members) if members else 0.0
+        size = sum(counts[k] for k in g.components)
+        return (KIND_ORDER.index(g.kind), trend_rank.get(g.trend, 1) if g.kind is ClassKind.STATIC else 0,
+                -tc, -size, min(g.components))
+
+    ordered = [g for g, _ in sorted(groups, key=key)]
+    for g in ordered:
+        g.components.sort()
+    return ordered
+
+
+# ---------------------------------------------------------------------------------------
+# per-component trajectory statistics
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ComponentMoments:
+    """Sums over the voxels of each component (they add over row blocks).
+
+    counts : (K,) voxels
+    raw_sum : (K, T) sum of raw intensities
+    relative_sum, relative_sq_sum : (K, T) sums of I / <I>_T and of its square
+    """
+
+    counts: np.ndarray
+    raw_sum: np.ndarray
+    relative_sum: np.ndarray
+    relative_sq_sum: np.ndarray
+
+    def merged(self, groups: list) -> "ComponentMoments":
+        """Moments of unions of components: ``groups`` is a list of component-index lists."""
+        pick = lambda a: np.stack([a[g].sum(axis=0) for g in groups])  # noqa: E731
+        return ComponentMoments(pick(self.counts), pick(self.raw_sum), pick(self.relative_sum),
+                                pick(self.relative_sq_sum))
+
+    def relative_mean_sem(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean relative trajectory (K, T) and its standard error (K, T); NaN for empty components."""
+        n = self.counts[:, None].astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self.relative_sum / n
+            var = np.maximum(self.relative_sq_sum / n - mean * mean, 0.0)
+            sem = np.sqrt(var / np.maximum(n - 1, 1))
+        return mean, sem
+
+    def raw_mean(self) -> np.ndarray:
+        """Mean raw trajectory (K, T)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.raw_sum / self.counts[:, None]
+
+
+def component_moments(raw: np.ndarray, labels: np.ndarray, n_components: int, rows: int = 1 << 16) -> ComponentMoments:
+    """Per-component sums of raw and relative (I / <I>_T) trajectories, a slab of rows at a time.
+
+    Parameters
+    ----------
+    raw : ndarray of shape (n_samples, T), raw intensities (every row has <I>_T > 0)
+    labels : ndarray of shape (n_samples,), component of each row (0..K-1; negative rows are skipped)
+    n_components : int, K
+
+    Returns
+    -------
+    ComponentMoments
+    """
+    raw = np.asarray(raw)
+    labels = np.asarray(labels)
+    if raw.ndim != 2 or labels.shape != (raw.shape[0],):
+        raise ValueError(f"raw must be (n_samples, T) and labels (n_samples,); got {raw.shape}, {labels.shape}")
+    k, t = int(n_components), raw.shape[1]
+    out = ComponentMoments(np.zeros(k, np.int64), np.zeros((k, t)), np.zeros((k, t)), np.zeros((k, t)))
+    for start in range(0, raw.shape[0], rows):
+        x = raw[start : start + rows].astype(np.float64)
+        lab = labels[start : start + rows].astype(np.int64)
+        keep = lab >= 0
+        x, lab = x[keep], lab[keep]
+        if lab.size == 0:
+            continue
+        rel = x / x.mean(axis=1, keepdims=True)
+        # Scatter-add by (component, temperature) with bincount: a one-hot matrix product
+        # is as cheap in flops but hits OpenBLAS's slow path for these short-wide shapes.
+        idx = (lab[:, None] * t + np.arange(t)[None, :]).ravel()
+        add = lambda v: np.bincount(idx, weights=v.ravel(), minlength=k * t).reshape(k, t)  # noqa: E731
+        out.counts += np.bincount(lab, minlength=k)
+        out.raw_sum += add(x)
+        out.relative_sum += add(rel)
+        out.relative_sq_sum += add(rel * rel)
+    return out
