@@ -98,3 +98,43 @@ def bic_curve(table, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def class_label(c: dict) -> str:
+    """Legend text of a class summary (a dict of ``result.classes``): kind, size, Tc, stability."""
+    text = f"{c['label']}: {c['kind'].replace('_', ' ')}"
+    if c["kind"] == "static" and c.get("trend") not in (None, "flat"):
+        text += f" ({c['trend']})"
+    text += f", {int(c['n_voxels']):,} vox"
+    if c.get("tc") is not None:
+        err = c.get("tc_err")
+        text += f", Tc {c['tc']:.1f}" + (f" ± {err:.1f}" if err is not None else "")
+    if c.get("stable") is False:
+        text += " [UNSTABLE]"
+    return text
+
+
+def class_trajectories(temperatures, classes: list, path, title: str = "") -> None:
+    """Class mean trajectories (relative intensity I / <I>_T) with their fitted curves and Tc marked.
+
+    temperatures : (T,); classes : ``result.classes`` (dicts with mean_relative, fit_curve, tc, kind...).
+    An unstable class is drawn dashed.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    t = np.asarray(temperatures, dtype=float)
+    for c in classes:
+        colour = _colour(int(c["label"]))
+        style = "--" if c.get("stable") is False else "-"
+        ax.plot(t, c["mean_relative"], "o", color=colour, ms=3.5)
+        ax.plot(t, c["fit_curve"], style, color=colour, lw=1.8, label=class_label(c))
+        if c.get("tc") is not None:
+            ax.axvline(c["tc"], color=colour, lw=0.8, ls=":")
+    ax.set_xlabel("T")
+    ax.set_ylabel("I(T) / <I>_T (class mean; lines: fitted model)")
+    ax.legend(fontsize=7.5)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
