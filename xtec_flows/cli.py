@@ -113,6 +113,19 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_class_options(p: argparse.ArgumentParser) -> None:
+    from .pipeline import ClusterParams
+
+    defaults = ClusterParams()
+    p.add_argument("--classes", choices=["auto"], default=None,
+                   help="auto: discover physical classes (order parameter, critical, onset, static) by grouping "
+                        "--max-components mixture components by their temperature dependence; -k is then unused")
+    p.add_argument("--max-components", type=int, default=defaults.max_components,
+                   help=f"--classes auto: mixture components to fit and group (upper bound, default {defaults.max_components})")
+    p.add_argument("--stability-runs", type=int, default=defaults.stability_runs,
+                   help=f"--classes auto: refits from other seeds that check each class reproduces (default {defaults.stability_runs})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -142,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--volume-field", help="Tiled: name of the volume in the run's primary stream (detected if unique)")
     c.add_argument("--temperature-field", help="Tiled: temperature column of the run (detected if unique)")
     c.add_argument("-k", "--n-components", type=int, default=4)
+    _add_class_options(c)
     c.add_argument("--overwrite", action="store_true", help="replace an earlier xtec-flows result in OUTPUT")
     c.add_argument("--no-plots", action="store_true", help="skip qmap.png and trajectories.png")
 
@@ -173,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="container of the raw bluesky runs (default raw)")
     v.add_argument("--root", default=os.environ.get("XTEC_FLOWS_ROOT", "xtec"), help="container for results")
     v.add_argument("-k", "--n-components", type=int, default=3)
+    _add_class_options(v)
     v.add_argument("--mode", choices=["d", "s", "peaks"], default="d")
     v.add_argument("--threshold", type=_threshold, default="kl")
     v.add_argument("--rescale", choices=["mean", "zscore", "log-mean", "none"], default="mean")
@@ -260,7 +275,15 @@ def _params_from(args, n_components: int):
         max_iter=args.max_iter,
         n_init=args.n_init,
         random_state=args.seed,
+        **_class_params_from(args),
     )
+
+
+def _class_params_from(args) -> dict:
+    """classes, max_components, stability_runs from the options (only with --classes)."""
+    if getattr(args, "classes", None) is None:
+        return {}
+    return {"classes": args.classes, "max_components": args.max_components, "stability_runs": args.stability_runs}
 
 
 def _is_synthetic(path: Path) -> bool:
@@ -314,6 +337,7 @@ def cmd_cluster(args) -> dict:
             params,
             chunks=args.chunks,
             labels_store=zarr.storage.LocalStore(str(work / "labels.zarr")),
+            components_store=zarr.storage.LocalStore(str(work / "components.zarr")) if params.classes else None,
             scratch=args.scratch,
             progress=not args.quiet,
         )
@@ -323,9 +347,14 @@ def cmd_cluster(args) -> dict:
         if not args.no_plots:
             from . import plotting
 
-            plotting.qmap(result.labels, work / "qmap.png", result.means.shape[0], title=f"XTEC-{args.mode}: {args.input}")
+            n_colours = result.means.shape[0] if result.classes is None else len(result.classes)
+            what = f"XTEC-{args.mode}" + (" classes" if result.classes is not None else "")
+            plotting.qmap(result.labels, work / "qmap.png", n_colours, title=f"{what}: {args.input}")
             plotting.trajectories(result.temperatures, result.means, result.variances, result.counts, work / "trajectories.png",
                                   ylabel=f"rescaled I(T) ({args.rescale})")
+            if result.classes is not None:
+                plotting.class_trajectories(result.temperatures, result.classes, work / "classes.png",
+                                            title=f"classes of {args.input}")
         if out.exists():
             zarr_io.prepare_output_dir(out, args.overwrite)  # re-check: nothing foreign appeared meanwhile
             shutil.rmtree(out)
@@ -463,6 +492,18 @@ def _human(command: str, doc: dict) -> str:
             f"K = {doc['n_components']}, log L = {doc['log_likelihood']:.6g}, BIC = {doc['bic']:.6g}, "
             f"{doc['n_iter']} iterations, converged = {doc['converged']}",
         ]
+        if "classes" in doc:
+            from .plotting import class_label
+
+            stab = doc["stability"]
+            lines.append(f"{doc['n_classes']} classes from {doc['n_components']} components"
+                         + (f"; agreement over {stab['runs']} refits: mean ARI {stab['ari_mean']:.3f}"
+                            if stab.get("ari_mean") is not None else ""))
+            for c in doc["classes"]:
+                lines.append("  class " + class_label(c))
+            lines.append(f"results in {doc['output']}: labels.zarr (classes) components.zarr result.json qmap.png "
+                         "trajectories.png classes.png")
+            return "\n".join(lines)
         for k, (c, w) in enumerate(zip(doc["counts"], doc["weights"])):
             lines.append(f"  cluster {k}: {c} voxels (weight {w:.3f})")
         lines.append(f"results in {doc['output']}: labels.zarr result.json qmap.png trajectories.png")
@@ -495,7 +536,7 @@ def cmd_serve(args) -> dict:
 
     params = args.parameters if args.parameters is not None else {
         "mode": args.mode, "n_components": args.n_components, "threshold": args.threshold,
-        "rescale": args.rescale, "random_state": args.seed}
+        "rescale": args.rescale, "random_state": args.seed, **_class_params_from(args)}
     cfg = ServeConfig(
         tiled_uri=args.tiled_uri, raw_path=args.raw_path, root=args.root, parameters=params,
         rule=ScanRule(plan_names=tuple(args.plan), start_key=args.require_start_key,
