@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bic", help="sweep the number of clusters and report BIC")
     _add_engine_options(b)
     b.add_argument("--k", type=_k_range, default=list(range(2, 11)), help="K values, e.g. 2..10 (default) or 2,4,6")
+    b.add_argument("--criterion", choices=["bic", "icl", "elbow"], default="bic",
+                   help="how the best K is chosen: lowest BIC (default), lowest ICL (BIC + 2 x assignment "
+                        "entropy: stops at well-separated clusters), or the elbow of the BIC curve")
     b.add_argument("-o", "--output", help="directory for bic.json, bic.csv and bic.png")
     b.add_argument("--overwrite", action="store_true")
     return parser
@@ -434,16 +437,19 @@ def cmd_bic(args) -> dict:
     kwargs = params.to_dict()
     kwargs.pop("n_components")
     kwargs["smoothing"] = params.smoothing
-    table = pipeline.select_n_components(volume, temps, args.k, chunks=args.chunks, scratch=args.scratch,
-                                         progress=not args.quiet, **kwargs)
+    for name in pipeline.CLASS_DISCOVERY_FIELDS:
+        kwargs.pop(name, None)
+    table = pipeline.select_n_components(volume, temps, args.k, criterion=args.criterion, chunks=args.chunks,
+                                         scratch=args.scratch, progress=not args.quiet, **kwargs)
     doc = {"xtec_flows": __import__("xtec_flows").__version__, "input": args.input, "params": params.to_dict(), "table": table}
     if out is not None:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
         (out / "bic.json").write_text(json.dumps(doc, indent=1))
-        lines = ["n_components,bic,log_likelihood,n_iter,converged,best"]
-        lines += [f"{r['n_components']},{r['bic']:.6f},{r['log_likelihood']:.6f},{r['n_iter']},{r['converged']},{r['best']}" for r in table]
+        lines = ["n_components,bic,icl,entropy,log_likelihood,n_iter,converged,best"]
+        lines += [f"{r['n_components']},{r['bic']:.6f},{r['icl']:.6f},{r['entropy']:.6f},{r['log_likelihood']:.6f},"
+                  f"{r['n_iter']},{r['converged']},{r['best']}" for r in table]
         (out / "bic.csv").write_text("\n".join(lines) + "\n")
         from . import plotting
 
@@ -508,9 +514,10 @@ def _human(command: str, doc: dict) -> str:
             lines.append(f"  cluster {k}: {c} voxels (weight {w:.3f})")
         lines.append(f"results in {doc['output']}: labels.zarr result.json qmap.png trajectories.png")
         return "\n".join(lines)
-    rows = [f"{'K':>3} {'BIC':>16} {'log L':>16} {'iter':>5}"]
+    rows = [f"{'K':>3} {'BIC':>16} {'ICL':>16} {'log L':>16} {'iter':>5}"]
     for r in doc["table"]:
-        rows.append(f"{r['n_components']:>3} {r['bic']:>16.6g} {r['log_likelihood']:>16.6g} {r['n_iter']:>5}" + ("  <- best" if r["best"] else ""))
+        rows.append(f"{r['n_components']:>3} {r['bic']:>16.6g} {r['icl']:>16.6g} {r['log_likelihood']:>16.6g} "
+                    f"{r['n_iter']:>5}" + (f"  <- best ({r['criterion']})" if r["best"] else ""))
     return "\n".join(rows)
 
 

@@ -202,6 +202,44 @@ def m_step(stats: SufficientStats, reg_covar: float) -> MixtureParams:
     return MixtureParams(weights, means, variances)
 
 
+def icl(bic_value: float, entropy: float) -> float:
+    """Integrated completed likelihood in BIC form (Biernacki, Celeux & Govaert 2000): BIC + 2 * entropy.
+
+    ``entropy`` = -sum_i sum_k r_ik log r_ik of the responsibilities. BIC keeps falling as
+    components are added on millions of samples (any non-Gaussian class shape is better
+    fitted by more components); the entropy term charges for components whose samples
+    cannot be told apart, so ICL prefers well-separated clusterings (lower is better).
+    """
+    return float(bic_value + 2.0 * entropy)
+
+
+def assignment_entropy(X: np.ndarray, params: MixtureParams, block_size: int = 8192) -> float:
+    """-sum_i sum_k r_ik log r_ik over all samples, block by block; X of shape (n_samples, T)."""
+    total = 0.0
+    for start in range(0, X.shape[0], block_size):
+        resp_t, _ = _e_step_augmented(augment(np.asarray(X[start : start + block_size])), params)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = resp_t * np.log(resp_t)
+        total -= float(np.nansum(terms))
+    return total
+
+
+def elbow(k_values, scores) -> int:
+    """The K at the elbow of a decreasing criterion curve: farthest below the chord from first to last point.
+
+    Both axes are scaled to [0, 1] first, so the rule does not depend on the units of the criterion.
+    """
+    k = np.asarray(k_values, dtype=float)
+    y = np.asarray(scores, dtype=float)
+    if k.size < 3:
+        return int(k[int(np.argmin(y))])
+    kn = (k - k[0]) / (k[-1] - k[0])
+    span = y.max() - y.min()
+    yn = (y - y.min()) / span if span > 0 else np.zeros_like(y)
+    chord = yn[0] + (yn[-1] - yn[0]) * kn
+    return int(k[int(np.argmax(chord - yn))])
+
+
 def log_likelihood_per_sample(X: np.ndarray, params: MixtureParams) -> np.ndarray:
     """log p(x) of each sample under the mixture; shape (n_samples,)."""
     return logsumexp(estimate_weighted_log_prob(X, params), axis=1)

@@ -1,0 +1,360 @@
+"""Class discovery: curve models, grouping, stability, the engine's classes='auto', ICL."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy.optimize import curve_fit
+
+import xtec_flows
+from xtec_flows import synthetic
+from xtec_flows.class_discovery import STABLE_JACCARD, group_into_classes, measure_stability
+from xtec_flows.numerics import classes as curves
+from xtec_flows.numerics import stability
+from xtec_flows.numerics.classes import ClassKind, CurveFit, component_moments, fit_curve, group_components
+from xtec_flows.numerics.mixture import elbow
+from xtec_flows.pipeline import ClusterParams
+
+T24 = np.linspace(20.0, 300.0, 24)
+
+
+def _order_curve(t, c, s, a, tc, beta):
+    return c + s * curves._reduced(t) + a * curves.order_parameter_shape(t, tc, beta)
+
+
+def _critical_curve(t, c, s, b, tc, w):
+    return c + s * curves._reduced(t) + b * curves.critical_shape(t, tc, w)
+
+
+@pytest.mark.parametrize("tc, beta", [(150.0, 0.33), (95.0, 0.2), (230.0, 0.5)])
+def test_order_parameter_fit_recovers_tc_and_beta_like_scipy(tc, beta):
+    rng = np.random.default_rng(1)
+    true = _order_curve(T24, 0.3, -0.02, 2.0, tc, beta)
+    sem = np.full(T24.size, 0.01)
+    y = true + rng.normal(0, 0.01, T24.size)
+    fit = fit_curve(T24, y, sem, kinds=("order",))
+    assert fit.kind is ClassKind.ORDER_PARAMETER
+    # Against scipy.optimize.curve_fit directly, started near the truth.
+    p, cov = curve_fit(_order_curve, T24, y, p0=[0.3, 0.0, 1.5, tc + 3, 0.3], sigma=sem,
+                       bounds=([-5, -5, 0, 21, 0.02], [5, 5, 10, 299, 3]))
+    err = np.sqrt(np.diag(cov))
+    assert abs(fit.tc - p[3]) < 0.1 * err[3] + 1e-3
+    assert abs(fit.beta - p[4]) < 0.1 * err[4] + 1e-3
+    assert fit.tc_err == pytest.approx(err[3], rel=0.05)
+    # And the truth is within 3 sigma.
+    assert abs(fit.tc - tc) < 3 * fit.tc_err
+    assert abs(fit.beta - beta) < 3 * fit.beta_err
+
+
+def test_critical_fit_recovers_tc_and_width():
+    rng = np.random.default_rng(2)
+    y = _critical_curve(T24, 0.8, 0.05, 1.2, 140.0, 25.0) + rng.normal(0, 0.01, T24.size)
+    assert fit_curve(T24, y, np.full(T24.size, 0.01)).kind is ClassKind.CRITICAL
+    fit = fit_curve(T24, y, np.full(T24.size, 0.01), kinds=("critical",))
+    p, cov = curve_fit(_critical_curve, T24, y, p0=[0.8, 0.0, 1.0, 145.0, 20.0], sigma=np.full(T24.size, 0.01))
+    err = np.sqrt(np.diag(cov))
+    assert abs(fit.tc - 140.0) < 3 * fit.tc_err
+    assert abs(fit.tc - p[3]) < 0.2 * err[3] + 1e-3
+    assert abs(fit.width - p[4]) < 0.2 * err[4] + 1e-3
+
+
+def test_static_and_small_changes_are_static():
+    rng = np.random.default_rng(3)
+    # A 5 % Debye-Waller-like decrease with 1 % monitor-like wiggles: no transition.
+    y = 1.05 - 0.1 * (T24 - 20) / 280 + rng.normal(0, 0.01, T24.size)
+    fit = fit_curve(T24, y, np.full(T24.size, 0.001))
+    assert fit.kind is ClassKind.STATIC
+    assert fit.trend == "decreasing"
+    assert math.isnan(fit.tc)
+
+
+def test_onset_is_its_own_kind():
+    y = 0.2 + 1.5 * curves.onset_shape(T24, 180.0, 0.3, 300.0)
+    fit = fit_curve(T24, y, np.full(T24.size, 0.01))
+    assert fit.kind is ClassKind.ONSET
+    assert abs(fit.tc - 180.0) < 12
+
+
+def test_too_few_temperatures_is_a_clear_error():
+    t = np.linspace(10, 100, curves.MIN_TEMPERATURES - 1)
+    with pytest.raises(ValueError, match="at least 8 temperatures"):
+        fit_curve(t, np.ones(t.size), np.ones(t.size))
+
+
+def _fit(kind, tc=math.nan, tc_err=1.0, trend="flat"):
+    return CurveFit(kind=kind, model="x", tc=tc, tc_err=tc_err, trend=trend)
+
+
+def test_grouping_merges_one_kind_at_one_tc_and_never_across_kinds():
+    fits = [
+        _fit(ClassKind.ORDER_PARAMETER, 150.0),  # core
+        _fit(ClassKind.ORDER_PARAMETER, 151.5),  # shell: same transition
+        _fit(ClassKind.CRITICAL, 150.5),  # the halo at the same Tc: another kind
+        _fit(ClassKind.STATIC, trend="decreasing"),
+        _fit(ClassKind.STATIC, trend="decreasing"),
+        _fit(ClassKind.ORDER_PARAMETER, 60.0),  # a second transition
+        _fit(ClassKind.OTHER),
+        _fit(ClassKind.OTHER),
+    ]
+    counts = np.array([100, 200, 300, 400, 50, 80, 10, 20])
+    groups = group_components(fits, counts, T24)
+    as_sets = [(g.kind, sorted(g.components)) for g in groups]
+    assert (ClassKind.ORDER_PARAMETER, [0, 1]) in as_sets
+    assert (ClassKind.ORDER_PARAMETER, [5]) in as_sets
+    assert (ClassKind.CRITICAL, [2]) in as_sets
+    assert (ClassKind.STATIC, [3, 4]) in as_sets
+    assert (ClassKind.OTHER, [6]) in as_sets and (ClassKind.OTHER, [7]) in as_sets
+    # Canonical order: kinds in KIND_ORDER, order parameters by Tc descending.
+    assert [g.kind for g in groups][:3] == [ClassKind.ORDER_PARAMETER, ClassKind.ORDER_PARAMETER, ClassKind.CRITICAL]
+    assert groups[0].components == [0, 1]
+
+
+def _rows(curve, n, rng, noise=0.05):
+    """n trajectories (n, T) of one relative shape at random intensities with Poisson-like noise."""
+    scale = rng.uniform(50, 500, size=(n, 1))
+    return np.maximum(scale * curve[None, :] * (1 + rng.normal(0, noise, (n, curve.size))), 0.1)
+
+
+def test_constructed_mixture_two_order_components_merge_critical_and_flat_do_not():
+    rng = np.random.default_rng(4)
+    order_a = _order_curve(T24, 0.2, 0.0, 2.5, 150.0, 0.33)
+    order_b = _order_curve(T24, 0.45, 0.0, 1.4, 150.0, 0.33)  # a shell: same Tc, weaker order
+    critical = _critical_curve(T24, 0.7, 0.0, 1.0, 150.0, 20.0)
+    flat = np.full(T24.size, 1.0)
+    blocks = [_rows(c, 500, rng) for c in (order_a, order_b, critical, flat)]
+    raw = np.concatenate(blocks)
+    labels = np.repeat(np.arange(4), 500)
+    moments = component_moments(raw, labels, 4)
+    rel = raw / raw.mean(axis=1, keepdims=True)
+    rescaled_means = np.stack([rel[labels == k].mean(0) - 1 for k in range(4)])
+    found = group_into_classes(T24, moments, rescaled_means)
+    kinds = {tuple(c.components): c.kind for c in found.classes}
+    assert kinds == {(0, 1): ClassKind.ORDER_PARAMETER, (2,): ClassKind.CRITICAL, (3,): ClassKind.STATIC}
+    order = found.classes[0]
+    assert order.n_voxels == 1000
+    assert abs(order.fit.tc - 150.0) < max(3 * order.fit.tc_err, T24[1] - T24[0])
+    # Raw class mean: exactly the mean of the member rows.
+    np.testing.assert_allclose(order.mean_raw, raw[:1000].mean(0))
+
+
+def test_component_moments_add_over_row_slabs():
+    rng = np.random.default_rng(5)
+    raw = rng.uniform(1, 10, (1000, 12))
+    labels = rng.integers(0, 3, 1000)
+    a = component_moments(raw, labels, 3)
+    b = component_moments(raw, labels, 3, rows=97)
+    np.testing.assert_allclose(a.relative_sum, b.relative_sum)
+    np.testing.assert_array_equal(a.counts, np.bincount(labels, minlength=3))
+    rel = raw / raw.mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(a.relative_sum[1], rel[labels == 1].sum(0))
+
+
+def test_adjusted_rand_index_matches_scikit_learn():
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(6)
+    for _ in range(5):
+        a = rng.integers(-1, 4, 500)
+        b = np.where(rng.random(500) < 0.7, a, rng.integers(0, 5, 500))
+        assert stability.adjusted_rand_index(a, b) == pytest.approx(adjusted_rand_score(a, b), abs=1e-12)
+
+
+def test_match_labels_is_the_hungarian_optimum():
+    ref = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    other = np.array([2] * 50 + [0] * 30 + [1] * 20)
+    assert stability.match_labels(ref, other) == {0: 2, 1: 0, 2: 1}
+
+
+def _discovery_with(kinds):
+    classes = []
+    from xtec_flows.class_discovery import ClassDiscovery, PhysicalClass
+
+    for label, kind in enumerate(kinds):
+        classes.append(PhysicalClass(label, kind, [label], 1, CurveFit(kind=kind, model="x"),
+                                     np.zeros(3), np.zeros(3), np.zeros(3)))
+    return ClassDiscovery(classes, np.arange(len(kinds), dtype=np.int8), [], np.ones(3))
+
+
+def test_stability_is_one_when_classes_reproduce_and_low_when_they_do_not():
+    rng = np.random.default_rng(7)
+    ref = np.repeat([0, 1, 2], 300)
+    kinds = [ClassKind.ORDER_PARAMETER, ClassKind.CRITICAL, ClassKind.STATIC]
+    # Reproduced with other label numbers: stable.
+    d = _discovery_with(kinds)
+    perm = np.array([2, 0, 1])
+    measure_stability(d, ref, [(perm[ref], [kinds[1], kinds[2], kinds[0]])] * 2)
+    assert [c.stability for c in d.classes] == [1.0, 1.0, 1.0]
+    assert all(c.stable for c in d.classes) and d.stability["ari_mean"] == 1.0
+    # Degenerate: classes 0 and 1 swap voxels at random between refits; class 2 holds.
+    d = _discovery_with(kinds)
+    refits = []
+    for _ in range(3):
+        other = ref.copy()
+        mixed = ref < 2
+        other[mixed] = rng.integers(0, 2, mixed.sum())
+        refits.append((other, kinds))
+    measure_stability(d, ref, refits)
+    assert d.classes[0].stability < STABLE_JACCARD and d.classes[0].stable is False
+    assert d.classes[1].stable is False
+    assert d.classes[2].stability == 1.0
+    # A matched class of another kind is no reproduction.
+    d = _discovery_with(kinds)
+    measure_stability(d, ref, [(ref, [ClassKind.STATIC, ClassKind.CRITICAL, ClassKind.STATIC])])
+    assert d.classes[0].stability == 0.0 and d.classes[1].stability == 1.0
+
+
+# -- the engine ---------------------------------------------------------------------------
+
+
+def _found(labels, truth, cls):
+    """Share of class cls's voxels in the label holding most of them, if that label is > 50 % cls."""
+    best = None
+    for lab in np.unique(labels[labels >= 0]):
+        sel = labels == lab
+        n = int((truth[sel] == cls).sum())
+        if best is None or n > best[0]:
+            best = (n, int(sel.sum()))
+    return best[0] / (truth == cls).sum() if best and best[0] / best[1] > 0.5 else 0.0
+
+
+@pytest.fixture(scope="module")
+def off_default_run():
+    """A setting the method was not developed on: other Tc, fewer temperatures, noisier, monitor jitter."""
+    model = synthetic.SeriesModel(tc=110.0, exposure=0.5, monitor_jitter=0.04, monitor_seed=3, cdw_arms=2)
+    volume, temps, truth = synthetic.make_volume((16, 40, 40, 40), model=model, seed=5)
+    result = xtec_flows.cluster(volume, temps, classes="auto", random_state=5)
+    return model, volume, temps, truth, result
+
+
+def test_classes_auto_finds_cdw_and_halo_with_tc(off_default_run):
+    model, _, temps, truth, result = off_default_run
+    labels = result.labels[...]
+    assert _found(labels, truth, synthetic.CDW) >= 0.8
+    assert _found(labels, truth, synthetic.HALO) >= 0.8
+    kinds = [c["kind"] for c in result.classes]
+    assert "order_parameter" in kinds and "critical" in kinds
+    order = next(c for c in result.classes if c["kind"] == "order_parameter")
+    assert abs(order["tc"] - model.tc) <= temps[1] - temps[0]
+    assert order["beta"] is not None and order["tc_err"] > 0
+    # Labels are class labels; components map onto them through the classes' member lists.
+    components = result.components[...]
+    mapping = {comp: c["label"] for c in result.classes for comp in c["components"]}
+    sel = components >= 0
+    np.testing.assert_array_equal(labels[sel], np.vectorize(mapping.get)(components[sel]))
+    assert np.array_equal(labels < 0, components < 0)
+    assert sum(c["n_voxels"] for c in result.classes) == int(sel.sum())
+    # The common temperature factor found the monitor jitter it was given.
+    factor = np.asarray(result.to_dict()["temperature_factor"])
+    true = model.monitor_factors(temps.size)
+    assert np.corrcoef(factor, true / true.mean())[0, 1] > 0.9
+
+
+def test_classes_auto_result_is_recorded(off_default_run):
+    *_, result = off_default_run
+    doc = result.to_dict()
+    assert doc["n_classes"] == len(doc["classes"]) >= 3
+    assert doc["params"]["classes"] == "auto" and doc["params"]["max_components"] == 8
+    assert doc["stability"]["runs"] == 3 and len(doc["stability"]["ari"]) == 3
+    for c in doc["classes"]:
+        assert {"label", "components", "kind", "n_voxels", "tc", "tc_err", "beta", "beta_err", "stable",
+                "mean_raw", "mean_rescaled", "fit_curve"} <= set(c)
+        assert len(c["mean_raw"]) == 16
+
+
+def test_well_separated_classes_are_stable():
+    volume, temps, truth = synthetic.make_volume((16, 32, 32, 32), seed=0)
+    result = xtec_flows.cluster(volume, temps, classes="auto", random_state=0)
+    transition = [c for c in result.classes if c["kind"] in ("order_parameter", "critical")]
+    assert len(transition) == 2
+    assert all(c["stable"] and c["stability"] > 0.9 for c in transition)
+    assert result.stability["ari_mean"] > 0.8
+
+
+def test_fixed_k_parameters_and_results_are_unchanged():
+    assert not set(ClusterParams().to_dict()) & {"classes", "max_components", "stability_runs"}
+    volume, temps, _ = synthetic.make_volume((8, 24, 24), seed=1)
+    a = xtec_flows.cluster(volume, temps, n_components=3)
+    b = xtec_flows.cluster(volume, temps, n_components=3, classes=None, max_components=5)
+    np.testing.assert_array_equal(a.labels[...], b.labels[...])
+    assert a.components is None and a.classes is None and "classes" not in a.to_dict()
+
+
+def test_bad_class_parameters_are_refused_before_reading():
+    with pytest.raises(ValueError, match="max_components .* from 2 to 127; got 1"):
+        ClusterParams(classes="auto", max_components=1)
+    with pytest.raises(ValueError, match="classes must be one of"):
+        ClusterParams(classes="yes")
+
+    class Unreadable:
+        shape = (6, 10, 10)
+        dtype = np.dtype("float32")
+
+        def __getitem__(self, item):  # pragma: no cover - must never be called
+            raise AssertionError("read before the check")
+
+    with pytest.raises(ValueError, match="needs at least 8 temperatures; this series has 6"):
+        xtec_flows.cluster(Unreadable(), np.arange(6.0), classes="auto")
+
+
+def test_cli_too_few_temperatures_writes_nothing(tmp_path):
+    volume, temps, _ = synthetic.make_volume((6, 16, 16), seed=0)
+    import zarr
+
+    arr = zarr.open_array(str(tmp_path / "v.zarr"), mode="w", shape=volume.shape, dtype="float32")
+    arr[...] = volume
+    arr.attrs["temperatures"] = [float(t) for t in temps]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "xtec_flows.cli", "cluster", str(tmp_path / "v.zarr"), "-o", str(out),
+                           "--classes", "auto", "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "at least 8 temperatures" in proc.stderr
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.zarr"]
+
+
+def test_icl_and_elbow_in_select_n_components():
+    volume, temps, _ = synthetic.make_volume((12, 32, 32, 32), seed=2)
+    table = xtec_flows.select_n_components(volume, temps, range(2, 7), criterion="icl")
+    assert [r["n_components"] for r in table] == [2, 3, 4, 5, 6]
+    for r in table:
+        assert r["icl"] == pytest.approx(r["bic"] + 2 * r["entropy"])
+        assert r["entropy"] >= 0 and r["criterion"] == "icl"
+    assert sum(r["best"] for r in table) == 1
+    best = next(r for r in table if r["best"])
+    assert best["icl"] == min(r["icl"] for r in table)
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        xtec_flows.select_n_components(volume, temps, [2, 3], criterion="aic")
+
+
+def test_elbow_rule():
+    assert elbow([1, 2, 3, 4, 5, 6], [100, 40, 20, 18, 17, 16]) == 3
+    assert elbow([2, 3], [5.0, 4.0]) == 3
+
+
+def test_generator_knobs():
+    base = synthetic.SeriesModel(gap_period=0)
+    t = synthetic.temperatures(10, base)
+    spatial = (32, 32, 32)
+    # Exposure scales every mean count; the monitor scales each temperature alike, for every block.
+    lam = synthetic.intensity_block(base, t, None, spatial)
+    twice = synthetic.intensity_block(synthetic.SeriesModel(gap_period=0, exposure=2.0), t, None, spatial)
+    np.testing.assert_allclose(twice, 2 * lam, rtol=1e-6)
+    jit = synthetic.SeriesModel(gap_period=0, monitor_jitter=0.05, monitor_seed=1)
+    whole = synthetic.intensity_block(jit, t, None, spatial)
+    part = synthetic.intensity_block(jit, t, (slice(0, 16), slice(8, 32), slice(0, 32)), spatial)
+    np.testing.assert_array_equal(whole[:, :16, 8:], part)
+    np.testing.assert_allclose(whole / lam, np.broadcast_to(jit.monitor_factors(10)[:, None, None, None], lam.shape),
+                               rtol=1e-5)
+    # More CDW arms, more CDW voxels; the wavevectors are cyclic shifts.
+    three = synthetic.SeriesModel(gap_period=0, cdw_arms=3)
+    assert three.cdw_arm_wavevectors() == [(0.5, 0.5, 0.0), (0.0, 0.5, 0.5), (0.5, 0.0, 0.5)]
+    n_cdw = lambda m: int((synthetic.truth_block(m, None, spatial) == synthetic.CDW).sum())  # noqa: E731
+    assert n_cdw(three) > 2 * n_cdw(base)
+    with pytest.raises(ValueError, match="cdw_arms"):
+        synthetic.SeriesModel(cdw_arms=4)
+    with pytest.raises(ValueError, match="exposure"):
+        synthetic.SeriesModel(exposure=0)
