@@ -253,6 +253,7 @@ def discover_classes(
     component_means: np.ndarray,
     *,
     n_components: int,
+    restarts: list | None = None,
     stability_runs: int = 3,
     random_state: int | None = 0,
     reg_covar: float = 1e-6,
@@ -269,15 +270,34 @@ def discover_classes(
     row_raw : ndarray of shape (n_rows, T), raw intensities of the same rows
     row_labels : ndarray of shape (n_rows,), the fitted component of each row
     component_means : ndarray of shape (K, T), the mixture's means (rescaled units)
-    stability_runs : refits from seeds ``random_state + 1 ...`` on a subsample of at most
-        ``STABILITY_SAMPLE`` rows (each with one k-means++ start and no smoothing: they test
-        whether the classes, not a particular optimum, reproduce)
+    restarts : the mixture fit's restarts, (MixtureParams, mean log L), from
+        ``fit_mixture(keep_restarts=True)``; all but the best serve as refits
+    stability_runs : refits to compare with: the losing restarts first (other k-means++
+        seeds, already converged), then, if there are fewer, new fits from seeds
+        ``random_state + 1 ...`` on a subsample of at most ``STABILITY_SAMPLE`` rows (one
+        start each, no smoothing). They test whether the classes, not a particular
+        optimum, reproduce.
 
     Returns
     -------
     ClassDiscovery
     """
-    from .numerics.mixture import fit_mixture
+    from threadpoolctl import threadpool_limits
+
+    # Small matrix products only (K x T curves, grids of a few thousand points): a
+    # multi-threaded BLAS costs more in start-up than it saves (0.4 vs 1.2 ms per grid search).
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _discover_classes(temperatures, X, row_raw, row_labels, component_means, n_components=n_components,
+                                 restarts=restarts, stability_runs=stability_runs, random_state=random_state,
+                                 reg_covar=reg_covar, tol=tol, max_iter=max_iter, init_sample_size=init_sample_size)
+
+
+def _discover_classes(temperatures, X, row_raw, row_labels, component_means, *, n_components, restarts,
+                      stability_runs, random_state, reg_covar, tol, max_iter, init_sample_size) -> ClassDiscovery:
+    from .numerics.mixture import e_step, fit_mixture
+
+    def e_step_labels(rows, params):
+        return np.argmax(e_step(rows, params)[0], axis=1).astype(np.int8)
 
     moments = curves.component_moments(row_raw, row_labels, n_components)
     discovery = group_into_classes(temperatures, moments, component_means)
@@ -291,17 +311,25 @@ def discover_classes(
     Xs, raw_s = X[sample], row_raw[sample]
     reference = discovery.class_labels(row_labels[sample])
     refits = []
-    for r in range(1, stability_runs + 1):
+
+    def classes_of(labels):
+        # The common factor is a property of the data, not of a fit: reuse this run's. Grid
+        # fits only (no refinement): the refits are asked for their classes, not for errors.
+        other = group_into_classes(temperatures, curves.component_moments(raw_s, labels, n_components),
+                                   np.zeros((n_components, X.shape[1])), factor=discovery.temperature_factor,
+                                   refine=False)
+        return other.class_labels(labels), [c.kind for c in other.classes]
+
+    losers = sorted(restarts or [], key=lambda r: -r[1])[1:]
+    for params, _ in losers[:stability_runs]:
+        refits.append(classes_of(e_step_labels(Xs, params)))
+    for r in range(1, stability_runs - len(refits) + 1):
         seed = None if random_state is None else int(random_state) + r
         # tol 10x looser than the main fit's: a refit is asked which classes it finds, and the
         # last digits of its likelihood do not move a component between kinds.
         fit = fit_mixture(Xs, n_components, reg_covar=reg_covar, tol=10 * tol, max_iter=max_iter, n_init=1,
                           random_state=seed, init_sample_size=init_sample_size)
-        # The common factor is a property of the data, not of a fit: reuse this run's.
-        # Grid fits only (no refinement): the refits are asked for their classes, not for errors.
-        other = group_into_classes(temperatures, curves.component_moments(raw_s, fit.labels, n_components),
-                                   fit.params.means, factor=discovery.temperature_factor, refine=False)
-        refits.append((other.class_labels(fit.labels), [c.kind for c in other.classes]))
+        refits.append(classes_of(fit.labels))
     measure_stability(discovery, reference, refits)
     unstable = [c.label for c in discovery.classes if c.stable is False]
     if unstable:

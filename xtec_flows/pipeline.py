@@ -840,6 +840,7 @@ class FitOutput:
     converged: bool
     history: list
     row_labels: np.ndarray | None = None  # (n_rows,) int8, per row of the features (peaks: per peak)
+    restarts: list | None = None  # every restart's (MixtureParams, mean log L), with keep_restarts
 
 
 def _rescale_float32(raw: np.ndarray, method: str, rows: int = 1 << 18) -> np.ndarray:
@@ -862,7 +863,7 @@ def features(traj: Trajectories, params: ClusterParams) -> np.ndarray:
 
 def fit_trajectories(
     traj: Trajectories, params: ClusterParams, n_components: int | None = None, X: np.ndarray | None = None,
-    warn_empty: bool = True,
+    warn_empty: bool = True, n_init: int | None = None, keep_restarts: bool = False,
 ) -> FitOutput:
     """Cluster gathered trajectories (features computed unless given); labels per thresholded voxel."""
     k = params.n_components if n_components is None else n_components
@@ -883,10 +884,11 @@ def fit_trajectories(
         reg_covar=params.reg_covar,
         tol=params.tol,
         max_iter=params.max_iter,
-        n_init=params.n_init,
+        n_init=params.n_init if n_init is None else n_init,
         random_state=params.random_state,
         smoother=smoother,
         init_sample_size=params.init_sample_size,
+        keep_restarts=keep_restarts,
     )
     labels = fit.labels
     counts = fit.counts
@@ -903,7 +905,7 @@ def fit_trajectories(
             stacklevel=3,
         )
     return FitOutput(fit.params, labels, counts, fit.log_likelihood, fit.bic, fit.n_iter, fit.converged, fit.history,
-                     row_labels=fit.labels)
+                     row_labels=fit.labels, restarts=fit.restarts)
 
 
 def write_labels(traj: Trajectories, sample_labels: np.ndarray, store=None, attrs: dict | None = None) -> zarr.Array:
@@ -1048,12 +1050,15 @@ def run(
         traj.timings["fit"] = time.perf_counter() - t0
     else:
         k = min(params.max_components, X.shape[0])
-        fit = fit_trajectories(traj, params, n_components=k, X=X, warn_empty=False)
+        # The restarts that lost are fits from other seeds: they serve as the stability refits,
+        # so run at least one restart per refit beside the winner.
+        fit = fit_trajectories(traj, params, n_components=k, X=X, warn_empty=False,
+                               n_init=max(params.n_init, params.stability_runs + 1), keep_restarts=True)
         traj.timings["fit"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         row_raw = traj.raw if params.mode != "peaks" else peaks.peak_means(traj.raw, traj.peak_ids, traj.n_peaks)[0]
         discovery = discover_classes(
-            traj.temperatures, X, row_raw, fit.row_labels, fit.params.means, n_components=k,
+            traj.temperatures, X, row_raw, fit.row_labels, fit.params.means, n_components=k, restarts=fit.restarts,
             stability_runs=params.stability_runs, random_state=params.random_state, reg_covar=params.reg_covar,
             tol=params.tol, max_iter=params.max_iter, init_sample_size=params.init_sample_size,
         )

@@ -256,7 +256,10 @@ def _grid_projections(t_key: tuple, name: str):
     for subset in subsets:
         use = [0, 1] + subset
         As = np.ascontiguousarray(A[:, :, use])
-        projections.append((use, As, np.linalg.pinv(As)))
+        # Stored flat, (G * m', T): one matrix-vector product per curve instead of G small ones.
+        g, t_n, k = As.shape
+        projections.append((use, np.ascontiguousarray(np.swapaxes(As, 1, 2)).reshape(g * k, t_n),
+                            np.linalg.pinv(As).reshape(g * k, t_n)))
     return TC, BE, WI, m, projections
 
 
@@ -269,18 +272,19 @@ def _grid_search(t, y, w, name):
     """
     TC, BE, WI, m, projections = _grid_projections(tuple(float(v) for v in t), name)
     best = (np.inf, None)
-    for use, As, pinv in projections:
-        coef = pinv @ y  # (G, m')
-        resid = y[None, :] - np.einsum("gti,gi->gt", As, coef)
-        rss = np.einsum("gt,gt->g", resid, resid)
+    yy = float(y @ y)
+    for use, design_t, pinv in projections:
+        coef = (pinv @ y).reshape(-1, len(use))  # (G, m')
+        # RSS of a least-squares fit: y.y - (A^T y).coef (no (G, T) residual array).
+        rss = yy - np.einsum("gi,gi->g", (design_t @ y).reshape(-1, len(use)), coef)
         if len(use) > 2:
             rss = np.where(np.all(coef[:, 2:] >= 0, axis=1), rss, np.inf)
         g = int(np.argmin(rss))
         if rss[g] < best[0]:
             full = np.zeros(m)
             full[use] = coef[g]
-            best = (float(rss[g]), (g, full, As[g], coef[g]))
-    g, full, design, coef = best[1]
+            best = (max(float(rss[g]), 0.0), g, full)
+    _, g, full = best
     return best[0], (float(TC[g]), float(BE[g]), float(WI[g]), full)
 
 

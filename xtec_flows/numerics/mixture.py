@@ -400,7 +400,7 @@ def _em_in_memory(X: np.ndarray, params: MixtureParams, reg_covar: float, tol: f
     return params, ll
 
 
-def _initial_params(blocks, n_components, n_init, rng, reg_covar, tol, max_iter, sample_size):
+def _initial_params(blocks, n_components, n_init, rng, reg_covar, tol, max_iter, sample_size, subsample_fits=None):
     """Starting parameters for the full-data EM, one set per restart that is worth a full fit.
 
     Seeds come from k-means++ on a random subsample of at most ``sample_size``
@@ -422,6 +422,8 @@ def _initial_params(blocks, n_components, n_init, rng, reg_covar, tol, max_iter,
         centres = kmeans_plusplus(sample, n_components, rng)
         start = m_step(nearest_centre_stats(sample, centres), reg_covar)
         params, ll = _em_in_memory(sample, start, reg_covar, tol, max_iter)
+        if subsample_fits is not None:
+            subsample_fits.append((params, ll))
         if best is None or ll > best[1]:
             best = (params, ll)
     yield best[0]
@@ -450,6 +452,11 @@ class MixtureFit:
     converged: bool
     history: list
     n_init_best: int
+    restarts: list = None
+    """With ``keep_restarts``: the converged parameters of every restart, (MixtureParams,
+    mean log-likelihood), in the order they ran: fits on the seeding subsample when the
+    data are larger than it, else full fits. Independent optima from other seeds, for
+    stability checks at no extra cost."""
 
 
 def _final_assignment(X, params: MixtureParams):
@@ -470,6 +477,7 @@ def fit_mixture(
     init_sample_size: int = 20_000,
     block_size: int = 8192,
     n_threads: int | None = None,
+    keep_restarts: bool = False,
 ) -> MixtureFit:
     """Fit a diagonal Gaussian mixture by EM.
 
@@ -498,19 +506,21 @@ def fit_mixture(
         return _fit_mixture(
             X, n_components, reg_covar=reg_covar, tol=tol, max_iter=max_iter, n_init=n_init,
             random_state=random_state, smoother=smoother, init_sample_size=init_sample_size,
-            block_size=block_size, n_threads=n_threads,
+            block_size=block_size, n_threads=n_threads, keep_restarts=keep_restarts,
         )
 
 
 def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_state, smoother,
-                 init_sample_size, block_size, n_threads) -> MixtureFit:
+                 init_sample_size, block_size, n_threads, keep_restarts=False) -> MixtureFit:
     rng = np.random.default_rng(random_state)
     blocks = _Blocks(X, block_size, n_threads)
     n, n_features = blocks.n_samples, blocks.n_features
     try:
         best = None
+        subsample_fits = [] if keep_restarts else None
+        full_fits = []
         for restart, params in enumerate(_initial_params(blocks, n_components, n_init, rng, reg_covar, tol, max_iter,
-                                                         init_sample_size)):
+                                                         init_sample_size, subsample_fits)):
             history: list[float] = []
             converged = False
             n_iter = 0
@@ -541,6 +551,8 @@ def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_st
                 resp = smoother(np.concatenate([p[0] for p in parts]))
                 labels = np.argmax(resp, axis=1).astype(np.int8)
                 total_ll = float(sum(p[1].sum() for p in parts))
+            if keep_restarts:
+                full_fits.append((params, total_ll / n))
             if best is None or total_ll > best[3]:
                 best = (params, labels, history, total_ll, n_iter, converged, restart)
     finally:
@@ -560,4 +572,5 @@ def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_st
         converged=converged,
         history=history,
         n_init_best=restart,
+        restarts=(subsample_fits if subsample_fits else full_fits) if keep_restarts else None,
     )
