@@ -93,6 +93,34 @@ def cluster_and_write(tiled_uri: str, scan_path: str, parameters: dict, root: st
     }
 
 
+def _number(value, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _with_error(value, error, digits: int) -> str:
+    if value is None:
+        return "–"
+    return _number(value, digits) + ("" if error is None else f" ± {_number(error, digits)}")
+
+
+def class_table_markdown(classes: list) -> list[str]:
+    """Markdown table lines for class summaries (dicts of ``result.classes``): label, kind,
+    voxels, Tc ± err, the exponent β ± err (or, for a critical class, the width), stable."""
+    lines = ["| class | kind | voxels | Tc | β or width | stable |", "|---|---|---|---|---|---|"]
+    for c in classes:
+        if c.get("beta") is not None:
+            shape = "β " + _with_error(c["beta"], c.get("beta_err"), 3)
+        elif c.get("width") is not None:
+            shape = "width " + _with_error(c["width"], c.get("width_err"), 1)
+        else:
+            shape = "–"
+        stable = {True: "yes", False: "**no**", None: "–"}[c.get("stable")]
+        kind = c["kind"].replace("_", " ") + (f" ({c['trend']})" if c["kind"] == "static" and c.get("trend") else "")
+        tc = _with_error(c.get("tc"), c.get("tc_err"), 1)
+        lines.append(f"| {c['label']} | {kind} | {int(c['n_voxels']):,} | {tc} | {shape} | {stable} |")
+    return lines
+
+
 def _png_data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
@@ -103,7 +131,9 @@ def publish_result(tiled_uri: str, summary: dict, supersede_older: bool) -> dict
     """Artifacts for the result: markdown summary with a link, cluster-count table, maps.
 
     The q-map and trajectory PNGs go to ``$XTEC_FLOWS_MAPS_DIR/<key>/``; the image artifacts
-    carry them as data URLs so the Prefect UI shows them without a file server.
+    carry them as data URLs so the Prefect UI shows them without a file server. A
+    classes="auto" result adds a table of its classes to the summary and the class-trajectory
+    figure (``classes.png``), and its q-map has one colour per class.
     """
     from xtec_flows import plotting
 
@@ -116,11 +146,23 @@ def publish_result(tiled_uri: str, summary: dict, supersede_older: bool) -> dict
         superseded = results_mod.mark_superseded(root_node, node)
     loaded = results_mod.load_result(node, lazy=True)
     k = int(md.get("n_components") or len(loaded.counts))
+    classes = loaded.classes
     out = maps_dir() / summary["key"]
     out.mkdir(parents=True, exist_ok=True)
     source = md.get("source") or {}
     params = md.get("parameters") or {}
-    plotting.qmap(loaded.labels, out / "qmap.png", k, title=f"XTEC-{params.get('mode')} K={k}: {source.get('uid', '')[:8]}")
+    uid8 = source.get("uid", "")[:8]
+    images = {"qmap": "q-map", "trajectories": "cluster mean trajectories"}
+    if classes is None:
+        plotting.qmap(loaded.labels, out / "qmap.png", k, title=f"XTEC-{params.get('mode')} K={k}: {uid8}")
+    else:
+        # The label volume holds classes: one colour per class, not per component.
+        plotting.qmap(loaded.labels, out / "qmap.png", len(classes),
+                      title=f"XTEC-{params.get('mode')} {len(classes)} classes ({k} components): {uid8}",
+                      names=plotting.class_names(classes))
+        plotting.class_trajectories(loaded.temperatures, classes, out / "classes.png",
+                                    title=f"classes of {uid8}")
+        images = {**images, "trajectories": "component mean trajectories", "classes": "class mean trajectories"}
     plotting.trajectories(loaded.temperatures, loaded.means, loaded.variances, loaded.counts, out / "trajectories.png")
     counts = [int(c) for c in loaded.counts]
     rows = [{"cluster": i, "voxels": c, "fraction": round(c / max(sum(counts), 1), 4)} for i, c in enumerate(counts)]
@@ -135,16 +177,22 @@ def publish_result(tiled_uri: str, summary: dict, supersede_older: bool) -> dict
         f"- mode {params.get('mode')}, K = {k}, BIC {md.get('bic')}, converged {md.get('converged')}",
         f"- voxels clustered: {md.get('n_thresholded')} of {md.get('n_valid')} valid"
         f" (cut log<I> = {threshold.get('log_cutoff')})",
-        f"- maps: `{out / 'qmap.png'}`, `{out / 'trajectories.png'}`",
+        f"- maps: {', '.join(f'`{out / name}.png`' for name in images)}",
     ]
     if superseded:
         lines.append(f"- supersedes: {', '.join(f'`{s}`' for s in superseded)}")
-    lines += ["", "| cluster | voxels | fraction |", "|---|---|---|"]
+    if classes is not None:
+        stability = md.get("stability") or {}
+        lines += ["", f"## {len(classes)} classes (from {k} mixture components; stability ARI "
+                      f"{_number(stability.get('ari_mean'), 3)} over {stability.get('runs')} refits)", ""]
+        lines += class_table_markdown(classes)
+    unit = "cluster" if classes is None else "component"
+    lines += ["", f"| {unit} | voxels | fraction |", "|---|---|---|"]
     lines += [f"| {r['cluster']} | {r['voxels']} | {r['fraction']} |" for r in rows]
     create_markdown_artifact(key=f"{tag}-summary", markdown="\n".join(lines), description="XTEC clustering result")
-    create_image_artifact(image_url=_png_data_url(out / "qmap.png"), key=f"{tag}-qmap", description="q-map")
-    create_image_artifact(image_url=_png_data_url(out / "trajectories.png"), key=f"{tag}-trajectories",
-                          description="cluster mean trajectories")
+    for name, description in images.items():
+        create_image_artifact(image_url=_png_data_url(out / f"{name}.png"), key=f"{tag}-{name}",
+                              description=description)
     return {**summary, "counts": counts, "maps": str(out), "superseded": superseded}
 
 

@@ -40,7 +40,8 @@ class ServeConfig:
     tiled_uri : Tiled server (the key comes from TILED_API_KEY)
     raw_path : container the beamline's TiledWriter writes runs into
     root : derived-data root for results
-    parameters : ClusterParams dict used for automatic processing
+    parameters : ClusterParams dict used for automatic processing (``{"classes": "auto", ...}``
+        for class discovery: the flows and reprocessing pass it on like any other parameters)
     rule : which completed runs to cluster
     limit : flow runs executing at once in this process (post-scan and reprocessing together)
     reprocess_cron : cron schedule of the reprocessing deployment (None: no schedule)

@@ -352,7 +352,8 @@ def cmd_cluster(args) -> dict:
 
             n_colours = result.means.shape[0] if result.classes is None else len(result.classes)
             what = f"XTEC-{args.mode}" + (" classes" if result.classes is not None else "")
-            plotting.qmap(result.labels, work / "qmap.png", n_colours, title=f"{what}: {args.input}")
+            names = None if result.classes is None else plotting.class_names(result.classes)
+            plotting.qmap(result.labels, work / "qmap.png", n_colours, title=f"{what}: {args.input}", names=names)
             plotting.trajectories(result.temperatures, result.means, result.variances, result.counts, work / "trajectories.png",
                                   ylabel=f"rescaled I(T) ({args.rescale})")
             if result.classes is not None:

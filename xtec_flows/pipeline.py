@@ -128,6 +128,11 @@ class ClusterParams:
             raise ValueError(f"smoothing applies to mode 's' only; got mode {self.mode!r} with smoothing")
         validation.check_choice("classes", self.classes, CLASS_MODES)
         validation.check_int("stability_runs", self.stability_runs, 0)
+        if self.classes is not None and isinstance(self.max_components, int) and 2 <= self.max_components <= 127:
+            # Class discovery fits max_components components; n_components says the same, so that
+            # the recorded parameters (and the result key, a hash of them) do not depend on an
+            # unused n_components.
+            object.__setattr__(self, "n_components", self.max_components)
         if isinstance(self.max_components, bool) or not isinstance(self.max_components, int) or not (
             2 <= self.max_components <= 127
         ):

@@ -28,13 +28,14 @@ def _pyplot():
     return plt
 
 
-def qmap(labels, path, n_components: int, slices: int = 3, title: str = "") -> None:
+def qmap(labels, path, n_components: int, slices: int = 3, title: str = "", names: list | None = None) -> None:
     """Colour-coded slices of reciprocal space.
 
     Parameters
     ----------
     labels : array-like of shape (L, K, H) or (K, H), int8 (−1 = not clustered)
         Read slice by slice (a zarr array is never loaded whole for 3-D).
+    names : legend text per label (default "cluster k"), e.g. class kinds
     """
     from matplotlib.colors import ListedColormap
 
@@ -54,7 +55,8 @@ def qmap(labels, path, n_components: int, slices: int = 3, title: str = "") -> N
         ax.set_yticks([])
     handles = [plt.Rectangle((0, 0), 1, 1, color=_colour(k)) for k in range(n_components)]
     handles.append(plt.Rectangle((0, 0), 1, 1, color=UNCLUSTERED))
-    fig.legend(handles, [f"cluster {k}" for k in range(n_components)] + ["not clustered"], loc="lower center",
+    names = list(names) if names is not None else [f"cluster {k}" for k in range(n_components)]
+    fig.legend(handles, names + ["not clustered"], loc="lower center",
                ncol=min(n_components + 1, 6), fontsize=8)
     if title:
         fig.suptitle(title)
@@ -98,6 +100,11 @@ def bic_curve(table, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def class_names(classes: list) -> list:
+    """Short legend text per class for a q-map: "label: kind"."""
+    return [f"{c['label']}: {c['kind'].replace('_', ' ')}" for c in classes]
 
 
 def class_label(c: dict) -> str:

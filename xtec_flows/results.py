@@ -47,9 +47,14 @@ def latest_result(client, uid: str, *, root: str = tiled_io.DEFAULT_ROOT):
 class LoadedResult:
     """A result read back from Tiled.
 
-    labels : (*spatial) int8 (numpy) or dask array when lazy; -1 = not clustered
-    means, variances : (K, T); temperatures : (T,); counts : (K,)
+    labels : (*spatial) int8 (numpy) or dask array when lazy; -1 = not clustered; class labels
+        when ``classes`` is not None
+    means, variances : (K, T) of the mixture's components; temperatures : (T,); counts : (K,)
     metadata : the result container's metadata (parameters, source, cutoff, log L, BIC, ...)
+    components : classes="auto" only (else None): (*spatial) int8 component labels, like ``labels``
+    classes : classes="auto" only (else None): one dict per class, in label order, as
+        ``ClusterResult.classes`` (metadata's scalars plus the (T,) lists mean_raw,
+        mean_relative and fit_curve from the class arrays; mean_rescaled is not stored)
     """
 
     labels: object
@@ -58,23 +63,45 @@ class LoadedResult:
     temperatures: np.ndarray
     counts: np.ndarray
     metadata: dict
+    components: object = None
+    classes: list | None = None
+
+
+def has_classes(node) -> bool:
+    """Whether a result node holds a classes="auto" result."""
+    return (node.metadata or {}).get("content") == tiled_io.CLASSES_CONTENT
+
+
+def load_classes(node) -> list:
+    """The class summaries of a classes="auto" result node (see :class:`LoadedResult`)."""
+    classes = [dict(c) for c in (node.metadata or {}).get("classes") or []]
+    for name, spec in tiled_io.CLASS_CURVES.items():
+        values = node[spec.key].read()
+        for c, row in zip(classes, values):
+            c[name] = [float(v) for v in row]
+    return classes
 
 
 def load_result(node, *, lazy: bool = False) -> LoadedResult:
-    """Read a result node; ``lazy=True`` gives the labels as a dask array."""
-    labels = tiled_io.lazy_array_spatial(node["labels"]) if lazy else node["labels"].read()
+    """Read a result node; ``lazy=True`` gives the label volumes as dask arrays."""
+
+    def volume(key):
+        return tiled_io.lazy_array_spatial(node[key]) if lazy else node[key].read()
+
+    arrays = {key: node[key].read() for key in ("means", "variances", "temperatures", "counts")}
+    auto = has_classes(node)
     return LoadedResult(
-        labels=labels,
-        means=node["means"].read(),
-        variances=node["variances"].read(),
-        temperatures=node["temperatures"].read(),
-        counts=node["counts"].read(),
+        labels=volume(tiled_io.LABELS.key),
+        **arrays,
         metadata=dict(node.metadata or {}),
+        components=volume(tiled_io.COMPONENTS.key) if auto else None,
+        classes=load_classes(node) if auto else None,
     )
 
 
 def summarise(nodes) -> list[dict]:
-    """One row per result node: key, status, K, mode, BIC, created/completed."""
+    """One row per result node: key, status, K, mode, BIC, created/completed (and, for
+    classes="auto", classes and n_classes)."""
     rows = []
     for n in nodes:
         md = n.metadata or {}
@@ -89,6 +116,9 @@ def summarise(nodes) -> list[dict]:
             "completed": md.get("completed"),
             "error": md.get("error"),
         })
+        if p.get("classes") is not None:
+            # classes="auto" ignores n_components: report the components fitted and the classes found.
+            rows[-1].update(n_components=md.get("n_components"), classes=p["classes"], n_classes=md.get("n_classes"))
     return rows
 
 

@@ -20,7 +20,9 @@ Writing
     (default ``xtec``), keyed by a hash of (source uid, parameters, engine major
     version). Its ``status`` metadata goes ``running`` -> ``complete`` (set last,
     after every array is written) or ``failed``. See :func:`result_key`,
-    :func:`begin_result`, :func:`write_result`, :func:`fail_result`.
+    :func:`begin_result`, :func:`write_result`, :func:`fail_result`. The container's
+    nodes are declared once (:data:`LABELS`, :data:`RESULT_ARRAYS`, and for
+    ``classes="auto"`` :data:`CLASS_LABELS`, :data:`CLASS_NODES`).
 
 API keys come from the caller or ``TILED_API_KEY`` and are never logged or
 stored: every URI recorded in metadata is stripped of its query string.
@@ -628,6 +630,122 @@ def reject_scan(root_node, key: str, source: dict, params: dict, error: BaseExce
     return root_node.create_container(key, metadata=md, specs=[Spec(RESULT_SPEC, version=RESULT_SPEC_VERSION)])
 
 
+# ---------------------------------------------------------------------------------------
+# the result container's layout: declared here once, written by write_result, read by
+# xtec_flows.results.load_result
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One child node of a result container.
+
+    key : node name; dims : axis names (empty for a label volume, whose spatial dims are the
+    scan's, given at write time); description and content go into the node's metadata;
+    dtype : stored dtype (None keeps the engine's).
+    """
+
+    key: str
+    dims: tuple = ()
+    description: str | None = None
+    dtype: str | None = None
+    content: str | None = None
+
+    def metadata(self, **extra) -> dict | None:
+        md = {k: v for k, v in (("description", self.description), ("content", self.content)) if v is not None}
+        md.update(extra)
+        return md or None
+
+    def cast(self, values) -> np.ndarray:
+        return np.asarray(values) if self.dtype is None else np.asarray(values, dtype=self.dtype)
+
+
+#: Every result: the label volume ...
+LABELS = NodeSpec("labels", description="cluster label per voxel; -1 = not clustered")
+#: ... and these arrays, each the ClusterResult attribute of the same name.
+RESULT_ARRAYS = (
+    NodeSpec("means", ("cluster", "temperature"), "cluster mean trajectories (rescaled units)"),
+    NodeSpec("variances", ("cluster", "temperature"), "cluster variances of the rescaled trajectories"),
+    NodeSpec("temperatures", ("temperature",), dtype="float64"),
+    NodeSpec("counts", ("cluster",), dtype="int64"),
+    NodeSpec("weights", ("cluster",), dtype="float64"),
+    NodeSpec("histogram_edges", ("edge",), "bin edges of log(<I>_T)", dtype="float64"),
+    NodeSpec("histogram_counts", ("bin",), dtype="int64"),
+)
+
+#: The result's content in classes="auto" mode (metadata "content"; the label volumes' too).
+CLASSES_CONTENT = "classes"
+#: classes="auto": ``labels`` holds class labels; the mixture's component labels, the class
+#: table and the per-class curves are added. A fixed-K result has none of these.
+CLASS_LABELS = NodeSpec("labels", description="class label per voxel (classes='auto'); -1 = not clustered; "
+                        "the classes table says which mixture components each class merges",
+                        content=CLASSES_CONTENT)
+COMPONENTS = NodeSpec("components", description="mixture component label per voxel; -1 = not clustered; the "
+                      "rows of means/variances/counts/weights", content="components")
+CLASS_TABLE = NodeSpec("classes", description="one row per class (row i = class label i): kind, Tc, exponent "
+                       "or width, fit quality, stability; components is a comma-separated list")
+#: (C, T) arrays, row i = class i, each from the per-class list of the same ``result.classes`` key.
+CLASS_CURVES = {
+    "mean_raw": NodeSpec("class_means_raw", ("class", "temperature"), "class mean raw intensity",
+                         dtype="float64"),
+    "mean_relative": NodeSpec("class_means_relative", ("class", "temperature"),
+                              "class mean relative intensity I / <I>_T", dtype="float64"),
+    "fit_curve": NodeSpec("class_fit_curves", ("class", "temperature"),
+                          "fitted model of each class's mean relative intensity", dtype="float64"),
+}
+CLASS_NODES = (COMPONENTS, CLASS_TABLE, *CLASS_CURVES.values())
+#: Columns of the class table (scalars only; NaN/None where a class has no such value).
+CLASS_TABLE_COLUMNS = (
+    "label", "kind", "trend", "components", "n_voxels", "tc", "tc_err", "beta", "beta_err", "width", "width_err",
+    "amplitude", "amplitude_err", "critical_amplitude", "critical_amplitude_err", "r2", "chi2_red", "stability",
+    "stable",
+)
+#: Per-class (T,) lists of ``result.classes`` left out of the container's metadata (arrays hold them).
+CLASS_PER_TEMPERATURE = ("mean_raw", "mean_relative", "mean_rescaled", "fit_curve")
+#: Result-metadata keys a classes="auto" result adds (from ``ClusterResult.to_dict()``, plus "content").
+CLASS_METADATA_KEYS = ("n_classes", "classes", "component_class", "component_kinds", "temperature_factor",
+                       "stability")
+
+
+def json_safe(value):
+    """``value`` with every non-finite float replaced by None (metadata is JSON)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def class_scalars(c: dict) -> dict:
+    """A class summary (an item of ``result.classes``) without its per-temperature lists."""
+    return json_safe({k: v for k, v in c.items() if k not in CLASS_PER_TEMPERATURE})
+
+
+def class_table(classes: list):
+    """The class table: a pandas DataFrame of CLASS_TABLE_COLUMNS, one row per class.
+
+    ``stable`` is a nullable boolean (None: no stability refits), so that it stays boolean
+    through parquet; ``components`` is a comma-separated string ("0,1,2").
+    """
+    import pandas as pd
+
+    rows = []
+    for c in classes:
+        row = {name: c.get(name) for name in CLASS_TABLE_COLUMNS}
+        row["components"] = ",".join(str(int(k)) for k in c.get("components") or [])
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=list(CLASS_TABLE_COLUMNS))
+    floats = [n for n in CLASS_TABLE_COLUMNS if n not in ("label", "kind", "trend", "components", "n_voxels", "stable")]
+    frame[floats] = frame[floats].astype("float64")  # None -> NaN, and a float column even when all are None
+    return frame.astype({"label": "int64", "n_voxels": "int64", "stable": "boolean"})
+
+
 def _labels_tiled_chunks(shape: tuple, zarr_chunks: tuple) -> tuple:
     """Chunks for the Tiled label node: whole zarr chunks, doubled along each axis in turn
     while one int8 block stays within MAX_REQUEST_BYTES (few requests, none too big)."""
@@ -645,8 +763,11 @@ def _labels_tiled_chunks(shape: tuple, zarr_chunks: tuple) -> tuple:
     return tuple(chunks)
 
 
-def write_labels_array(node, labels, dims: list, key: str = "labels"):
-    """Stream an int8 label volume (numpy or zarr) into a new Tiled array node, block by block."""
+def write_labels_array(node, labels, dims: list, key: str | None = None, spec: NodeSpec = LABELS):
+    """Stream an int8 label volume (numpy or zarr) into a new Tiled array node, block by block.
+
+    ``spec`` gives the node's key (unless ``key`` is given) and description.
+    """
     from tiled.structures.array import ArrayStructure, BuiltinDtype
     from tiled.structures.data_source import DataSource
 
@@ -660,52 +781,68 @@ def write_labels_array(node, labels, dims: list, key: str = "labels"):
     arr = node.new(
         "array",
         [DataSource(structure=structure, structure_family="array")],
-        key=key,
-        metadata={"description": "cluster label per voxel; -1 = not clustered", "fill_value": -1},
+        key=key or spec.key,
+        metadata=spec.metadata(fill_value=-1),
     )
     for idx, _, region in block_regions(chunks):
         arr.write_block(np.ascontiguousarray(labels[region], dtype=np.int8), block=idx)
     return arr
 
 
+def write_classes(node, classes: list, n_temperatures: int) -> None:
+    """The class table and the (C, T) class curves of a classes="auto" result."""
+    node.write_table(class_table(classes), key=CLASS_TABLE.key, metadata=CLASS_TABLE.metadata())
+    for name, spec in CLASS_CURVES.items():
+        values = spec.cast([c[name] for c in classes]).reshape(len(classes), n_temperatures)
+        node.write_array(values, key=spec.key, dims=list(spec.dims), metadata=spec.metadata())
+
+
 def write_result(node, result, scan: TiledScan, dims: list | None = None):
-    """Write every array of a ClusterResult into ``node``, then mark it complete (last)."""
+    """Write every array of a ClusterResult into ``node``, then mark it complete (last).
+
+    The layout is LABELS and RESULT_ARRAYS; a classes="auto" result (``result.classes`` not
+    None) writes CLASS_LABELS instead of LABELS, adds CLASS_NODES and CLASS_METADATA_KEYS,
+    and says ``content: "classes"``.
+    """
     spatial = len(result.labels.shape)
     if dims is None:
         dims = ["L", "K", "H"][-spatial:]
-    write_labels_array(node, result.labels, dims)
-    node.write_array(np.asarray(result.means), key="means", dims=["cluster", "temperature"],
-                     metadata={"description": "cluster mean trajectories (rescaled units)"})
-    node.write_array(np.asarray(result.variances), key="variances", dims=["cluster", "temperature"],
-                     metadata={"description": "cluster variances of the rescaled trajectories"})
-    node.write_array(np.asarray(result.temperatures, dtype=np.float64), key="temperatures", dims=["temperature"])
-    node.write_array(np.asarray(result.counts, dtype=np.int64), key="counts", dims=["cluster"])
-    node.write_array(np.asarray(result.weights, dtype=np.float64), key="weights", dims=["cluster"])
-    node.write_array(np.asarray(result.histogram_edges, dtype=np.float64), key="histogram_edges", dims=["edge"],
-                     metadata={"description": "bin edges of log(<I>_T)"})
-    node.write_array(np.asarray(result.histogram_counts, dtype=np.int64), key="histogram_counts", dims=["bin"])
+    classes = result.classes
+    if classes is None:
+        write_labels_array(node, result.labels, dims)
+    else:
+        write_labels_array(node, result.labels, dims, spec=CLASS_LABELS)
+        write_labels_array(node, result.components, dims, spec=COMPONENTS)
+    for spec in RESULT_ARRAYS:
+        node.write_array(spec.cast(getattr(result, spec.key)), key=spec.key, dims=list(spec.dims),
+                         metadata=spec.metadata())
+    if classes is not None:
+        write_classes(node, classes, len(result.temperatures))
     summary = result.to_dict()
     for bulky in ("means", "variances", "temperatures", "weights"):
         summary.pop(bulky, None)
     summary["threshold"] = {k: v for k, v in summary["threshold"].items() if not k.startswith("histogram")}
-    node.update_metadata(
-        metadata={
-            "n_components": summary["n_components"],
-            "counts": summary["counts"],
-            "log_likelihood": summary["log_likelihood"],
-            "bic": summary["bic"],
-            "n_iter": summary["n_iter"],
-            "converged": summary["converged"],
-            "threshold": summary["threshold"],
-            "n_valid": summary["n_valid"],
-            "n_thresholded": summary["n_thresholded"],
-            "n_peaks": summary["n_peaks"],
-            "input_reads": summary["input_reads"],
-            "timings": summary["timings"],
-            "shape": summary["shape"],
-            "dims": list(dims),
-        }
-    )
+    metadata = {
+        "n_components": summary["n_components"],
+        "counts": summary["counts"],
+        "log_likelihood": summary["log_likelihood"],
+        "bic": summary["bic"],
+        "n_iter": summary["n_iter"],
+        "converged": summary["converged"],
+        "threshold": summary["threshold"],
+        "n_valid": summary["n_valid"],
+        "n_thresholded": summary["n_thresholded"],
+        "n_peaks": summary["n_peaks"],
+        "input_reads": summary["input_reads"],
+        "timings": summary["timings"],
+        "shape": summary["shape"],
+        "dims": list(dims),
+    }
+    if classes is not None:
+        extra = {k: summary[k] for k in CLASS_METADATA_KEYS}
+        extra["classes"] = [class_scalars(c) for c in classes]
+        metadata.update(content=CLASSES_CONTENT, **json_safe(extra))
+    node.update_metadata(metadata=metadata)
     # Last: only now may anyone see it as complete.
     node.update_metadata(metadata={"status": "complete", "completed": _now()})
     return node
