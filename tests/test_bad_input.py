@@ -155,13 +155,14 @@ def test_all_zero_volume(tmp_path, capsys, good):
     cli_fails(tmp_path, capsys, [src, "--quiet"], r"no voxel with positive mean intensity")
 
 
-@pytest.mark.parametrize("shape", [(6, 10), (6, 4, 4, 4, 4), (6,)], ids=["1-spatial", "4-spatial", "0-spatial"])
+@pytest.mark.parametrize("shape", [(6, 4, 4, 4, 4), (6,)], ids=["4-spatial", "0-spatial"])
 def test_wrong_number_of_spatial_dims(tmp_path, capsys, shape):
+    # 1-D series (T, q) are valid input (tests/test_series_1d.py); none or 4 spatial dims are not.
     vol = np.ones(shape, np.float32)
     temps = np.arange(shape[0], dtype=float)
-    api_fails(tmp_path, ValueError, r"2 or 3 spatial dims", vol, temps)
+    api_fails(tmp_path, ValueError, r"1, 2 or 3 spatial dims", vol, temps)
     src = write_zarr_input(tmp_path / "in.zarr", vol, temps)
-    cli_fails(tmp_path, capsys, [src, "--quiet"], r"2 or 3 spatial dims.*got shape")
+    cli_fails(tmp_path, capsys, [src, "--quiet"], r"1, 2 or 3 spatial dims.*got shape")
 
 
 @pytest.mark.parametrize(

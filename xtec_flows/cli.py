@@ -94,6 +94,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", choices=["zero-mean", "any-zero"], default="zero-mean", help="which voxels count as empty")
     p.add_argument("--mask-nonfinite", action="store_true", help="leave voxels with NaN/Inf unclustered instead of failing")
     p.add_argument("--mode", choices=["d", "s", "peaks"], default="d", help="XTEC-d, XTEC-s (label smoothing) or peak averages")
+    p.add_argument("--ordering", choices=list(validation.ORDERINGS), default="monotonic",
+                   help="monotonic (default): axis 0 is a temperature series, strictly increasing or decreasing; "
+                        "as-given: axis 0's values (time, field, a ramp then a hold) are taken in measurement order")
     p.add_argument("--seed", type=int, default=0, help="random_state of the fit (default 0)")
     p.add_argument("--n-init", type=int, default=3, help="EM restarts; the best log-likelihood wins")
     p.add_argument("--max-iter", type=int, default=300)
@@ -278,6 +281,7 @@ def _params_from(args, n_components: int):
         max_iter=args.max_iter,
         n_init=args.n_init,
         random_state=args.seed,
+        ordering=args.ordering,
         **_class_params_from(args),
     )
 
@@ -315,6 +319,7 @@ def cmd_synth(args) -> dict:
 
 
 def cmd_cluster(args) -> dict:
+    import numpy as np
     import zarr
 
     if args.tiled_uri:
@@ -353,7 +358,10 @@ def cmd_cluster(args) -> dict:
             n_colours = result.means.shape[0] if result.classes is None else len(result.classes)
             what = f"XTEC-{args.mode}" + (" classes" if result.classes is not None else "")
             names = None if result.classes is None else plotting.class_names(result.classes)
-            plotting.qmap(result.labels, work / "qmap.png", n_colours, title=f"{what}: {args.input}", names=names)
+            # A 1-D series' map is its mean profile coloured by label (small: T x q).
+            profile = np.asarray(volume[...]).mean(axis=0) if result.labels.ndim == 1 else None
+            plotting.qmap(result.labels, work / "qmap.png", n_colours, title=f"{what}: {args.input}", names=names,
+                          intensity=profile)
             plotting.trajectories(result.temperatures, result.means, result.variances, result.counts, work / "trajectories.png",
                                   ylabel=f"rescaled I(T) ({args.rescale})")
             if result.classes is not None:

@@ -100,6 +100,7 @@ class ClusterParams:
     classes: str | None = None
     max_components: int = 8
     stability_runs: int = 3
+    ordering: str = "monotonic"
 
     def __post_init__(self):
         validation.check_choice("mode", self.mode, validation.MODES)
@@ -126,6 +127,7 @@ class ClusterParams:
             object.__setattr__(self, "smoothing", SmoothingKernel())
         if self.mode != "s" and self.smoothing is not None:
             raise ValueError(f"smoothing applies to mode 's' only; got mode {self.mode!r} with smoothing")
+        validation.check_choice("ordering", self.ordering, validation.ORDERINGS)
         validation.check_choice("classes", self.classes, CLASS_MODES)
         validation.check_int("stability_runs", self.stability_runs, 0)
         if self.classes is not None and isinstance(self.max_components, int) and 2 <= self.max_components <= 127:
@@ -169,6 +171,8 @@ class ClusterParams:
             # their result keys (a hash of these parameters) do not change.
             for name in CLASS_DISCOVERY_FIELDS:
                 d.pop(name)
+        if self.ordering == "monotonic":
+            d.pop("ordering")  # the default, unrecorded so that earlier result keys hold
         if self.smoothing is not None:
             d["smoothing"] = asdict(self.smoothing)
             d["smoothing"]["unit_cell"] = list(self.smoothing.unit_cell)
@@ -623,7 +627,7 @@ def gather_trajectories(
 
     Parameters
     ----------
-    volume : numpy, zarr or dask array of shape (T, *spatial), 2 or 3 spatial dims
+    volume : numpy, zarr or dask array of shape (T, *spatial), 1, 2 or 3 spatial dims
     temperatures : array-like of shape (T,)
     chunks : spatial block shape (default: from the input's chunks, or 64^3-ish)
     scratch : directory for intermediate arrays (default: memory when small, else a temp dir)
@@ -633,7 +637,7 @@ def gather_trajectories(
     Trajectories
     """
     shape = validation.check_volume(volume)
-    temps = validation.check_temperatures(temperatures, shape[0])
+    temps = validation.check_temperatures(temperatures, shape[0], params.ordering)
     timings = {}
     x = as_dask(volume, chunks)
     spatial_shape = shape[1:]
@@ -957,6 +961,7 @@ def cluster(
     max_iter: int = 300,
     n_init: int = 3,
     random_state: int | None = 0,
+    ordering: str = "monotonic",
     classes: str | None = None,
     max_components: int = 8,
     stability_runs: int = 3,
@@ -971,9 +976,12 @@ def cluster(
 
     Parameters
     ----------
-    volume : numpy, zarr or dask array of shape (T, *spatial), 2 or 3 spatial dims
-        Intensities I(T, L, K, H). Never loaded whole: read block by block.
+    volume : numpy, zarr or dask array of shape (T, *spatial), 1, 2 or 3 spatial dims
+        Intensities I(T, L, K, H), I(T, K, H), or I(T, q) for a series of 1-D patterns (powder,
+        line scans, PDFs). Never loaded whole: read block by block.
     temperatures : array-like of shape (T,), strictly monotonic
+        (unless ``ordering="as-given"``: any finite values, e.g. times, or a temperature
+        ramp then a hold, in measurement order)
     mode : {"d", "s", "peaks"}
         XTEC-d (every voxel), XTEC-s (label smoothing between E and M steps), or
         clustering of connected-peak averages.
@@ -1019,6 +1027,7 @@ def cluster(
         max_iter=max_iter,
         n_init=n_init,
         random_state=random_state,
+        ordering=ordering,
         classes=classes,
         max_components=max_components,
         stability_runs=stability_runs,
@@ -1043,7 +1052,7 @@ def run(
     zarr_io.check_labels_target(labels_store, overwrite)
     if params.classes is not None:
         zarr_io.check_labels_target(components_store, overwrite)
-        check_class_discovery_input(volume, temperatures)
+        check_class_discovery_input(volume, temperatures, params.ordering)
     traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress)
     report("read", 0.6)
     t0 = time.perf_counter()
@@ -1110,11 +1119,19 @@ def run(
     )
 
 
-def check_class_discovery_input(volume, temperatures) -> None:
-    """Refuse, before anything is read, a series too short to fit a Tc."""
+def check_class_discovery_input(volume, temperatures, ordering: str = "monotonic") -> None:
+    """Refuse, before anything is read, a series too short to fit a Tc, or one whose coordinate repeats."""
     from .numerics.classes import MIN_TEMPERATURES
 
     n_t = validation.check_volume(volume)[0]
+    t = validation.check_temperatures(temperatures, n_t, ordering)
+    if np.unique(t).size != t.size:
+        raise ValueError(
+            "classes='auto' fits each class's intensity as a function of the series coordinate, which must "
+            f"then take distinct values; these repeat ({np.unique(t).size} distinct of {t.size}). For a series "
+            "ordered by time with a temperature ramp and hold, pass the times as the coordinate (and interpolate "
+            "the temperatures at the fitted transition), or drop the repeated scans"
+        )
     if n_t < MIN_TEMPERATURES:
         raise ValueError(
             f"classes='auto' fits a transition temperature, an exponent and a baseline to every class, which "

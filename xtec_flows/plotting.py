@@ -28,17 +28,22 @@ def _pyplot():
     return plt
 
 
-def qmap(labels, path, n_components: int, slices: int = 3, title: str = "", names: list | None = None) -> None:
-    """Colour-coded slices of reciprocal space.
+def qmap(labels, path, n_components: int, slices: int = 3, title: str = "", names: list | None = None,
+         intensity=None, coordinate=None) -> None:
+    """Colour-coded slices of reciprocal space (a coloured profile for a 1-D series, see :func:`profile`).
 
     Parameters
     ----------
-    labels : array-like of shape (L, K, H) or (K, H), int8 (−1 = not clustered)
+    labels : array-like of shape (L, K, H), (K, H) or (q,), int8 (−1 = not clustered)
         Read slice by slice (a zarr array is never loaded whole for 3-D).
     names : legend text per label (default "cluster k"), e.g. class kinds
+    intensity, coordinate : 1-D series only, see :func:`profile`
     """
     from matplotlib.colors import ListedColormap
 
+    if labels.ndim == 1:
+        profile(labels, path, n_components, title=title, names=names, intensity=intensity, coordinate=coordinate)
+        return
     plt = _pyplot()
     cmap = ListedColormap([UNCLUSTERED] + [_colour(k) for k in range(n_components)])
     if labels.ndim == 2:
@@ -61,6 +66,38 @@ def qmap(labels, path, n_components: int, slices: int = 3, title: str = "", name
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def profile(labels, path, n_components: int, title: str = "", names: list | None = None, intensity=None,
+            coordinate=None, xlabel: str = "q (index)") -> None:
+    """The map of a 1-D series (powder, line scan, PDF): intensity vs q, each point coloured by its label.
+
+    labels : (q,) int8; intensity : (q,) e.g. the mean over the series (default: a strip of labels);
+    coordinate : (q,) the q (or 2θ, r) values (default: the index).
+    """
+    plt = _pyplot()
+    lab = np.asarray(labels[...])
+    x = np.arange(lab.size) if coordinate is None else np.asarray(coordinate, dtype=float)
+    y = np.ones(lab.size) if intensity is None else np.asarray(intensity, dtype=float)
+    names = list(names) if names is not None else [f"cluster {k}" for k in range(n_components)]
+    fig, ax = plt.subplots(figsize=(9.0, 3.8))
+    if intensity is not None:
+        ax.plot(x, y, color="#555555", lw=0.6, zorder=1)
+    ax.scatter(x[lab < 0], y[lab < 0], s=3, color=UNCLUSTERED, label="not clustered", zorder=2)
+    for k in range(n_components):
+        sel = lab == k
+        if sel.any():
+            ax.scatter(x[sel], y[sel], s=9, color=_colour(k), label=names[k], zorder=3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean intensity" if intensity is not None else "")
+    if intensity is not None and np.all(y > 0):
+        ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=min(n_components + 1, 5))
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -44,10 +44,11 @@ def check_volume(volume) -> tuple:
             f"volume must hold real numbers (integer or float intensities); got dtype {dtype}. "
             "Convert counts to float32 before clustering"
         )
-    if len(shape) not in (3, 4):
+    if len(shape) not in (2, 3, 4):
         raise ValueError(
-            f"volume must be shaped (T, *spatial) with 2 or 3 spatial dims, i.e. 3 or 4 dims in all; "
-            f"got shape {tuple(shape)} ({len(shape) - 1} spatial dims). Slice or stack the data accordingly"
+            f"volume must be shaped (T, *spatial) with 1, 2 or 3 spatial dims (a series of 1-D patterns, "
+            f"2-D images or 3-D volumes), i.e. 2 to 4 dims in all; got shape {tuple(shape)} "
+            f"({len(shape) - 1} spatial dims). Slice or stack the data accordingly"
         )
     if shape[0] < 3:
         raise ValueError(
@@ -59,8 +60,16 @@ def check_volume(volume) -> tuple:
     return tuple(int(s) for s in shape)
 
 
-def check_temperatures(temperatures, n_temperatures: int) -> np.ndarray:
-    """1-D, finite, strictly monotonic (heating or cooling), one per volume slice."""
+ORDERINGS = ("monotonic", "as-given")
+"""How the series coordinate (axis 0's values) may run: "monotonic" (a temperature series,
+strictly increasing or decreasing) or "as-given" (any finite values in measurement order, e.g.
+time, field, or a temperature ramp followed by a hold, as the user states it)."""
+
+
+def check_temperatures(temperatures, n_temperatures: int, ordering: str = "monotonic") -> np.ndarray:
+    """1-D, finite, one per volume slice; strictly monotonic (heating or cooling) unless
+    ``ordering="as-given"``."""
+    check_choice("ordering", ordering, ORDERINGS)
     if temperatures is None:
         raise ValueError(
             "temperatures are required: pass one value per slice of axis 0 "
@@ -81,16 +90,20 @@ def check_temperatures(temperatures, n_temperatures: int) -> np.ndarray:
         raise ValueError(f"need at least 3 temperatures; got {t.size}")
     if not np.isfinite(t).all():
         raise ValueError(f"temperatures must be finite; got {t.tolist()}")
+    if ordering == "as-given":
+        return t
     d = np.diff(t)
     if np.any(d == 0):
         dup = t[1:][d == 0]
         raise ValueError(
             f"temperatures contain duplicates ({dup.tolist()}); each slice must be a distinct temperature. "
-            "Average or drop repeated scans first"
+            "Average or drop repeated scans first, or, if the series is ordered by something else (time, "
+            "a ramp then a hold), say so with ordering='as-given' (CLI: --ordering as-given)"
         )
     if not (np.all(d > 0) or np.all(d < 0)):
         raise ValueError(
             f"temperatures must be strictly increasing or strictly decreasing; got {t.tolist()}. "
-            "Sort the volume's slices by temperature"
+            "Sort the volume's slices by temperature, or, if the series is ordered by something else (time, "
+            "field, a ramp then a hold), say so with ordering='as-given' (CLI: --ordering as-given)"
         )
     return t
