@@ -195,21 +195,14 @@ def group_into_classes(temperatures, moments: ComponentMoments, rescaled_means: 
         raw_mean = merged.raw_mean()
     for label, g in enumerate(groups):
         component_class[g.components] = label
-        if g.kind in (ClassKind.OTHER, ClassKind.STATIC):
-            kinds = None
-        else:
-            # Refit the pooled class with the models of its kind only, so the class keeps
-            # the kind its components agreed on (a pooled mean can sit on a boundary).
-            kinds = ("order", "order+critical") if g.kind is ClassKind.ORDER_PARAMETER else (
-                ("critical", "order+critical") if g.kind is ClassKind.CRITICAL else ("onset",))
-        fit = curves.fit_curve(t, mean[label] / factor, sem[label] / factor, kinds=kinds, **fit_kw) \
-            if kinds else curves.fit_curve(t, mean[label] / factor, sem[label] / factor, **fit_kw)
-        if g.kind is ClassKind.OTHER:
-            fit.kind = ClassKind.OTHER
-        elif kinds is None:
-            fit.kind = g.kind
-        if g.kind is not ClassKind.STATIC and fit.kind is not g.kind:
-            fit.kind = g.kind
+        # Refit the pooled class with the models of its kind only: the class keeps the kind
+        # (and, if static, the trend) its components were grouped by, even when its pooled
+        # mean sits near a boundary between kinds.
+        fit = curves.fit_curve(t, mean[label] / factor, sem[label] / factor, kinds=curves.MODELS_OF_KIND[g.kind],
+                               **fit_kw)
+        fit.kind = g.kind
+        if g.kind is ClassKind.STATIC:
+            fit.trend = g.trend
         w = moments.counts[g.components].astype(float)
         rescaled = (rescaled_means[g.components] * w[:, None]).sum(axis=0) / w.sum()
         found.append(PhysicalClass(label, g.kind, list(g.components), int(merged.counts[label]), fit,

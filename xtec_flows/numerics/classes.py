@@ -178,6 +178,16 @@ _MODELS = {
 }
 
 
+#: The models a class of each kind is fitted with (None: all, the kind is then named by the data).
+MODELS_OF_KIND = {
+    ClassKind.ORDER_PARAMETER: ("order", "order+critical"),
+    ClassKind.CRITICAL: ("critical", "order+critical"),
+    ClassKind.ONSET: ("onset",),
+    ClassKind.STATIC: ("static",),
+    ClassKind.OTHER: None,
+}
+
+
 def _n_params(name: str) -> int:
     order, crit, onset = _MODELS[name]
     # c, s; each shape term adds its amplitude; Tc is shared; beta and w once each.
