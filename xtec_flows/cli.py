@@ -22,6 +22,8 @@ from . import validation
 
 log = logging.getLogger("xtec_flows.cli")
 
+SERIES_CHECK_CHOICES = ("exclude", "refuse")  # = series_check.ON_PROBLEM, without importing numpy at parse time
+
 
 class CLIError(Exception):
     """An error whose message is meant for the user as is."""
@@ -86,8 +88,16 @@ def _add_tiled_options(p: argparse.ArgumentParser, required: bool = False) -> No
     p.add_argument("--api-key", help="Tiled API key (default: the TILED_API_KEY environment variable, preferred)")
 
 
-def _add_engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", nargs="?", help="zarr array/group path, or NeXus/HDF5 as file.nxs:/entry/data/data")
+def _add_engine_options(p: argparse.ArgumentParser, several_inputs: bool = False) -> None:
+    if several_inputs:
+        p.add_argument("input", nargs="*", help="zarr array/group path, or NeXus/HDF5 as file.nxs:/entry/data/data, "
+                       "or several NeXus files, one per temperature (nxrefine <sample>_<label>.nxs), in any order")
+        p.add_argument("--series-check", choices=list(SERIES_CHECK_CHOICES), default="exclude",
+                       help="several files: exclude (default) or refuse the files the series check finds unusable "
+                            "(duplicated temperature, other grid or axes, other exposure or monitor, empty stub); "
+                            "the audit goes into result.json")
+    else:
+        p.add_argument("input", nargs="?", help="zarr array/group path, or NeXus/HDF5 as file.nxs:/entry/data/data")
     p.add_argument("--temperatures", type=_float_list, help="comma-separated temperatures, one per slice (overrides the file)")
     p.add_argument("--threshold", type=_threshold, default="kl", help="kl (default), simple, none, or an explicit <I>_T cutoff")
     p.add_argument("--rescale", choices=["mean", "zscore", "log-mean", "none"], default="mean")
@@ -150,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster",
         help="cluster a temperature series (file, or a Tiled scan with --tiled-uri/--scan) and write the results",
     )
-    _add_engine_options(c)
+    _add_engine_options(c, several_inputs=True)
     c.add_argument("-o", "--output", help="output directory (created); required for file inputs")
     _add_tiled_options(c)
     c.add_argument("--scan", help="Tiled: bluesky scan uid or node path to cluster (results go back to Tiled)")
@@ -178,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--parent", default="", help="container path to create the node in (default: root)")
     i.add_argument("--temperatures", type=_float_list, help="comma-separated temperatures (overrides the files)")
     i.add_argument("--overwrite", action="store_true", help="replace an existing node with this key")
+    i.add_argument("--series-check", choices=list(SERIES_CHECK_CHOICES), default="exclude",
+                   help="per-temperature files: drop (exclude, default) or refuse duplicated temperatures, other "
+                        "shapes or exposures, and empty stubs")
     i.add_argument("--json", action="store_true")
 
     v = sub.add_parser("serve", help="serve the Prefect deployments and watch Tiled for completed scans "
@@ -240,10 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------
 
 
-def _open_input(spec: str, temperatures):
-    """(volume, temperatures, description) for a zarr or HDF5 input spec."""
+def _open_input(spec, temperatures, series_check: str = "exclude"):
+    """(volume, temperatures) for a zarr or HDF5 input spec; a list of several specs is a series of
+    NeXus files, one per temperature, and then (volume, temperatures, record) with the series
+    check's record (audit table, unit, sources, dims) for result.json."""
     from .io import nexus, zarr_io
 
+    if isinstance(spec, (list, tuple)):
+        if len(spec) > 1:
+            not_h5 = [s for s in spec if nexus.split_hdf5_spec(s) is None]
+            if not_h5:
+                raise CLIError(f"several inputs must be NeXus/HDF5 files, one per temperature; {not_h5[0]!r} is not "
+                               "(a zarr series is one INPUT)")
+            series = nexus.open_per_temperature(spec, temperatures, series_check)
+            return series.volume, series.temperatures, series.record()
+        volume, temps = _open_input(spec[0], temperatures)
+        return volume, temps, None
     h5 = nexus.split_hdf5_spec(spec)
     if h5 is not None:
         volume, temps = nexus.open_volume(*h5)
@@ -332,7 +357,9 @@ def cmd_cluster(args) -> dict:
 
     params = _params_from(args, args.n_components)
     out = zarr_io.prepare_output_dir(args.output, args.overwrite)
-    volume, temps = _open_input(args.input, args.temperatures)
+    inputs = args.input
+    volume, temps, series = _open_input(inputs, args.temperatures, args.series_check)
+    args.input = inputs[0] if len(inputs) == 1 else f"{len(inputs)} files {inputs[0]} ... {inputs[-1]}"
     # Work next to the destination and move into place only on success: a
     # failed run leaves no partial output and does not destroy an old one.
     created = _first_missing_ancestor(out.parent)
@@ -350,6 +377,7 @@ def cmd_cluster(args) -> dict:
             progress=not args.quiet,
         )
         summary = result.to_dict()
+        summary.update({"series_check": series} if series is not None else {})  # the audit of a multi-file input
         summary["input"] = args.input
         (work / "result.json").write_text(json.dumps(summary, indent=1))
         if not args.no_plots:
@@ -404,7 +432,7 @@ def cmd_import(args) -> dict:
     from .io import nexus
     from .io import tiled as tiled_io
 
-    volume, temps, sources = nexus.open_series(args.inputs, args.temperatures)
+    volume, temps, sources = nexus.open_series(args.inputs, args.temperatures, args.series_check)
     temps = validation.check_temperatures(temps, volume.shape[0])
     validation.check_volume(volume)
     client = tiled_io.connect(args.tiled_uri, args.api_key)
