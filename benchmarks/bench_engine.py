@@ -22,6 +22,10 @@ Sections (``--only a,b,...``; default: speed,fit,smoothing,peaks,quality,memory)
   tiled      Tiled I/O: upload/read throughput of the volume through a real Tiled server
              (started in this process), label write, process_scan end to end vs the local zarr
              (~95 s at 24x128^3, so only with --only tiled)
+  grid       class discovery (classes="auto") vs fixed K=4 (reference, xtec-flows d/s) over a grid of
+             generator settings (GRID_SETTINGS) and seeds; RESULTS.md section 13 (only with --only grid)
+  realdata   classes="auto" and K=4 on the real 17-BM in-situ powder series (ordered by time);
+             RESULTS.md section 14 (only with --only realdata)
 
 Examples::
 
@@ -30,6 +34,9 @@ Examples::
     python benchmarks/bench_engine.py --only memory
     python benchmarks/bench_engine.py --only large
     python benchmarks/bench_engine.py --only tiled --tiled-size 24,128
+    python benchmarks/bench_engine.py --only grid --grid-seeds 5
+    python benchmarks/bench_engine.py --only grid --grid-settings default,crystal --grid-seeds 2
+    python benchmarks/bench_engine.py --only realdata
 
 Progress goes to stderr, tables to stdout.
 """
@@ -62,7 +69,7 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("speed", "fit", "smoothing", "peaks", "quality", "memory", "large", "tiled")
+SECTIONS = ("speed", "fit", "smoothing", "peaks", "quality", "memory", "large", "tiled", "grid", "realdata")
 DEFAULT_SECTIONS = ("speed", "fit", "smoothing", "peaks", "quality", "memory")
 TITLES = {
     "speed": "1. Speed: XTEC-d end to end",
@@ -73,6 +80,8 @@ TITLES = {
     "memory": "6. Memory: out-of-core run",
     "large": "7. Large volume end to end",
     "tiled": "8. Tiled I/O and process_scan",
+    "grid": "13. Class discovery across generator settings",
+    "realdata": "14. Real data: in-situ powder diffraction series (17-BM)",
 }
 K = 4
 T0 = time.perf_counter()
@@ -1267,6 +1276,531 @@ def section_tiled(ctx: Context) -> str:
     return "\n".join(md_out)
 
 
+# ---------------------------------------------------------------------------------------
+# 13. grid: class discovery across generator settings
+# ---------------------------------------------------------------------------------------
+
+GRID_SEED = "seed"
+"""Stands for the run's seed in a GRID_SETTINGS knob value (monitor_seed=seed)."""
+
+# One row per setting: (name, SeriesModel knobs, number of temperatures). Every knob not named
+# keeps its SeriesModel default; the spatial grid is --grid-size³ (default 64³).
+GRID_SETTINGS: tuple[tuple[str, dict, int], ...] = (
+    ("default", {}, 24),
+    ("exposure=0.3", {"exposure": 0.3}, 24),
+    ("exposure=2", {"exposure": 2.0}, 24),
+    ("background=5", {"background_level": 5.0}, 24),
+    ("background=20", {"background_level": 20.0}, 24),
+    ("background=30", {"background_level": 30.0}, 24),
+    ("tc=90", {"tc": 90.0}, 24),
+    ("tc=220", {"tc": 220.0}, 24),
+    ("T=12", {}, 12),
+    ("T=40", {}, 40),
+    ("arms=2", {"cdw_arms": 2}, 24),
+    ("arms=3", {"cdw_arms": 3}, 24),
+    ("halo=75", {"halo_amplitude": 75.0}, 24),
+    ("halo=150", {"halo_amplitude": 150.0}, 24),
+    ("halo=600", {"halo_amplitude": 600.0}, 24),
+    ("jitter=0.03", {"monitor_jitter": 0.03, "monitor_seed": GRID_SEED}, 24),
+    ("jitter=0.08", {"monitor_jitter": 0.08, "monitor_seed": GRID_SEED}, 24),
+    ("crystal", {"pixels_per_zone": 12, "cdw_wavevector": (0.5, 0.0, 0.0), "tc": 120.0, "exposure": 0.5}, 24),
+)
+GRID_FOUND_MIN = 0.8
+GRID_TIME_RATIO_MAX = 3.0
+GRID_METHODS = ("reference d", "xtec-flows d", "xtec-flows s", "classes auto")
+
+
+def classes_api_available() -> bool:
+    """True once ClusterParams has the ``classes`` field (class discovery, ``classes="auto"``)."""
+    import dataclasses
+
+    from xtec_flows.pipeline import ClusterParams
+
+    return "classes" in {f.name for f in dataclasses.fields(ClusterParams)}
+
+
+def grid_model(knobs: dict, seed: int):
+    from xtec_flows.synthetic import SeriesModel
+
+    return SeriesModel(**{k: (seed if v == GRID_SEED else v) for k, v in knobs.items()})
+
+
+def knobs_text(knobs: dict, n_temps: int) -> str:
+    parts = [f"{k}={'seed' if v == GRID_SEED else v}" for k, v in knobs.items()]
+    if n_temps != 24:
+        parts.append(f"T={n_temps}")
+    return ", ".join(parts) or "all defaults"
+
+
+def kind_name(c: dict) -> str:
+    """A class dict's kind as a plain string (a ClassKind member or its value)."""
+    k = c.get("kind")
+    return str(getattr(k, "value", k))
+
+
+def fmt_val(v) -> str:
+    if isinstance(v, float):
+        return fmt_f(v, 3)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(fmt_val(x) for x in v) + "]"
+    return str(v)
+
+
+def cdw_class_tc(classes: list[dict], lab: np.ndarray, truth: np.ndarray):
+    """(Tc, Tc_err, label) of the order_parameter class holding the most CDW voxels, or None."""
+    from xtec_flows.synthetic import CDW
+
+    in_cdw = truth == CDW
+    best, best_n = None, 0
+    for c in classes:
+        if kind_name(c) != "order_parameter":
+            continue
+        n = int((in_cdw & (lab == int(c["label"]))).sum())
+        if n > best_n:
+            best, best_n = c, n
+    if best is None:
+        return None
+    tc = best.get("tc")
+    return (float(tc) if tc is not None else float("nan"),
+            float(best.get("tc_err")) if best.get("tc_err") is not None else float("nan"), int(best["label"]))
+
+
+def _grid_run(method: str, vol, temps, truth, seed: int, model) -> dict:
+    """One scored run of one method; never raises (a failure is recorded with its message)."""
+    from xtec_flows.pipeline import cluster
+
+    try:
+        if method == "reference d":
+            rt, th, gmm = run_reference_pipeline(vol, K, seed=seed)
+            lab = reference_label_volume(th, gmm, vol.shape[1:])
+            out = {"time": rt["total"]}
+            res = None
+        else:
+            kw = {"classes": "auto"} if method == "classes auto" else {"mode": method[-1], "n_components": K}
+            with warnings_quiet():
+                dt, res = timed(cluster, vol, temps, random_state=seed, **kw)
+            lab = np.asarray(res.labels[...]).astype(np.int16)
+            out = {"time": dt}
+        out.update(score(lab, truth))
+        if method == "classes auto":
+            classes = list(getattr(res, "classes", None) or [])
+            out["n_classes"] = len(classes)
+            out["kinds"] = [kind_name(c) for c in classes]
+            out["n_unstable"] = sum(1 for c in classes if c.get("stable") is False)
+            stab = getattr(res, "stability", None) or {}
+            out["ari_stab"] = stab.get("ari_mean") if isinstance(stab, dict) else None
+            found = cdw_class_tc(classes, lab, truth)
+            dT = float(temps[1] - temps[0])
+            if found is None:
+                out.update(tc=float("nan"), tc_err=float("nan"), tc_abs=float("nan"), tc_ok=False)
+            else:
+                tc_abs = abs(found[0] - model.tc)
+                out.update(tc=found[0], tc_err=found[1], tc_abs=tc_abs, tc_ok=bool(tc_abs <= dT))
+        return out
+    except Exception as exc:
+        log(f"  {method} failed: {exc!r}")
+        return {"failed": f"{type(exc).__name__}: {exc}", "time": float("nan")}
+
+
+@contextlib.contextmanager
+def warnings_quiet():
+    """The engine warns (e.g. an empty cluster after smoothing); the benchmark records scores, not warnings."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _nanmean(vals) -> float:
+    vals = [float(v) for v in vals if v is not None and math.isfinite(float(v))]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def section_grid(ctx: Context) -> str:
+    """Class discovery (classes="auto") against fixed K=4 runs across generator settings."""
+    from xtec_flows.synthetic import CLASS_NAMES, make_volume
+
+    args = ctx.args
+    n = args.grid_size
+    seeds = list(range(args.grid_seeds))
+    settings = list(GRID_SETTINGS)
+    if args.grid_settings:
+        want = [s.strip() for s in args.grid_settings.split(",") if s.strip()]
+        known = {s[0] for s in settings}
+        bad = [w for w in want if w not in known]
+        if bad:
+            raise ValueError(f"unknown --grid-settings {bad}; known: {', '.join(sorted(known))}")
+        settings = [s for s in settings if s[0] in want]
+    have_auto = classes_api_available()
+    methods = [m for m in GRID_METHODS if have_auto or m != "classes auto"]
+    log(f"grid: {len(settings)} settings x {len(seeds)} seeds, methods {', '.join(methods)}"
+        + ("" if have_auto else " (classes='auto' not available in this checkout)"))
+
+    # Warm-up: the first engine call in a process pays imports and compilation; keep it out of the timings.
+    from xtec_flows.pipeline import cluster
+
+    wv, wt, _ = make_volume((12, 24, 24, 24), seed=99)
+    with warnings_quiet():
+        for kw in ({"mode": "d", "n_components": K}, {"mode": "s", "n_components": K}) + (
+                ({"classes": "auto"},) if have_auto else ()):
+            try:
+                cluster(wv, wt, random_state=0, **kw)
+            except Exception as exc:
+                log(f"grid: warm-up {kw} failed: {exc!r}")
+    del wv, wt
+
+    res: dict = {}  # (setting, seed) -> {method: run dict}
+    meta: dict = {}
+    t_start = time.perf_counter()
+    for si, (name, knobs, n_t) in enumerate(settings):
+        shape = (n_t, n, n, n)
+        for seed in seeds:
+            model = grid_model(knobs, seed)
+            vol, temps, truth = make_volume(shape, model=model, seed=seed)
+            if seed == seeds[0]:
+                meta[name] = {
+                    "counts": {CLASS_NAMES[c]: int((truth == c).sum()) for c in range(len(CLASS_NAMES))},
+                    "dT": float(temps[1] - temps[0]), "tc": model.tc, "shape": shape,
+                }
+            runs = {}
+            for m in methods:
+                runs[m] = _grid_run(m, vol, temps, truth, seed, model)
+            res[(name, seed)] = runs
+            a = runs.get("classes auto", {})
+            log(f"grid [{si + 1}/{len(settings)}] {name} seed {seed}: "
+                + "; ".join(f"{m} {fmt_t(r['time'])}"
+                            + ("" if "failed" in r else f" cdw {r['cdw']:.2f} halo {r['halo']:.2f}")
+                            for m, r in runs.items())
+                + (f"; auto {a.get('n_classes')} classes, Tc {fmt_f(a.get('tc'), 1)}" if a and "failed" not in a else "")
+                + f" [{fmt_t(time.perf_counter() - t_start)} so far]")
+            del vol, truth
+
+    # ---- tables -------------------------------------------------------------------------
+    def ok_runs(name, m):
+        return [res[(name, s)][m] for s in seeds if "failed" not in res[(name, s)][m]]
+
+    summary_rows, auto_rows, verdict_rows = [], [], []
+    fails = {"found": [], "ari": [], "tc": [], "time": []}
+    all_auto_t, all_d_t = [], []
+    for name, knobs, n_t in settings:
+        means = {}
+        for i, m in enumerate(methods):
+            ok = ok_runs(name, m)
+            n_fail = len(seeds) - len(ok)
+            absent = {c for c in ("cdw", "halo") if meta[name]["counts"][c] == 0}
+            means[m] = {k: _nanmean([r[k] for r in ok]) for k in ("ari_all", "ari_clu", "cdw", "halo", "time")}
+            summary_rows.append([
+                f"**{name}**" if i == 0 else "", m,
+                fmt_f(means[m]["ari_all"]), fmt_f(means[m]["ari_clu"]), fmt_f(means[m]["cdw"]), fmt_f(means[m]["halo"]),
+                "n/a" if "cdw" in absent else f"{sum(r['cdw'] >= GRID_FOUND_MIN for r in ok)}/{len(seeds)}",
+                "n/a" if "halo" in absent else f"{sum(r['halo'] >= GRID_FOUND_MIN for r in ok)}/{len(seeds)}",
+                fmt_t(means[m]["time"]) + (f" ({n_fail} failed)" if n_fail else ""),
+            ])
+        if not have_auto:
+            continue
+        ok = ok_runs(name, "classes auto")
+        n_fail = len(seeds) - len(ok)
+        n_cls = [r["n_classes"] for r in ok]
+        kinds_common: dict = {}
+        for r in ok:
+            key = ", ".join(sorted(r["kinds"]))
+            kinds_common[key] = kinds_common.get(key, 0) + 1
+        kinds_txt = "; ".join(f"{k} ({v}/{len(seeds)})" for k, v in sorted(kinds_common.items(), key=lambda kv: -kv[1])[:2])
+        d_t = [res[(name, s)]["xtec-flows d"]["time"] for s in seeds]
+        a_t = [res[(name, s)]["classes auto"]["time"] for s in seeds]
+        all_auto_t += [t for t in a_t if math.isfinite(t)]
+        all_d_t += [t for t in d_t if math.isfinite(t)]
+        ratio = _nanmean(a_t) / _nanmean(d_t) if _nanmean(d_t) > 0 else float("nan")
+        n_tc_ok = sum(r["tc_ok"] for r in ok)
+        cnt = meta[name]["counts"]
+        auto_rows.append([
+            name, knobs_text(knobs, n_t), f"{cnt['cdw']:,} / {cnt['halo']:,}",
+            (f"{min(n_cls)}–{max(n_cls)}" if n_cls and min(n_cls) != max(n_cls) else (str(n_cls[0]) if n_cls else "-")),
+            kinds_txt or "-",
+            f"{fmt_f(meta[name]['tc'], 0)} / {fmt_f(_nanmean([r['tc'] for r in ok]), 1)}",
+            fmt_f(_nanmean([r["tc_abs"] for r in ok]), 1), fmt_f(meta[name]["dT"], 1),
+            f"{n_tc_ok}/{len(seeds)}",
+            fmt_f(_nanmean([r["ari_stab"] for r in ok]), 3),
+            fmt_t(_nanmean(a_t)) + (f" ({n_fail} failed)" if n_fail else ""), fmt_t(_nanmean(d_t)), fmt_x(ratio),
+        ])
+        # A class absent from the ground truth (found = NaN) cannot be found: it is "n/a" there,
+        # reported as such, and the seed is judged on the other class.
+        judged = [c for c in ("cdw", "halo") if c not in absent]
+        bad_seeds = [s for s in seeds if "failed" in res[(name, s)]["classes auto"]
+                     or any(not (res[(name, s)]["classes auto"][c] >= GRID_FOUND_MIN) for c in judged)]
+        found_ok = not bad_seeds and bool(judged)
+        if absent:
+            fails.setdefault("absent", []).append(f"{name} ({' and '.join(sorted(absent))})")
+        ari_a, ari_r = means["classes auto"]["ari_all"], means["reference d"]["ari_all"]
+        ari_ok = math.isfinite(ari_a) and (ari_a >= ari_r - 1e-12 or not math.isfinite(ari_r))
+        tc_ok = len(ok) == len(seeds) and n_tc_ok == len(seeds)
+        time_ok = math.isfinite(ratio) and ratio <= GRID_TIME_RATIO_MAX
+        if not found_ok:
+            fails["found"].append(f"{name} (seeds {','.join(map(str, bad_seeds))})")
+        if not ari_ok:
+            fails["ari"].append(name)
+        if not tc_ok:
+            fails["tc"].append(f"{name} ({len(seeds) - n_tc_ok})")
+        if not time_ok:
+            fails["time"].append(f"{name} ({fmt_x(ratio)})")
+        verdict_rows.append([
+            name,
+            f"{len(seeds) - len(bad_seeds)}/{len(seeds)}"
+            + (f" ({' and '.join(sorted(absent))} n/a: no voxels of it in the truth)" if absent else "")
+            + f": {verdict(found_ok)}",
+            f"{fmt_f(ari_a, 4)} vs {fmt_f(ari_r, 4)}: {verdict(ari_ok)}",
+            f"{n_tc_ok}/{len(seeds)}: {verdict(tc_ok)}",
+            f"{fmt_x(ratio)}: {verdict(time_ok)}",
+        ])
+
+    def cell(r):
+        if "failed" in r:
+            return "failed"
+        return f"{fmt_f(r['ari_all'], 3)} · {fmt_f(r['cdw'], 2)} · {fmt_f(r['halo'], 2)}"
+
+    detail_rows = []
+    for name, _, _ in settings:
+        for s in seeds:
+            runs = res[(name, s)]
+            row = [name if s == seeds[0] else "", s] + [cell(runs[m]) for m in methods]
+            if have_auto:
+                a = runs["classes auto"]
+                if "failed" in a:
+                    row += [f"failed: `{a['failed'][:120]}`", "-"]
+                else:
+                    row += [f"{a['n_classes']}: " + ", ".join(a["kinds"])
+                            + (f" ({a['n_unstable']} unstable)" if a.get("n_unstable") else ""),
+                            f"{fmt_f(a['tc'], 1)} ± {fmt_f(a['tc_err'], 1)} ({'ok' if a['tc_ok'] else '**off**'})"]
+            row.append(" / ".join(fmt_t(runs[m]["time"]) for m in methods))
+            detail_rows.append(row)
+
+    n_set = len(settings)
+    checks = []
+    if have_auto:
+        overall_ratio = (float(np.mean(all_auto_t)) / float(np.mean(all_d_t))) if all_auto_t and all_d_t else float("nan")
+        checks = [
+            [f"classes auto: CDW and halo found ≥ {GRID_FOUND_MIN} on every setting and seed",
+             f"{n_set - len(fails['found'])}/{n_set} settings" + (f"; missed: {'; '.join(fails['found'])}" if fails["found"] else "")
+             + (f"; judged without the class absent from the truth in: {', '.join(fails['absent'])}" if fails.get("absent") else ""),
+             verdict(not fails["found"])],
+            ["classes auto: mean ARI (all) ≥ reference's, per setting",
+             f"{n_set - len(fails['ari'])}/{n_set} settings" + (f"; below: {', '.join(fails['ari'])}" if fails["ari"] else ""),
+             verdict(not fails["ari"])],
+            ["classes auto: CDW Tc within one temperature step on every seed",
+             f"{n_set - len(fails['tc'])}/{n_set} settings" + (f"; off (seeds): {', '.join(fails['tc'])}" if fails["tc"] else ""),
+             verdict(not fails["tc"])],
+            [f"classes auto time ≤ {GRID_TIME_RATIO_MAX:.0f}× xtec-flows d (mean time over all runs)",
+             f"{fmt_x(overall_ratio)}; per setting {n_set - len(fails['time'])}/{n_set} ≤ {GRID_TIME_RATIO_MAX:.0f}×"
+             + (f" (above: {', '.join(fails['time'])})" if fails["time"] else ""),
+             verdict(math.isfinite(overall_ratio) and overall_ratio <= GRID_TIME_RATIO_MAX)],
+        ]
+    d0 = meta[settings[0][0]]
+    md = [
+        f"{n_set} generator settings × {len(seeds)} seeds (0..{len(seeds) - 1}) of "
+        f"`synthetic.make_volume((T, {n}, {n}, {n}), model=SeriesModel(...), seed=s)`; every knob not named keeps its "
+        "default (settings: `GRID_SETTINGS` in this script; `--grid-settings a,b` runs a subset, `--grid-seeds N` sets the "
+        "seeds). Jitter settings use `monitor_seed=s`. Each setting is scored on the same volume by every method:",
+        "",
+        "- **reference d**: `xtec` XTEC-d at the physical K=4 (Mask_Zeros → Threshold_Background(KL) → Rescale_mean → "
+        "GMM.RunEM, `np.random.seed(s)`), as in section 5;",
+        "- **xtec-flows d / s**: `xtec_flows.cluster(volume, temps, mode=\"d\"|\"s\", n_components=4, random_state=s)`;",
+        "- **classes auto**: `xtec_flows.cluster(volume, temps, classes=\"auto\", random_state=s)` (its labels are class "
+        "labels, −1 = not clustered)"
+        + ("." if have_auto else " — **not run: this checkout's `ClusterParams` has no `classes` field yet**."),
+        "",
+        f"Metrics as in section 5 (gap voxels excluded): ARI all (unclustered = −1 as one more cluster), ARI clu "
+        f"(clustered voxels only), CDW / halo found (plurality cluster's share of the class, 0 unless its purity > 0.5); "
+        f"here a class counts as found when found ≥ {GRID_FOUND_MIN}; a class with no voxels in a setting's ground truth "
+        "(the truth gives a peak class only where it exceeds twice the background) is \"-\" / n/a there and the found "
+        "target is judged on the other class. The truth does not depend on the seed. **CDW Tc** = Tc of the order_parameter class "
+        "holding the most CDW voxels; its error is |Tc − model.tc|, \"within one step\" when ≤ temperatures[1] − "
+        "temperatures[0] (no order_parameter class holding CDW voxels counts as off). Times are wall clock of one call "
+        "(the engine was warmed up once on a small volume first); the reference's time is its pipeline total. "
+        + blas_note(),
+        "",
+        "Ground-truth voxels per class (default setting, seed 0): "
+        + ", ".join(f"{k} {v:,}" for k, v in d0["counts"].items()) + ".",
+        "",
+        "### Per setting (means over seeds)",
+        "",
+        table(["setting", "method", "ARI all", "ARI clu", "CDW found", "halo found",
+               f"seeds CDW ≥ {GRID_FOUND_MIN}", f"seeds halo ≥ {GRID_FOUND_MIN}", "mean time"], summary_rows),
+    ]
+    if have_auto:
+        md += [
+            "",
+            "### Classes auto per setting",
+            "",
+            table(["setting", "knobs", "truth CDW / halo voxels", "classes", "kinds (most common sets)", "model Tc / mean fitted CDW Tc",
+                   "mean |Tc err|", "T step", "seeds Tc within step", "stability ARI", "auto time", "d time", "auto / d"],
+                  auto_rows),
+            "",
+            "Per-setting verdicts (the targets below aggregate them):",
+            "",
+            table(["setting", f"CDW & halo ≥ {GRID_FOUND_MIN} (seeds)", "mean ARI all: auto vs reference",
+                   "Tc within step (seeds)", f"auto / d time ≤ {GRID_TIME_RATIO_MAX:.0f}×"], verdict_rows),
+            "",
+            table(["target", "value", "status"], checks),
+        ]
+    md += [
+        "",
+        "### Per seed",
+        "",
+        "Cells are ARI all · CDW found · halo found; times in method order.",
+        "",
+        table(["setting", "seed"] + list(methods)
+              + (["auto classes: kinds", "CDW Tc ± err"] if have_auto else []) + ["times (" + " / ".join(methods) + ")"],
+              detail_rows),
+    ]
+    return "\n".join(md)
+
+
+# ---------------------------------------------------------------------------------------
+# 14. realdata: the 17-BM in-situ powder series
+# ---------------------------------------------------------------------------------------
+
+REALDATA_PATH = Path("/work/shared/data/17bm_insitu_Y2Mn2O7_synthesis.npz")
+REALDATA_NOTICE = (
+    "Data: in-situ synchrotron powder diffraction of a reacting Na2CO3 + Mn2O3 + 2 YCl3 mixture, APS beamline "
+    "17-BM-B (λ = 0.24125 Å), 384 patterns of 2,500 points (2θ 0.7–15.9°) recorded while heating at 10 °C/min from "
+    "25 to ≈ 650 °C and then holding there. Provenance: GitHub GENESIS-EFRC/y2mn2o7-selectivity (the manuscript "
+    "\"Selectivity in materials synthesis via local chemical potentials in hyperdimensional phase space\", 2021), "
+    "files `exp_data/XYE/{1..384}.xye` and `exp_data/AnalysisData/SequentialRefinement_Figure1.csv` (temperatures), "
+    "released under the MIT license (Copyright the repository's authors, M. McDermott, P. Todd et al.); re-packed into "
+    "one file, values unchanged. The data is read from outside the repository and not copied into it."
+)
+
+
+def runs_of(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous True runs of a 1-D mask as (start, stop) index pairs, longest first."""
+    m = np.concatenate([[False], np.asarray(mask, bool), [False]])
+    edges = np.flatnonzero(np.diff(m.astype(np.int8)))
+    runs = list(zip(edges[0::2], edges[1::2]))
+    return sorted(((int(a), int(b)) for a, b in runs), key=lambda r: (-(r[1] - r[0]), r[0]))
+
+
+def fmt_runs(mask: np.ndarray, two_theta: np.ndarray, top: int = 4) -> str:
+    runs = runs_of(mask)
+    if not runs:
+        return "-"
+    txt = ", ".join(f"{two_theta[a]:.2f}–{two_theta[b - 1]:.2f}° ({b - a})" for a, b in runs[:top])
+    return txt + (f" + {len(runs) - top} more runs" if len(runs) > top else "") + f" [{len(runs)} runs]"
+
+
+def section_realdata(ctx: Context) -> str:
+    from xtec_flows.pipeline import cluster
+
+    path = Path(ctx.args.realdata_path)
+    d = np.load(path)
+    inten = np.asarray(d["intensity"])
+    temp_c = np.asarray(d["temperature_C"], np.float64)
+    time_min = np.asarray(d["time_min"], np.float64)
+    tth = np.asarray(d["two_theta_deg"], np.float64)
+    n_t, n_q = inten.shape
+    vol = inten.reshape(n_t, 1, 1, n_q)
+    hold = int(np.argmax(temp_c >= temp_c.max() - 10.0))  # first scan within 10 °C of the hold temperature
+    mono_t = bool(np.all(np.diff(temp_c) > 0))
+    mono_time = bool(np.all(np.diff(time_min) > 0))
+
+    def to_c(t):
+        return float(np.interp(t, time_min, temp_c)) if t is not None and math.isfinite(t) else float("nan")
+
+    md = [
+        REALDATA_NOTICE,
+        "",
+        f"`intensity` {inten.shape} reshaped to {vol.shape} (T, L, K, H): every 2θ point is one \"voxel\". The "
+        f"temperatures rise and then hold (strictly increasing: {mono_t}; {temp_c[0]:.1f} → {temp_c.max():.1f} °C, "
+        f"within 10 °C of the hold from scan {hold} at t = {time_min[hold]:.1f} min), so the ordering parameter passed "
+        f"as `temperatures` is **`time_min`** (strictly increasing: {mono_time}; 0 → {time_min[-1]:.1f} min, step "
+        f"{np.median(np.diff(time_min)):.3f} min). Fitted Tc are times; they are converted back to °C by interpolating "
+        "`temperature_C` at the fitted time (during the hold that temperature is ≈ constant, and the time is the "
+        "meaningful value). Tc uncertainties in °C are half the temperature span of Tc ± err.",
+        "",
+    ]
+    log("realdata: classes auto")
+    if not classes_api_available():
+        md += ["**classes=\"auto\" not run**: this checkout's `ClusterParams` has no `classes` field.", ""]
+        res, lab_a = None, None
+    else:
+        try:
+            with warnings_quiet():
+                dt_a, res = timed(cluster, vol, time_min, classes="auto", random_state=0)
+            lab_a = np.asarray(res.labels[...]).reshape(-1).astype(np.int16)
+        except Exception as exc:
+            traceback.print_exc()
+            res, lab_a = None, None
+            md += [f"**The engine refused the input** (`classes=\"auto\"`): `{type(exc).__name__}: {exc}`", ""]
+    if res is not None:
+        classes = list(getattr(res, "classes", None) or [])
+        stab = getattr(res, "stability", None) or {}
+        rows = []
+        for c in classes:
+            lbl = int(c["label"])
+            tc, tce = c.get("tc"), c.get("tc_err")
+            tc = float(tc) if tc is not None else float("nan")
+            tce = float(tce) if tce is not None else float("nan")
+            if math.isfinite(tc):
+                lo, hi = to_c(tc - tce) if math.isfinite(tce) else float("nan"), to_c(tc + tce) if math.isfinite(tce) else float("nan")
+                tc_txt = f"{tc:.1f} ± {fmt_f(tce, 1)} min"
+                tcc_txt = f"{to_c(tc):.0f} ± {fmt_f(abs(hi - lo) / 2, 0)} °C" + (" (hold)" if tc >= time_min[hold] else "")
+            else:
+                tc_txt, tcc_txt = "-", "-"
+            beta, be_ = c.get("beta"), c.get("beta_err")
+            rows.append([
+                lbl, kind_name(c), f"{c.get('model', '-')}, R² {fmt_f(c.get('r2'), 3)}", c.get("components", "-"),
+                f"{int((lab_a == lbl).sum()):,}" + ("" if int(c.get("n_voxels", -1)) == int((lab_a == lbl).sum())
+                                                   else f" (reported {c.get('n_voxels')})"),
+                tc_txt, tcc_txt,
+                f"{fmt_f(beta, 2)} ± {fmt_f(be_, 2)}" if beta is not None else "-",
+                f"{c.get('stable', '-')} ({fmt_f(c.get('stability'), 2) if isinstance(c.get('stability'), (int, float)) else c.get('stability', '-')})",
+                fmt_runs(lab_a == lbl, tth),
+            ])
+        md += [
+            f"`xtec_flows.cluster(volume, time_min, classes=\"auto\", random_state=0)`: {fmt_t(dt_a)}, "
+            f"{len(classes)} classes, {int((lab_a >= 0).sum()):,} of {n_q:,} 2θ points clustered "
+            f"({int((lab_a < 0).sum()):,} not clustered); run-to-run stability: "
+            + (", ".join(f"{k} {fmt_val(v)}" for k, v in stab.items()) if isinstance(stab, dict) and stab else "-")
+            + ".",
+            "",
+            table(["class", "kind", "curve model", "components", "2θ points", "Tc (time)", "Tc (°C)", "beta", "stable (stability)",
+                   "2θ ranges (points), longest first"], rows),
+            "",
+        ]
+    log("realdata: XTEC-d K=4")
+    try:
+        with warnings_quiet():
+            dt_d, rd = timed(cluster, vol, time_min, mode="d", n_components=K, random_state=0)
+        lab_d = np.asarray(rd.labels[...]).reshape(-1).astype(np.int16)
+        rows = []
+        for k in range(int(rd.means.shape[0])):
+            mean_k = rd.means[k]
+            peak = int(np.argmax(mean_k))
+            rows.append([k, f"{int((lab_d == k).sum()):,}",
+                         f"{time_min[peak]:.1f} min ({temp_c[peak]:.0f} °C)", fmt_runs(lab_d == k, tth)])
+        md += [
+            f"Fixed K for comparison: `cluster(volume, time_min, mode=\"d\", n_components={K}, random_state=0)`: "
+            f"{fmt_t(dt_d)}, {int((lab_d >= 0).sum()):,} points clustered, {int((lab_d < 0).sum()):,} not clustered.",
+            "",
+            table(["cluster", "2θ points", "max of the rescaled mean at", "2θ ranges (points), longest first"], rows),
+        ]
+        if lab_a is not None:
+            ks = list(range(int(rd.means.shape[0])))
+            labels_a = sorted(set(int(v) for v in np.unique(lab_a)))
+            md += [
+                "",
+                "Classes (rows) against the K=4 clusters (columns), 2θ points:",
+                "",
+                table(["class"] + [f"d {k}" for k in ks] + ["not clustered"],
+                      [[("not clustered" if a < 0 else a)] + [int(((lab_a == a) & (lab_d == k)).sum()) for k in ks]
+                       + [int(((lab_a == a) & (lab_d < 0)).sum())] for a in labels_a]),
+            ]
+    except Exception as exc:
+        traceback.print_exc()
+        md += [f"**The engine refused the input** (XTEC-d K={K}): `{type(exc).__name__}: {exc}`"]
+    return "\n".join(md)
+
+
 SECTION_FUNCS = {
     "speed": section_speed,
     "fit": section_fit,
@@ -1276,6 +1810,8 @@ SECTION_FUNCS = {
     "memory": section_memory,
     "large": section_large,
     "tiled": section_tiled,
+    "grid": section_grid,
+    "realdata": section_realdata,
 }
 
 
@@ -1320,15 +1856,16 @@ def _block_number(block: str) -> int:
 def merge_results(path: Path, blocks: dict[str, str]) -> None:
     old = path.read_text() if path.exists() else ""
     existing = {}
-    for m in re.finditer(r"<!-- section:(\w+) -->\n(.*?)<!-- /section:\1 -->", old, flags=re.S):
+    # Names may hold hyphens (bench_sizing's "sizing-production"): [\w-], not \w alone.
+    for m in re.finditer(r"<!-- section:([\w-]+) -->\n(.*?)<!-- /section:\1 -->", old, flags=re.S):
         existing[m.group(1)] = m.group(2)
     existing.update(blocks)
     parts = [RESULTS_HEADER]
     summary = []
-    # Sections written by other benchmark scripts (e.g. bench_flows.py) are kept, after ours.
-    # ... in the order of their "## N." headings.
-    names = list(SECTIONS) + sorted((n for n in existing if n not in SECTIONS),
-                                    key=lambda n: (_block_number(existing[n]), n))
+    # Sections written by other benchmark scripts (e.g. bench_flows.py) are kept; every section, ours
+    # or theirs, goes in the order of its "## N." heading (ours fall back to their place in SECTIONS).
+    names = sorted(existing, key=lambda n: (_block_number(existing[n]),
+                                            SECTIONS.index(n) if n in SECTIONS else len(SECTIONS), n))
     titles = {**TITLES, **{n: _block_title(existing[n]) for n in existing if n not in SECTIONS}}
     for name in names:
         if name in existing:
@@ -1352,7 +1889,7 @@ def merge_results(path: Path, blocks: dict[str, str]) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Sections: " + ", ".join(SECTIONS) + f". Default: {','.join(DEFAULT_SECTIONS)}.")
-    p.add_argument("--only", default=None, help="comma-separated sections to run (default: %s; 'large' and 'tiled' only when named)" % ",".join(DEFAULT_SECTIONS))
+    p.add_argument("--only", default=None, help="comma-separated sections to run (default: %s; 'large', 'tiled', 'grid' and 'realdata' only when named)" % ",".join(DEFAULT_SECTIONS))
     p.add_argument("--quick", action="store_true", help="small sizes (~2 min smoke run); skips memory; does not write RESULTS.md unless --results is given")
     p.add_argument("--results", default=None, help="markdown file to merge the tables into (default benchmarks/RESULTS.md; none with --quick)")
     p.add_argument("--no-results", action="store_true", help="do not write any results file")
@@ -1373,6 +1910,11 @@ def parse_args(argv=None):
     p.add_argument("--fit-tols", default="1e-3,1e-4", help="tolerances for the fit section (default 1e-3,1e-4)")
     p.add_argument("--ref-blas-threads", type=int, default=1,
                    help="BLAS threads for the baselines (reference, scikit-learn); 0 = library default (default 1)")
+    p.add_argument("--grid-seeds", type=int, default=None, help="grid: seeds per setting (default 5; quick 1)")
+    p.add_argument("--grid-settings", default=None,
+                   help="grid: comma-separated setting names to run (default: all of GRID_SETTINGS)")
+    p.add_argument("--grid-size", type=int, default=None, help="grid: spatial edge N of the (T, N, N, N) volumes (default 64; quick 32)")
+    p.add_argument("--realdata-path", default=str(REALDATA_PATH), help="realdata: the 17-BM .npz (default %(default)s)")
     p.add_argument("--child-timeout", type=float, default=3600.0, help="seconds before a subprocess run is killed")
     # internal: subprocess jobs
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -1394,6 +1936,8 @@ def parse_args(argv=None):
     args.sections = [s for s in SECTIONS if s in sections]
     args.repeat = args.repeat or (1 if q else 3)
     args.seeds = args.seeds or (2 if q else 5)
+    args.grid_seeds = args.grid_seeds or (1 if q else 5)
+    args.grid_size = args.grid_size or (32 if q else 64)
     args.speed_shape = parse_shape(args.speed_size or ("24,64" if q else "24,128"))
     args.peaks_shape = parse_shape(args.peaks_size) if args.peaks_size else args.speed_shape
     args.quality_shape = parse_shape(args.quality_size or "24,64")
