@@ -49,7 +49,7 @@ class PhysicalClass:
     label : the value in the class-label array
     kind : ClassKind
     components : component labels (indices into the mixture) it merges
-    n_voxels : voxels (or peaks' voxels) in the class
+    n_voxels : rows of the fit in the class: voxels (in mode "peaks", peaks)
     fit : numerics.classes.CurveFit of the pooled mean relative trajectory
     mean_raw : (T,) mean raw intensity;  mean_relative : (T,) mean of I / <I>_T
     mean_rescaled : (T,) mean of the rescaled trajectories the mixture saw (count-weighted component means)
@@ -187,12 +187,13 @@ def group_into_classes(temperatures, moments: ComponentMoments, rescaled_means: 
     else:
         fits = _fit_components(t, moments, factor, **fit_kw)
     groups = curves.group_components(fits, moments.counts, t)
-    merged = moments.merged([g.components for g in groups]) if groups else None
     component_class = np.full(moments.counts.size, -1, dtype=np.int8)
     found = []
-    if merged is not None:
-        mean, sem = merged.relative_mean_sem()
-        raw_mean = merged.raw_mean()
+    if not groups:
+        return ClassDiscovery(found, component_class, fits, factor)
+    merged = moments.merged([g.components for g in groups])
+    mean, sem = merged.relative_mean_sem()
+    raw_mean = merged.raw_mean()
     for label, g in enumerate(groups):
         component_class[g.components] = label
         # Refit the pooled class with the models of its kind only: the class keeps the kind
@@ -277,55 +278,48 @@ def discover_classes(
     """
     from threadpoolctl import threadpool_limits
 
-    # Small matrix products only (K x T curves, grids of a few thousand points): a
-    # multi-threaded BLAS costs more in start-up than it saves (0.4 vs 1.2 ms per grid search).
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _discover_classes(temperatures, X, row_raw, row_labels, component_means, n_components=n_components,
-                                 restarts=restarts, stability_runs=stability_runs, random_state=random_state,
-                                 reg_covar=reg_covar, tol=tol, max_iter=max_iter, init_sample_size=init_sample_size)
-
-
-def _discover_classes(temperatures, X, row_raw, row_labels, component_means, *, n_components, restarts,
-                      stability_runs, random_state, reg_covar, tol, max_iter, init_sample_size) -> ClassDiscovery:
     from .numerics.mixture import e_step, fit_mixture
 
     def e_step_labels(rows, params):
         return np.argmax(e_step(rows, params)[0], axis=1).astype(np.int8)
 
-    moments = curves.component_moments(row_raw, row_labels, n_components)
-    discovery = group_into_classes(temperatures, moments, component_means)
-    if stability_runs <= 0:
-        discovery.stability = {"runs": 0, "ari": [], "ari_mean": None, "sample": 0, "stable_jaccard": STABLE_JACCARD}
+    # Small matrix products only (K x T curves, grids of a few thousand points): a
+    # multi-threaded BLAS costs more in start-up than it saves (0.4 vs 1.2 ms per grid search).
+    with threadpool_limits(limits=1, user_api="blas"):
+        moments = curves.component_moments(row_raw, row_labels, n_components)
+        discovery = group_into_classes(temperatures, moments, component_means)
+        if stability_runs <= 0:
+            measure_stability(discovery, np.empty(0, np.int8), [])
+            return discovery
+        n_rows = X.shape[0]
+        rng = np.random.default_rng(None if random_state is None else [int(random_state), 0x5EED])
+        sample = np.arange(n_rows) if n_rows <= STABILITY_SAMPLE else np.sort(
+            rng.choice(n_rows, size=STABILITY_SAMPLE, replace=False))
+        Xs, raw_s = X[sample], row_raw[sample]
+        reference = discovery.class_labels(row_labels[sample])
+        refits = []
+
+        def classes_of(labels):
+            # The common factor is a property of the data, not of a fit: reuse this run's. Grid
+            # fits only (no refinement): the refits are asked for their classes, not for errors.
+            other = group_into_classes(temperatures, curves.component_moments(raw_s, labels, n_components),
+                                       np.zeros((n_components, X.shape[1])), factor=discovery.temperature_factor,
+                                       refine=False)
+            return other.class_labels(labels), [c.kind for c in other.classes]
+
+        losers = sorted(restarts or [], key=lambda r: -r[1])[1:]
+        for params, _ in losers[:stability_runs]:
+            refits.append(classes_of(e_step_labels(Xs, params)))
+        for r in range(1, stability_runs - len(refits) + 1):
+            seed = None if random_state is None else int(random_state) + r
+            # tol 10x looser than the main fit's: a refit is asked which classes it finds, and the
+            # last digits of its likelihood do not move a component between kinds.
+            fit = fit_mixture(Xs, n_components, reg_covar=reg_covar, tol=10 * tol, max_iter=max_iter, n_init=1,
+                              random_state=seed, init_sample_size=init_sample_size)
+            refits.append(classes_of(fit.labels))
+        measure_stability(discovery, reference, refits)
+        unstable = [c.label for c in discovery.classes if c.stable is False]
+        if unstable:
+            log.warning("classes %s did not reproduce over %d refits (stability < %.2f)", unstable, stability_runs,
+                        STABLE_JACCARD)
         return discovery
-    n_rows = X.shape[0]
-    rng = np.random.default_rng(None if random_state is None else [int(random_state), 0x5EED])
-    sample = np.arange(n_rows) if n_rows <= STABILITY_SAMPLE else np.sort(
-        rng.choice(n_rows, size=STABILITY_SAMPLE, replace=False))
-    Xs, raw_s = X[sample], row_raw[sample]
-    reference = discovery.class_labels(row_labels[sample])
-    refits = []
-
-    def classes_of(labels):
-        # The common factor is a property of the data, not of a fit: reuse this run's. Grid
-        # fits only (no refinement): the refits are asked for their classes, not for errors.
-        other = group_into_classes(temperatures, curves.component_moments(raw_s, labels, n_components),
-                                   np.zeros((n_components, X.shape[1])), factor=discovery.temperature_factor,
-                                   refine=False)
-        return other.class_labels(labels), [c.kind for c in other.classes]
-
-    losers = sorted(restarts or [], key=lambda r: -r[1])[1:]
-    for params, _ in losers[:stability_runs]:
-        refits.append(classes_of(e_step_labels(Xs, params)))
-    for r in range(1, stability_runs - len(refits) + 1):
-        seed = None if random_state is None else int(random_state) + r
-        # tol 10x looser than the main fit's: a refit is asked which classes it finds, and the
-        # last digits of its likelihood do not move a component between kinds.
-        fit = fit_mixture(Xs, n_components, reg_covar=reg_covar, tol=10 * tol, max_iter=max_iter, n_init=1,
-                          random_state=seed, init_sample_size=init_sample_size)
-        refits.append(classes_of(fit.labels))
-    measure_stability(discovery, reference, refits)
-    unstable = [c.label for c in discovery.classes if c.stable is False]
-    if unstable:
-        log.warning("classes %s did not reproduce over %d refits (stability < %.2f)", unstable, stability_runs,
-                    STABLE_JACCARD)
-    return discovery

@@ -22,6 +22,18 @@ log = logging.getLogger(__name__)
 HDF5_SUFFIXES = (".nxs", ".h5", ".hdf5", ".hdf", ".nx5", ".cxi")
 
 
+def open_hdf5(path: str):
+    """Open an HDF5/NeXus file read-only, with errors that name the input."""
+    import h5py
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"input file {path!r} does not exist")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise ValueError(f"input {path!r} is not a readable HDF5/NeXus file: {exc}") from exc
+
+
 def split_hdf5_spec(spec: str) -> tuple[str, str] | None:
     """``'file.nxs:/entry/data/data'`` -> ``('file.nxs', '/entry/data/data')``; None if not HDF5."""
     if ":" in spec:
@@ -80,12 +92,7 @@ def open_volume(path: str | os.PathLike, inner: str = ""):
     import h5py
 
     path = str(path)
-    if not Path(path).exists():
-        raise FileNotFoundError(f"input file {path!r} does not exist")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise ValueError(f"input {path!r} is not a readable HDF5/NeXus file: {exc}") from exc
+    f = open_hdf5(path)
     if inner in ("", "/"):
         ds = _find_default_signal(f)
         if ds is None:
@@ -540,12 +547,7 @@ def read_slice_facts(spec: str, temperature=None):
     from ..series_check import SliceFacts
 
     path, inner = split_hdf5_spec(spec) or (spec, "")
-    if not Path(path).exists():
-        raise FileNotFoundError(f"input file {path!r} does not exist")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise ValueError(f"input {path!r} is not a readable HDF5/NeXus file: {exc}") from exc
+    f = open_hdf5(path)
     files = [f]
     group, entry, signal = _transform_group(f, inner)
     units = None

@@ -218,18 +218,30 @@ def _tc_grid(t: np.ndarray) -> np.ndarray:
     return np.linspace(lo, hi, _N_TC_GRID)
 
 
-def _design(t, name, tc, beta, width):
-    """Columns (T, m) of the linear part for one nonlinear point: 1, tau, shape terms."""
+def _columns(t, name, tc, beta, width):
+    """Columns of the linear part, 1, tau and the model's shape terms, for G nonlinear points.
+
+    t : (T,); tc, beta, width : (G,) arrays (unused ones may be NaN). Returns (G, T, m).
+    """
+    tc, beta, width = (np.asarray(v, dtype=float)[:, None] for v in (tc, beta, width))
+    g = tc.shape[0]
     tau = _reduced(t)
-    cols = [np.ones_like(t), tau]
+    cols = [np.broadcast_to(np.ones_like(t), (g, t.size)), np.broadcast_to(tau, (g, t.size))]
     order, crit, onset = _MODELS[name]
     if order:
-        cols.append(order_parameter_shape(t, tc, beta))
+        cols.append(order_parameter_shape(t[None, :], tc, beta))
     if onset:
-        cols.append(onset_shape(t, tc, beta, float(t.max())))
+        cols.append(onset_shape(t[None, :], tc, beta, float(t.max())))
     if crit:
-        cols.append(critical_shape(t, tc, width))
-    return np.stack(cols, axis=1)
+        cols.append(critical_shape(t[None, :], tc, width))
+    return np.stack(cols, axis=2)
+
+
+def _design(t, name, tc, beta, width):
+    """Columns (T, m) of the linear part for one nonlinear point: 1, tau, shape terms."""
+    nan = math.nan
+    return _columns(t, name, [nan if tc is None else tc], [nan if beta is None else beta],
+                    [nan if width is None else width])[0]
 
 
 @functools.lru_cache(maxsize=64)
@@ -249,15 +261,7 @@ def _grid_projections(t_key: tuple, name: str):
     betas = _BETA_GRID if (order or onset) else np.array([np.nan])
     widths = np.maximum(_WIDTH_FRACTIONS * (t.max() - t.min()), _min_width(t)) if crit else np.array([np.nan])
     TC, BE, WI = (a.ravel() for a in np.meshgrid(tcs, betas, widths, indexing="ij"))
-    tau = _reduced(t)
-    cols = [np.broadcast_to(np.ones_like(t), (TC.size, t.size)), np.broadcast_to(tau, (TC.size, t.size))]
-    if order:
-        cols.append(order_parameter_shape(t[None, :], TC[:, None], BE[:, None]))
-    if onset:
-        cols.append(onset_shape(t[None, :], TC[:, None], BE[:, None], float(t.max())))
-    if crit:
-        cols.append(critical_shape(t[None, :], TC[:, None], WI[:, None]))
-    A = np.stack(cols, axis=2)  # (G, T, m)
+    A = _columns(t, name, TC, BE, WI)  # (G, T, m)
     m = A.shape[2]
     subsets = [[]]
     for j in range(2, m):
@@ -273,12 +277,11 @@ def _grid_projections(t_key: tuple, name: str):
     return TC, BE, WI, m, projections
 
 
-def _grid_search(t, y, w, name):
-    """Best (WRSS, (tc, beta, width, linear coefficients)) on the grid; shape amplitudes >= 0.
+def _grid_search(t, y, name):
+    """Best (RSS, (tc, beta, width, linear coefficients)) on the grid; shape amplitudes >= 0.
 
-    The grid is searched unweighted (its projections are shared by every curve on the same
-    temperatures); the weighted refinement then starts from the best point, and the WRSS
-    returned is the weighted one at that point.
+    The grid is searched unweighted, so its projections are shared by every curve on the
+    same temperatures; the weighted refinement then starts from the best point.
     """
     TC, BE, WI, m, projections = _grid_projections(tuple(float(v) for v in t), name)
     best = (np.inf, None)
@@ -421,8 +424,7 @@ def fit_curve(
             r = y - X @ coef
             candidates[name] = (float(r @ r), None)
         else:
-            wrss, start = _grid_search(t, y, w, name)
-            candidates[name] = (wrss, start)
+            candidates[name] = _grid_search(t, y, name)
     bics = {name: _bic(c[0], n, _n_params(name)) for name, c in candidates.items()}
     ranked = sorted(bics, key=bics.get)
     ybar = float(np.sum(w * w * y) / np.sum(w * w))
@@ -435,7 +437,7 @@ def fit_curve(
             break
     if refine and name != "static":
         refined = _finish(t, y, w, name, candidates[name][1], tss, bics[name], refine=True)
-        if name == "static" or _change(refined) >= min_amplitude or kinds is not None:
+        if _change(refined) >= min_amplitude or kinds is not None:
             fit = refined
     if fit.kind is not ClassKind.STATIC and fit.r2 < min_r2:
         fit.kind = ClassKind.OTHER
@@ -460,7 +462,8 @@ def _grid_point(t, name, start):
         j += 1
     if crit:
         p["B"], p["w"] = lin[j], width
-    curve = _design(t, name, tc, beta, width) @ lin[: _design(t, name, tc, beta, width).shape[1]]
+    design = _design(t, name, tc, beta, width)
+    curve = design @ lin[: design.shape[1]]
     return p, {key: math.nan for key in p}, curve
 
 
