@@ -1078,8 +1078,8 @@ def section_tiled(ctx: Context) -> str:
     import tiled.server.app  # noqa: F401  (the ~3 s import, timed apart from the server start)
     from tiled_support import TiledTestServer, write_plain_array_node
 
-    from xtec_flows.io import tiled as tiled_io
-    from xtec_flows.process import process_scan
+    from xtec_flows import tiled as tiled_io
+    from xtec_flows.tiled.process import process_scan
 
     t_imp = time.perf_counter() - t_imp0
 
@@ -1097,7 +1097,7 @@ def section_tiled(ctx: Context) -> str:
         layouts = [
             ("chunked", f"`write_plain_array_node(..., chunks={zchunks})` (client `write_array` of a dask array: "
                         "one `write_block` per zarr chunk, dask threads)"),
-            ("series", "`xtec_flows.io.tiled.write_series` (the `xtec-flows import` path: one temperature × spatial "
+            ("series", "`xtec_flows.tiled.write_series` (the `xtec-flows import` path: one temperature × spatial "
                        "tile per `write_block`, sequential)"),
         ]
         nodes = {}

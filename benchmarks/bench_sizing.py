@@ -172,9 +172,9 @@ def child_process_scan(cfg: dict) -> dict:
     run also warms the workers up, as a long-lived worker is), then a plain read of the same scan.
 
     The key comes from TILED_API_KEY in this child's environment (never its command line)."""
-    from xtec_flows.io import tiled as tiled_io
+    from xtec_flows import tiled as tiled_io
     from xtec_flows.pipeline import ClusterParams
-    from xtec_flows.process import process_scan
+    from xtec_flows.tiled.process import process_scan
 
     cpus = _pin(cfg.get("pin"))
     client = tiled_io.connect(cfg["uri"])
@@ -470,7 +470,7 @@ def measure_tiled(args, server, arr, temps, vt: float, nbytes: int) -> tuple[lis
     import psutil
 
     from xtec_flows.demo.services import child_env
-    from xtec_flows.io import tiled as tiled_io
+    from xtec_flows import tiled as tiled_io
 
     srv = server.service
     t0 = time.perf_counter()
@@ -483,7 +483,7 @@ def measure_tiled(args, server, arr, temps, vt: float, nbytes: int) -> tuple[lis
         client = tiled_io.connect(srv.uri, server.api_key)
         log("tiled: upload, block by block from the zarr (dask threads)")
         t0 = time.perf_counter()
-        tiled_io._walk(client, parent).write_array(
+        tiled_io.walk(client, parent).write_array(
             da.from_zarr(arr), key=key, dims=["T", "L", "K", "H"], metadata={"temperatures": temps.tolist()})
         t_up = time.perf_counter() - t0
         rows_io.append(["upload (`client.write_array` of `da.from_zarr(...)`: one `write_block` per zarr chunk, "
@@ -654,7 +654,7 @@ def build_report(args, machine, la_start, eng_rows, eng, tiled_io_rows, ps_rows,
     md += [
         "### Tiled: reads through the HTTP client, and process_scan",
         "",
-        f"{tiled_description}; clients use `xtec_flows.io.tiled.connect` "
+        f"{tiled_description}; clients use `xtec_flows.tiled.connect` "
         "(uncompressed responses). Reads sum the scan block by block (nothing held whole); CPU is user+system "
         "seconds of the server process and of the reading process. process_scan writes into a fresh results root; "
         "'reading' is the same scan read once more alone with the same scheduler, as a share of the run.",

@@ -24,10 +24,9 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from xtec_flows import results as results_mod
-from xtec_flows.io import tiled as tiled_io
+from xtec_flows import tiled as tiled_io
 from xtec_flows.pipeline import ClusterParams
-from xtec_flows.process import process_scan
+from xtec_flows.tiled.process import process_scan
 
 #: Where the q-map / trajectory PNGs are written (one folder per result key).
 MAPS_DIR_ENV = "XTEC_FLOWS_MAPS_DIR"
@@ -138,13 +137,13 @@ def publish_result(tiled_uri: str, summary: dict, supersede_older: bool) -> dict
     from xtec_flows import plotting
 
     client = tiled_io.connect(tiled_uri)
-    node = tiled_io._walk(client, summary["path"])
+    node = tiled_io.walk(client, summary["path"])
     md = dict(node.metadata or {})
     superseded = []
     if supersede_older:
-        root_node = node.parent if hasattr(node, "parent") else tiled_io._walk(client, summary["path"].rsplit("/", 1)[0])
-        superseded = results_mod.mark_superseded(root_node, node)
-    loaded = results_mod.load_result(node, lazy=True)
+        root_node = node.parent if hasattr(node, "parent") else tiled_io.walk(client, summary["path"].rsplit("/", 1)[0])
+        superseded = tiled_io.mark_superseded(root_node, node)
+    loaded = tiled_io.load_result(node, lazy=True)
     k = int(md.get("n_components") or len(loaded.counts))
     classes = loaded.classes
     out = maps_dir() / summary["key"]

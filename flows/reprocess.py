@@ -15,8 +15,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.cluster_scan import _retry_if_transient
 from flows.submit import DEFAULT_DEPLOYMENT, Submitter
-from xtec_flows import watch
-from xtec_flows.io import tiled as tiled_io
+from xtec_flows.tiled import watch
+from xtec_flows import tiled as tiled_io
 from xtec_flows.pipeline import ClusterParams
 
 
@@ -25,7 +25,7 @@ from xtec_flows.pipeline import ClusterParams
 def select_scans(tiled_uri: str, parameters: dict, raw_path: str, root: str, rule: dict, since: float | None,
                  until: float | None, which: str, max_scans: int) -> list[str]:
     client = tiled_io.connect(tiled_uri)
-    raw = tiled_io._walk(client, raw_path)
+    raw = tiled_io.walk(client, raw_path)
     results_root = tiled_io.derived_root(client, root)
     uids = watch.select_for_reprocessing(raw, results_root, parameters, watch.ScanRule(**rule), since=since,
                                          until=until, which=which)

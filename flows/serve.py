@@ -5,7 +5,7 @@
 * registers and serves ``xtec-cluster-scan/post-scan`` (started per completed scan) and
   ``xtec-reprocess/scheduled`` (cron), running at most ``limit`` flow runs at a time, each in
   its own subprocess;
-* runs a :class:`xtec_flows.watch.ScanWatcher` on the raw-runs container that submits each
+* runs a :class:`xtec_flows.tiled.watch.ScanWatcher` on the raw-runs container that submits each
   completed scan once (Prefect idempotency keys), catching up at start-up, after a lost
   subscription and periodically.
 
@@ -21,8 +21,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from xtec_flows import watch
-from xtec_flows.io import tiled as tiled_io
+from xtec_flows.tiled import watch
+from xtec_flows import tiled as tiled_io
 from xtec_flows.pipeline import ClusterParams
 
 from .submit import Submitter
@@ -123,7 +123,7 @@ def make_watcher(cfg: ServeConfig, client=None) -> watch.ScanWatcher:
 
     client = client if client is not None else tiled_io.connect(cfg.tiled_uri)
     try:
-        raw = tiled_io._walk(client, cfg.raw_path)
+        raw = tiled_io.walk(client, cfg.raw_path)
     except KeyError:
         raise ValueError(f"the Tiled server {tiled_io.redact_uri(cfg.tiled_uri)} has no container {cfg.raw_path!r} "
                          "for raw runs; point --raw-path at the container your TiledWriter writes into") from None

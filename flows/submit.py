@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from xtec_flows.io import tiled as tiled_io
+from xtec_flows import tiled as tiled_io
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def attempt_keys(base: str, max_attempts: int = MAX_ATTEMPTS) -> list[str]:
 
 @dataclass
 class Submitter:
-    """Callable ``submit(uid)`` for :class:`xtec_flows.watch.ScanWatcher`.
+    """Callable ``submit(uid)`` for :class:`xtec_flows.tiled.watch.ScanWatcher`.
 
     deployment : "<flow name>/<deployment name>"
     parameters : ClusterParams dict (decides the result key)

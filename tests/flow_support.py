@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from xtec_flows.demo.services import PrefectService, ServeService, TiledService
-from xtec_flows.io import tiled as tiled_io
+from xtec_flows import tiled as tiled_io
 
 API_KEY = "flowsecret123"
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -107,7 +107,7 @@ def wait_until(predicate, timeout: float, interval: float = 1.0, what: str = "co
 
 
 def result_status(client, uid: str) -> str | None:
-    from xtec_flows.results import find_results
+    from xtec_flows.tiled.results import find_results
 
     nodes = find_results(client, uid, status=None)
     return (nodes[0].metadata or {}).get("status") if nodes else None
@@ -187,7 +187,7 @@ def burst_outcome(client, prefect_api_url: str, uids, raw: str = "raw", results:
     flow run of each scan, by uid), peak (most flow runs running at once), span (first stop ->
     last completion, s), throughput (scans per minute over the span).
     """
-    from xtec_flows import watch
+    from xtec_flows.tiled import watch
 
     # One paged listing of the results per poll, every 2 s: polling each scan's result by search
     # would itself load Tiled (a few requests per scan per poll) and slow what is being measured.
@@ -196,7 +196,7 @@ def burst_outcome(client, prefect_api_url: str, uids, raw: str = "raw", results:
     while set(completed) != wanted:
         if time.monotonic() > deadline:
             raise TimeoutError(f"no complete result for {sorted(wanted - set(completed))} within {timeout:.0f} s")
-        root = tiled_io._walk(client, results)
+        root = tiled_io.walk(client, results)
         for node in root.values():
             md = node.metadata or {}
             uid = (md.get("source") or {}).get("uid")

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from xtec_flows.demo.services import ManagedProcess, PrefectService, ServeService, child_env, executable, free_port
-from xtec_flows.io import tiled as tiled_io
+from xtec_flows import tiled as tiled_io
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

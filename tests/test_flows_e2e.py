@@ -26,7 +26,7 @@ from flow_support import (
 from tiled_support import run_temperature_scan, scan_volumes, write_plain_array_node
 
 from xtec_flows import cluster
-from xtec_flows.io import tiled as tiled_io
+from xtec_flows import tiled as tiled_io
 
 pytestmark = [pytest.mark.slow]
 
@@ -161,18 +161,18 @@ def test_flow_runs_on_an_existing_dask_cluster_given_by_address(stack):
     assert run["state_type"] == "COMPLETED", run["state"]
     assert worked > 0  # the chunk tasks ran on the given cluster
     uid = tiled_io.open_scan(stack.client(), "dask_series").uid
-    node = tiled_io._walk(stack.client(), "xtec")[tiled_io.result_key(uid, _serve_params())]
+    node = tiled_io.walk(stack.client(), "xtec")[tiled_io.result_key(uid, _serve_params())]
     expected = cluster(vol, TEMPS, n_components=3)
     np.testing.assert_array_equal(node["labels"].read(), np.asarray(expected.labels))
 
 
 def test_bad_parameters_fail_the_run_before_anything_is_written(stack):
-    keys_before = set(tiled_io._walk(stack.client(), "xtec"))
+    keys_before = set(tiled_io.walk(stack.client(), "xtec"))
     run = _run_post_scan(stack, {"scan_uid": "/dask_series", "parameters": {"n_components": 3, "mode": "x"}},
                          timeout=120)
     assert run["state_type"] == "FAILED"
     assert "mode" in run["state"]["message"]
-    assert set(tiled_io._walk(stack.client(), "xtec")) == keys_before
+    assert set(tiled_io.walk(stack.client(), "xtec")) == keys_before
 
 
 def test_aborted_scan_is_skipped_and_logged(stack):
@@ -191,7 +191,7 @@ def test_misfit_scan_fails_once_with_a_clear_message_and_no_retry_storm(stack):
     uid = _scan(stack, seed=3, temps=temps)
     runs = _finished_runs(stack, uid)
     assert [r["state_type"] for r in runs] == ["FAILED"]
-    node = tiled_io._walk(stack.client(), "xtec")[tiled_io.result_key(uid, _serve_params())]
+    node = tiled_io.walk(stack.client(), "xtec")[tiled_io.result_key(uid, _serve_params())]
     md = node.metadata
     assert md["status"] == "failed" and md["retryable"] is False
     assert "duplicates" in md["error"] and "distinct temperature" in md["error"]
@@ -230,7 +230,7 @@ def test_flow_process_killed_mid_run_leaves_nothing_complete_and_catch_up_finish
     # The killed attempt crashed; one new attempt (a new idempotency key) completed.
     assert sorted(r["state_type"] for r in runs) == ["COMPLETED", "CRASHED"]
     expected = cluster(scan_volumes(TEMPS, BIG, seed=7), TEMPS, n_components=3)
-    labels = tiled_io._walk(client, "xtec")[tiled_io.result_key(uid, _serve_params())]["labels"].read()
+    labels = tiled_io.walk(client, "xtec")[tiled_io.result_key(uid, _serve_params())]["labels"].read()
     np.testing.assert_array_equal(labels, np.asarray(expected.labels))
 
 
@@ -253,7 +253,7 @@ def test_scheduled_reprocessing_supersedes_older_results(stack):
     run = _create_run(stack, "xtec-reprocess/scheduled",
                       {"parameters": params4, "max_scans": 2, "which": "outdated"})
     assert _wait_run(stack, run["id"], 180)["state_type"] == "COMPLETED"
-    xtec = tiled_io._walk(client, "xtec")
+    xtec = tiled_io.walk(client, "xtec")
     new = wait_until(lambda: [n for n in xtec.values() if (n.metadata or {}).get("parameters", {}).get("n_components") == 4
                               and n.metadata.get("status") == "complete" and n.metadata.get("supersedes")]
                      if len([n for n in xtec.values() if (n.metadata or {}).get("supersedes")]) >= 2 else None,
@@ -264,7 +264,7 @@ def test_scheduled_reprocessing_supersedes_older_results(stack):
             assert old.metadata["superseded_by"] == node.path_parts[-1]
             assert old.metadata["status"] == "complete"  # kept, not deleted
     # Idempotent: running it again submits nothing for the scans already done.
-    from xtec_flows import watch
+    from xtec_flows.tiled import watch
 
     again = watch.select_for_reprocessing(client["raw"], xtec, params4, which="all")
     assert not {n.metadata["source"]["uid"] for n in new} & set(again)

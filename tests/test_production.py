@@ -21,7 +21,7 @@ from tiled_support import run_temperature_scan, scan_volumes
 
 from xtec_flows import cluster
 from xtec_flows.demo.services import child_env
-from xtec_flows.io import tiled as tiled_io
+from xtec_flows import tiled as tiled_io
 
 pytestmark = [pytest.mark.production, pytest.mark.slow]
 
@@ -134,7 +134,7 @@ def test_twenty_scans_within_a_minute_each_processed_once_within_the_limit(prod)
     for uid, runs in outcome["runs"].items():
         assert [r["state_type"] for r in runs] == ["COMPLETED"], uid
     assert outcome["peak"] <= LIMIT
-    keys = list(tiled_io._walk(prod.plugin(), "xtec"))
+    keys = list(tiled_io.walk(prod.plugin(), "xtec"))
     assert len(keys) == len(set(keys))
     tiled_log = prod.tiled.log_path.read_text(errors="replace")
     assert " 500 " not in tiled_log and "Internal Server Error" not in tiled_log
@@ -168,7 +168,7 @@ def test_serve_killed_and_restarted_processes_each_scan_once(prod):
     prod.serve.kill()  # SIGKILL of the whole serve process group, flow runs included
     prod.serve = start_production_serve(prod, limit=LIMIT)
     _complete(prod, uid, timeout=300)
-    keys = [k for k in tiled_io._walk(prod.plugin(), "xtec")
+    keys = [k for k in tiled_io.walk(prod.plugin(), "xtec")
             if k == tiled_io.result_key(uid, json.loads(json.dumps(_params())))]
     assert len(keys) == 1
     runs = wait_until(lambda: (lambda rs: rs if any(r["state_type"] == "COMPLETED" for r in rs)
@@ -204,7 +204,7 @@ def test_several_tiled_processes_share_one_catalog_and_its_events(prod, tmp_path
     import httpx
     from production_support import ProductionTiled
 
-    from xtec_flows import watch
+    from xtec_flows.tiled import watch
 
     scaled = ProductionTiled(tmp_path / "tiled-multiprocess", prod.tiled_env, processes=2).start()
     try:
@@ -270,7 +270,7 @@ def _expected_big(seed):
 def _labels(prod, uid, uri=None):
     """The labels of ``uid``'s result, read with the plugin's key (from ``uri``, default the tier's Tiled)."""
     client = tiled_io.connect(uri or prod.tiled.uri, prod.plugin_key)
-    return tiled_io._walk(client, "xtec")[tiled_io.result_key(uid, _params())]["labels"].read()
+    return tiled_io.walk(client, "xtec")[tiled_io.result_key(uid, _params())]["labels"].read()
 
 
 def test_dask_worker_killed_mid_clustering_still_gives_identical_labels(prod):
@@ -314,7 +314,7 @@ def test_no_key_appears_in_logs_parameters_artifacts_or_metadata(prod):
         texts["artifacts"] = json.dumps(http.post(f"{api}/artifacts/filter", json={"limit": 200}).json())
         texts["logs"] = json.dumps(http.post(f"{api}/logs/filter", json={"limit": 200}).json())
     client = prod.plugin()
-    texts["tiled metadata"] = json.dumps([node.metadata for node in tiled_io._walk(client, "xtec").values()],
+    texts["tiled metadata"] = json.dumps([node.metadata for node in tiled_io.walk(client, "xtec").values()],
                                          default=str)
     # and in no command line of any process on the machine (ps shows them to every user)
     from pathlib import Path
@@ -350,7 +350,7 @@ def _refused(action) -> int:
 def test_access_policy_confines_each_service_to_its_own_tree(prod, processed):
     uid, _ = processed
     plugin, writer = prod.plugin(), prod.writer()
-    result = tiled_io._walk(plugin, "xtec")[tiled_io.result_key(uid, _params())]
+    result = tiled_io.walk(plugin, "xtec")[tiled_io.result_key(uid, _params())]
     before = json.dumps(result.metadata, sort_keys=True, default=str)
 
     # The plugin reads runs but writes only under /xtec.
@@ -377,7 +377,7 @@ def test_access_policy_confines_each_service_to_its_own_tree(prod, processed):
     # The writer may change its own run: the refusals above are the policy's, not malformed requests.
     writer["raw"][uid].update_metadata(metadata={"touched": True})
     assert prod.plugin()["raw"][uid].metadata["touched"] is True
-    assert json.dumps(tiled_io._walk(prod.plugin(), "xtec")[result.item["id"]].metadata, sort_keys=True,
+    assert json.dumps(tiled_io.walk(prod.plugin(), "xtec")[result.item["id"]].metadata, sort_keys=True,
                       default=str) == before
 
 
@@ -419,7 +419,7 @@ def _bootstrap_module():
 def test_key_without_write_scope_fails_clearly_before_any_work(prod, processed, tmp_path, monkeypatch):
     from xtec_flows.demo.services import ServeService
     from xtec_flows.pipeline import ClusterParams
-    from xtec_flows.process import process_scan
+    from xtec_flows.tiled.process import process_scan
 
     bootstrap = _bootstrap_module()
     monkeypatch.setenv("TILED_ADMIN_PASSWORD", prod.tiled_env["TILED_ADMIN_PASSWORD"])
@@ -427,7 +427,7 @@ def test_key_without_write_scope_fails_clearly_before_any_work(prod, processed, 
     read_only = admin.admin.create_api_key(prod.principals["XTEC_FLOWS_PRINCIPAL"],
                                            scopes=["read:metadata", "read:data"], note="read-only")["secret"]
     uid, _ = processed
-    results_before = sorted(tiled_io._walk(prod.plugin(), "xtec"))
+    results_before = sorted(tiled_io.walk(prod.plugin(), "xtec"))
 
     # In a flow: refused before the scan is read, nothing written (other parameters, so the
     # running serve has no result with this key either).
@@ -449,7 +449,7 @@ def test_key_without_write_scope_fails_clearly_before_any_work(prod, processed, 
         assert "error: " in text and ("bootstrap_access.py" in text), text[-2000:]
         assert "subscribed to completed scans" not in text and "Traceback" not in text
         assert key not in text
-    assert sorted(tiled_io._walk(prod.plugin(), "xtec")) == results_before
+    assert sorted(tiled_io.walk(prod.plugin(), "xtec")) == results_before
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,10 +9,12 @@ from tiled.queries import Key
 
 import xtec_flows
 from tiled_support import run_temperature_scan, scan_volumes, write_plain_array_node
-from xtec_flows import cli, results
-from xtec_flows.io import tiled as tiled_io
+from xtec_flows import cli
+from xtec_flows.tiled import results
+from xtec_flows import tiled as tiled_io
+from xtec_flows.tiled import arrays as tiled_arrays
 from xtec_flows.pipeline import ClusterParams
-from xtec_flows.process import process_scan
+from xtec_flows.tiled.process import process_scan
 
 TEMPS = [20.0, 60.0, 100.0, 130.0, 150.0, 170.0, 220.0, 300.0]
 SHAPE = (16, 16, 16)
@@ -57,7 +59,7 @@ def test_open_run_object_the_user_holds(tiled_client, inline_uid):
 
 
 def test_reads_region_by_region(tiled_client, inline_uid, monkeypatch):
-    monkeypatch.setattr(tiled_io, "MAX_REQUEST_BYTES", 8 * 8**3 * 4)  # force 8^3 tiles: 8 requests
+    monkeypatch.setattr(tiled_arrays, "MAX_REQUEST_BYTES", 8 * 8**3 * 4)  # force 8^3 tiles: 8 requests
     scan = tiled_io.open_scan(tiled_client, inline_uid)
     assert scan.volume.numblocks == (1, 2, 2, 2)
     np.testing.assert_array_equal(scan.volume.compute(), scan_volumes(TEMPS, SHAPE, seed=1))
@@ -158,12 +160,12 @@ def test_labels_are_written_block_by_block(tiled_client):
 
     z = zarr.create_array(zarr.storage.MemoryStore(), shape=labels.shape, chunks=(8, 8, 8), dtype="int8")
     z[...] = labels
-    old = tiled_io.MAX_REQUEST_BYTES
+    old = results.MAX_REQUEST_BYTES
     try:
-        tiled_io.MAX_REQUEST_BYTES = 16 * 16 * 16  # -> 16^3-voxel (4 kB) Tiled blocks
+        results.MAX_REQUEST_BYTES = 16 * 16 * 16  # -> 16^3-voxel (4 kB) Tiled blocks
         node = tiled_io.write_labels_array(parent, z, ["L", "K", "H"])
     finally:
-        tiled_io.MAX_REQUEST_BYTES = old
+        results.MAX_REQUEST_BYTES = old
     assert max(max(c) for c in node.chunks) <= 16 and len(node.chunks[0]) > 1
     np.testing.assert_array_equal(node.read(), labels)
 

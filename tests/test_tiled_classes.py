@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 from tiled_support import write_plain_array_node
 
-from xtec_flows import pipeline, results
-from xtec_flows.io import tiled as tiled_io
+from xtec_flows import pipeline
+from xtec_flows.tiled import results
+from xtec_flows import tiled as tiled_io
 from xtec_flows.pipeline import ClusterParams
-from xtec_flows.process import process_scan
+from xtec_flows.tiled.process import process_scan
 from xtec_flows.synthetic import make_volume
 
 SHAPE = (12, 24, 24, 24)  # 12 temperatures: class discovery needs at least 8
@@ -21,7 +22,7 @@ FIXED = ClusterParams(n_components=3, n_init=1)
 #: What a fixed-K result container held before class discovery existed.
 FIXED_NODES = {"labels", "means", "variances", "temperatures", "counts", "weights", "histogram_edges",
                "histogram_counts"}
-FIXED_METADATA = {"status", "created", "source", "parameters", "engine_major", "versions", "n_components",
+FIXED_METADATA = {"status", "attempt", "created", "source", "parameters", "engine_major", "versions", "n_components",
                   "counts", "log_likelihood", "bic", "n_iter", "converged", "threshold", "n_valid",
                   "n_thresholded", "n_peaks", "input_reads", "timings", "shape", "dims", "completed"}
 

@@ -29,10 +29,12 @@ import pytest
 import xtec_flows
 from tiled_subprocess import SubprocessTiledServer, child_env
 from tiled_support import scan_volumes, write_plain_array_node
-from xtec_flows import cli, results
-from xtec_flows.io import tiled as tiled_io
+from xtec_flows import cli
+from xtec_flows.tiled import results
+from xtec_flows import tiled as tiled_io
+from xtec_flows.tiled import results as tiled_results
 from xtec_flows.pipeline import ClusterParams
-from xtec_flows.process import process_scan
+from xtec_flows.tiled.process import process_scan
 
 TEMPS = [20.0, 60.0, 100.0, 130.0, 150.0, 170.0, 220.0, 300.0]
 SHAPE = (16, 16, 16)
@@ -205,7 +207,7 @@ def test_server_killed_mid_write_then_rerun_completes(new_server, monkeypatch, c
         killed.append(time.monotonic())
         return arr
 
-    monkeypatch.setattr(tiled_io, "write_labels_array", write_labels_then_kill_server)
+    monkeypatch.setattr(tiled_results, "write_labels_array", write_labels_then_kill_server)
     with pytest.raises(httpx.HTTPError) as ei:
         process_scan(c, "scan_kill", PARAMS)
     assert killed, "the fault was not injected"
@@ -213,7 +215,7 @@ def test_server_killed_mid_write_then_rerun_completes(new_server, monkeypatch, c
     assert isinstance(ei.value, httpx.TransportError), repr(ei.value)  # connection refused / closed
     assert str(ei.value)
     assert_no_key(str(ei.value), API_KEY)
-    monkeypatch.setattr(tiled_io, "write_labels_array", original)
+    monkeypatch.setattr(tiled_results, "write_labels_array", original)
 
     # while the server is down the CLI says so, quickly, without a traceback
     t0 = time.monotonic()
@@ -236,10 +238,10 @@ def test_server_killed_mid_write_then_rerun_completes(new_server, monkeypatch, c
         original(node, labels, dims, key=key)
         raise RuntimeError("injected failure after the labels were written")
 
-    monkeypatch.setattr(tiled_io, "write_labels_array", write_labels_then_fail)
+    monkeypatch.setattr(tiled_results, "write_labels_array", write_labels_then_fail)
     with pytest.raises(RuntimeError, match="injected failure"):
         process_scan(c, "scan_kill", PARAMS)
-    monkeypatch.setattr(tiled_io, "write_labels_array", original)
+    monkeypatch.setattr(tiled_results, "write_labels_array", original)
     nodes = all_results(c, uid)
     assert [n.path_parts[-1] for n in nodes] == [key]  # replaced the 'running' one, not added
     assert nodes[0].metadata["status"] == "failed"

@@ -13,11 +13,11 @@ import pytest
 from flow_support import wait_until
 from tiled_support import run_temperature_scan
 
-from xtec_flows import results, watch
+from xtec_flows.tiled import results, watch
 from xtec_flows.demo.services import TiledService
-from xtec_flows.io import tiled as tiled_io
+from xtec_flows import tiled as tiled_io
 from xtec_flows.pipeline import ClusterParams
-from xtec_flows.process import process_scan
+from xtec_flows.tiled.process import process_scan
 
 TEMPS = np.linspace(20.0, 300.0, 8)
 SHAPE = (12, 12, 12)

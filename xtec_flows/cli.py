@@ -419,8 +419,8 @@ def _first_missing_ancestor(path: Path) -> Path | None:
 
 
 def cmd_results(args) -> dict:
-    from . import results
-    from .io import tiled as tiled_io
+    from .tiled import results
+    from . import tiled as tiled_io
 
     client = tiled_io.connect(args.uri, args.api_key)
     nodes = results.find_results(client, args.scan, root=args.root, status=None if args.all else "complete")
@@ -430,7 +430,7 @@ def cmd_results(args) -> dict:
 
 def cmd_import(args) -> dict:
     from .io import nexus
-    from .io import tiled as tiled_io
+    from . import tiled as tiled_io
 
     volume, temps, sources = nexus.open_series(args.inputs, args.temperatures, args.series_check)
     temps = validation.check_temperatures(temps, volume.shape[0])
@@ -438,13 +438,13 @@ def cmd_import(args) -> dict:
     client = tiled_io.connect(args.tiled_uri, args.api_key)
     parent = tiled_io.derived_root(client, args.parent) if args.parent else client
     node = tiled_io.write_series(parent, args.key, volume, temps, sources=sources, overwrite=args.overwrite)
-    return {"uri": tiled_io.redact_uri(args.tiled_uri), "path": tiled_io._node_path(node), "shape": list(volume.shape),
+    return {"uri": tiled_io.redact_uri(args.tiled_uri), "path": tiled_io.node_path(node), "shape": list(volume.shape),
             "temperatures": temps.tolist(), "sources": sources}
 
 
 def cmd_cluster_tiled(args) -> dict:
-    from . import process
-    from .io import tiled as tiled_io
+    from .tiled import process
+    from . import tiled as tiled_io
 
     if not args.scan:
         raise CLIError("--tiled-uri needs --scan UID (the bluesky scan uid or node path to cluster)")
@@ -576,7 +576,7 @@ def cmd_serve(args) -> dict:
                        "(a served deployment needs a real server; see deploy/README.md)")
     from flows.serve import ServeConfig, serve
 
-    from .watch import ScanRule
+    from .tiled.watch import ScanRule
 
     params = args.parameters if args.parameters is not None else {
         "mode": args.mode, "n_components": args.n_components, "threshold": args.threshold,
@@ -650,7 +650,7 @@ def main(argv=None) -> int:
 
 def _safe_message(exc: BaseException) -> str:
     """The error text with any API key removed (URIs may carry ?api_key=...)."""
-    from .io.tiled import redact_secrets
+    from .tiled.client import redact_secrets
 
     return redact_secrets(str(exc))
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import tiled as tiled_io
+from .. import tiled as tiled_io
 from .services import PrefectService, ServeService, TiledService
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def _terminate_on_sigterm():
 
 def wait_for_result(client, uid: str, timeout: float, root: str = tiled_io.DEFAULT_ROOT, poll: float = 0.25):
     """The complete result node of scan ``uid`` once it exists (raises TimeoutError)."""
-    from ..results import find_results
+    from ..tiled.results import find_results
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -145,7 +145,7 @@ def run_demo(workdir: Path, shape=(24, 64, 64, 64), timeout: float = 300.0, n_co
             "scan": uid,
             "stop_time": time.strftime("%H:%M:%S", time.localtime(float(stop["time"]))),
             "latency": latency,
-            "result_uri": f"{tiled.uri}/api/v1/metadata{tiled_io._node_path(node)}",
+            "result_uri": f"{tiled.uri}/api/v1/metadata{tiled_io.node_path(node)}",
             "root": tiled_io.DEFAULT_ROOT,
             "key": node.path_parts[-1],
             "n_components": md.get("n_components"),

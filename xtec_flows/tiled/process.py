@@ -12,8 +12,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .io import tiled as tiled_io
-from .pipeline import ClusterParams, run
+from .. import tiled as tiled_io
+from ..pipeline import ClusterParams, run
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def process_scan(
     except (ValueError, TypeError) as exc:
         # The scan exists but does not fit (fields, shapes, temperatures): record that where
         # the result would be, so nobody re-submits it, then fail.
-        if isinstance(scan, str) and not tiled_io.is_transient_error(exc):
+        if isinstance(scan, str) and tiled_io.failure_kind(exc) is tiled_io.FailureKind.PERMANENT:
             uid = scan.strip("/").split("/")[-1]
             results_root = tiled_io.derived_root(server_root, root)
             key = tiled_io.result_key(uid, params.to_dict())
@@ -86,10 +86,10 @@ def process_scan(
     results_root = tiled_io.derived_root(server_root, root)
     key = tiled_io.result_key(the_scan.uid, params.to_dict())
     node, existing = tiled_io.begin_result(results_root, key, the_scan, params.to_dict())
-    path = tiled_io._node_path(node)
+    path = tiled_io.node_path(node)
     if existing:
         log.info("scan %s: complete result %s exists; not recomputing", the_scan.uid, path)
-        return Outcome(key, path, "complete", True, node)
+        return Outcome(key, path, tiled_io.Status.COMPLETE.value, True, node)
     log.info("scan %s: clustering into %s", the_scan.uid, path)
     t0 = time.perf_counter()
     try:
@@ -102,7 +102,7 @@ def process_scan(
         tiled_io.fail_result(node, exc)
         raise
     log.info("scan %s: complete in %.1f s", the_scan.uid, time.perf_counter() - t0)
-    return Outcome(key, path, "complete", False, node)
+    return Outcome(key, path, tiled_io.Status.COMPLETE.value, False, node)
 
 
 def _server_root(node):

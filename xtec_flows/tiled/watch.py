@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .io import tiled as tiled_io
+from .. import tiled as tiled_io
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,9 @@ def result_states(results_root) -> dict[str, str]:
 def state_of_metadata(md: dict) -> str:
     """DONE, REJECTED or UNFINISHED, from a result node's metadata."""
     status = md.get("status")
-    if status == "complete":
+    if status == tiled_io.Status.COMPLETE:
         return DONE
-    if status == "failed" and md.get("retryable") is False:
+    if status == tiled_io.Status.FAILED and md.get("retryable") is False:
         return REJECTED
     return UNFINISHED
 
@@ -313,7 +313,7 @@ class ScanWatcher:
                     self._lost.clear()
                     self.stats.disconnects += 1
                     log.warning("lost the Tiled subscription on %s; re-subscribing and catching up",
-                                tiled_io._node_path(self.raw))
+                                tiled_io.node_path(self.raw))
                     self._subscribe()
                     self.catch_up()
                     next_reconcile = time.monotonic() + self.reconcile_seconds
@@ -378,7 +378,7 @@ class ScanWatcher:
         self._lost.clear()
         self.stats.mode = "subscribed"
         log.info("subscribed to completed scans in %s (catch-up every %.0f s)",
-                 tiled_io._node_path(self.raw) or "/", self.reconcile_seconds)
+                 tiled_io.node_path(self.raw) or "/", self.reconcile_seconds)
 
     def _polling(self, reason: str) -> None:
         if self.stats.mode != "polling":

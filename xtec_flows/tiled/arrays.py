@@ -1,0 +1,58 @@
+"""Tiled array nodes as lazily read dask arrays (one request per block)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..chunking import block_regions, regular_chunks
+from .client import MAX_REQUEST_BYTES
+
+
+def _region_reader(node, region):
+    return np.asarray(node.read(slice=region))
+
+
+def lazy_array(node, spatial_chunk: int | None = None):
+    """A dask array over a Tiled array node, one request per task.
+
+    Blocks span the whole first (temperature) axis and are sized so that each
+    request stays under ``MAX_REQUEST_BYTES``; they are aligned to Tiled's own
+    chunks when those are small enough.
+    """
+    import dask
+    import dask.array as da
+
+    shape = tuple(int(s) for s in node.shape)
+    dtype = np.dtype(node.dtype.to_numpy_dtype() if hasattr(node.dtype, "to_numpy_dtype") else node.dtype)
+    ndim = len(shape)
+    if spatial_chunk is None:
+        per_voxel = shape[0] * dtype.itemsize
+        side = int((MAX_REQUEST_BYTES / per_voxel) ** (1.0 / (ndim - 1)))
+        spatial_chunk = max(8, min(128, side))
+    tiled_chunks = [max(c) for c in node.chunks[1:]] if node.chunks else [None] * (ndim - 1)
+    sizes = []
+    for s, tc in zip(shape[1:], tiled_chunks):
+        c = min(spatial_chunk, s)
+        if tc and tc < s and tc <= spatial_chunk:
+            c = tc * max(1, spatial_chunk // tc)  # a whole number of Tiled chunks
+        sizes.append(c)
+    chunks = regular_chunks(shape, (shape[0], *sizes))
+    blocks = np.empty(tuple(len(c) for c in chunks), dtype=object)
+    for idx, _, region in block_regions(chunks):
+        bshape = tuple(r.stop - r.start for r in region)
+        blocks[idx] = da.from_delayed(dask.delayed(_region_reader)(node, region), bshape, dtype=dtype)
+    return da.block(blocks.tolist())
+
+
+def lazy_array_spatial(node):
+    """A dask array over any Tiled array node, one read_block request per Tiled chunk."""
+    import dask
+    import dask.array as da
+
+    dtype = np.dtype(node.dtype.to_numpy_dtype() if hasattr(node.dtype, "to_numpy_dtype") else node.dtype)
+    chunks = tuple(tuple(int(c) for c in ch) for ch in node.chunks)
+    blocks = np.empty(tuple(len(c) for c in chunks), dtype=object)
+    for idx in np.ndindex(*blocks.shape):
+        bshape = tuple(chunks[a][i] for a, i in enumerate(idx))
+        blocks[idx] = da.from_delayed(dask.delayed(node.read_block)(idx), bshape, dtype=dtype)
+    return da.block(blocks.tolist())
