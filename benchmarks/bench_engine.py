@@ -321,7 +321,7 @@ class Context:
     def trajectories(self, shape, seed=0):
         key = (tuple(shape), seed)
         if key not in self._traj:
-            from xtec_flows.pipeline import ClusterParams, gather_trajectories
+            from xtec_flows.engine import ClusterParams, gather_trajectories
 
             _, arr, temps, _ = self.zarr_volume(shape, seed)
             self._traj[key] = gather_trajectories(arr, temps, ClusterParams(mode="d", n_components=K))
@@ -371,7 +371,7 @@ def plain_read(arr) -> float:
 def section_speed(ctx: Context) -> str:
     from sklearn.metrics import adjusted_rand_score
 
-    from xtec_flows.pipeline import cluster
+    from xtec_flows.engine import cluster
 
     args = ctx.args
     shape = args.speed_shape
@@ -592,7 +592,7 @@ def section_peaks(ctx: Context) -> str:
     from xtec.Preprocessing import Mask_Zeros, Peak_averaging, Threshold_Background
 
     from xtec_flows.numerics import peaks
-    from xtec_flows.pipeline import ClusterParams, gather_trajectories
+    from xtec_flows.engine import ClusterParams, gather_trajectories
 
     args = ctx.args
     shape = args.peaks_shape
@@ -723,7 +723,7 @@ def section_quality(ctx: Context) -> str:
 
 
 def _quality_at_k(ctx: Context, n_clusters: int, primary: bool) -> str:
-    from xtec_flows.pipeline import cluster
+    from xtec_flows.engine import cluster
     from xtec_flows.synthetic import CLASS_NAMES, make_volume
 
     args = ctx.args
@@ -873,7 +873,7 @@ def child_main(args) -> None:
         plain_read(arr)
         out = {"time": time.perf_counter() - t0}
     elif args.child == "cluster":
-        from xtec_flows.pipeline import cluster
+        from xtec_flows.engine import cluster
 
         t0 = time.perf_counter()
         res = cluster(arr, temps, mode="d", n_components=K, progress=True)
@@ -1053,7 +1053,7 @@ def section_tiled(ctx: Context) -> str:
     import dask.array as da
     from sklearn.metrics import adjusted_rand_score
 
-    from xtec_flows.pipeline import ClusterParams, cluster
+    from xtec_flows.engine import ClusterParams, cluster
 
     args = ctx.args
     shape = args.tiled_shape
@@ -1210,7 +1210,7 @@ def section_tiled(ctx: Context) -> str:
         same_labels = bool(np.array_equal(tiled_labels, labels_local))
         ari = float(adjusted_rand_score(labels_local.ravel(), tiled_labels.ravel())) if not same_labels else 1.0
         log("tiled: open_scan + run() without writing (split of process_scan)")
-        from xtec_flows.pipeline import run as run_pipeline
+        from xtec_flows.engine import run as run_pipeline
 
         t_o2, scan2 = timed(tiled_io.open_scan, c, nodes["chunked"])
         t_run, res_t = timed(run_pipeline, scan2.volume, scan2.temperatures, params)
@@ -1314,7 +1314,7 @@ def classes_api_available() -> bool:
     """True once ClusterParams has the ``classes`` field (class discovery, ``classes="auto"``)."""
     import dataclasses
 
-    from xtec_flows.pipeline import ClusterParams
+    from xtec_flows.engine import ClusterParams
 
     return "classes" in {f.name for f in dataclasses.fields(ClusterParams)}
 
@@ -1367,7 +1367,7 @@ def cdw_class_tc(classes: list[dict], lab: np.ndarray, truth: np.ndarray):
 
 def _grid_run(method: str, vol, temps, truth, seed: int, model) -> dict:
     """One scored run of one method; never raises (a failure is recorded with its message)."""
-    from xtec_flows.pipeline import cluster
+    from xtec_flows.engine import cluster
 
     try:
         if method == "reference d":
@@ -1438,7 +1438,7 @@ def section_grid(ctx: Context) -> str:
         + ("" if have_auto else " (classes='auto' not available in this checkout)"))
 
     # Warm-up: the first engine call in a process pays imports and compilation; keep it out of the timings.
-    from xtec_flows.pipeline import cluster
+    from xtec_flows.engine import cluster
 
     wv, wt, _ = make_volume((12, 24, 24, 24), seed=99)
     with warnings_quiet():
@@ -1689,7 +1689,7 @@ def fmt_runs(mask: np.ndarray, two_theta: np.ndarray, top: int = 4) -> str:
 
 
 def section_realdata(ctx: Context) -> str:
-    from xtec_flows.pipeline import cluster
+    from xtec_flows.engine import cluster
 
     path = Path(ctx.args.realdata_path)
     d = np.load(path)

@@ -135,7 +135,7 @@ def child_engine(cfg: dict) -> dict:
     """``pipeline.run`` on a local zarr volume, ``cfg['repeat']`` times; the fastest run's breakdown."""
     import zarr
 
-    from xtec_flows.pipeline import ClusterParams, run
+    from xtec_flows.engine import ClusterParams, run
 
     cpus = _pin(cfg.get("pin"))
     g = zarr.open_group(cfg["path"], mode="r")
@@ -173,7 +173,7 @@ def child_process_scan(cfg: dict) -> dict:
 
     The key comes from TILED_API_KEY in this child's environment (never its command line)."""
     from xtec_flows import tiled as tiled_io
-    from xtec_flows.pipeline import ClusterParams
+    from xtec_flows.engine import ClusterParams
     from xtec_flows.tiled.process import process_scan
 
     cpus = _pin(cfg.get("pin"))

@@ -6,5 +6,7 @@
     serve.py          one process serving both deployments plus the Tiled scan watcher
 
 The numerics, Tiled I/O and the watcher logic live in ``xtec_flows``; nothing here touches
-an array.
+an array. This folder installs as the package ``xtec_flows_prefect`` (pyproject.toml), so the
+modules import each other by that name; the library never imports them (``xtec-flows serve``
+finds :mod:`xtec_flows_prefect.serve` through the entry point group ``xtec_flows.serving``).
 """

@@ -25,7 +25,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from xtec_flows import tiled as tiled_io
-from xtec_flows.pipeline import ClusterParams
+from xtec_flows.engine import ClusterParams
 from xtec_flows.tiled.process import process_scan
 
 #: Where the q-map / trajectory PNGs are written (one folder per result key).

@@ -2,7 +2,7 @@
 
 Selects completed scans (time range, sample, plan) that lack a complete result for the
 current parameters and engine version, and submits one ``cluster_scan`` run per scan
-through the same idempotent :class:`~flows.submit.Submitter` the watcher uses. Those runs are
+through the same idempotent :class:`~xtec_flows_prefect.submit.Submitter` the watcher uses. Those runs are
 executed by the serving process under its concurrency limit, so a schedule never saturates
 the beamline host; each new result records which older results it supersedes.
 """
@@ -13,11 +13,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.cluster_scan import _retry_if_transient
-from flows.submit import DEFAULT_DEPLOYMENT, Submitter
+from xtec_flows_prefect.cluster_scan import _retry_if_transient
+from xtec_flows_prefect.submit import DEFAULT_DEPLOYMENT, Submitter
 from xtec_flows.tiled import watch
 from xtec_flows import tiled as tiled_io
-from xtec_flows.pipeline import ClusterParams
+from xtec_flows.engine import ClusterParams
 
 
 @task(name="select-scans", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_if_transient,

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 from xtec_flows.tiled import watch
 from xtec_flows import tiled as tiled_io
-from xtec_flows.pipeline import ClusterParams
+from xtec_flows.engine import ClusterParams
 
-from .submit import Submitter
+from xtec_flows_prefect.submit import Submitter
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ class ServeConfig:
 
 def build_deployments(cfg: ServeConfig) -> list:
     """The two RunnerDeployments this process serves."""
-    from .cluster_scan import cluster_scan
-    from .reprocess import reprocess
+    from xtec_flows_prefect.cluster_scan import cluster_scan
+    from xtec_flows_prefect.reprocess import reprocess
 
     post = cluster_scan.to_deployment(
         name=POST_SCAN,
@@ -119,7 +119,7 @@ def make_watcher(cfg: ServeConfig, client=None) -> watch.ScanWatcher:
     Raises ValueError when the raw container does not exist, tiled_io.AccessDenied when the key
     may not write results under ``cfg.root`` (both before any work is done).
     """
-    from .cluster_scan import cluster_scan
+    from xtec_flows_prefect.cluster_scan import cluster_scan
 
     client = client if client is not None else tiled_io.connect(cfg.tiled_uri)
     try:
@@ -236,7 +236,7 @@ def watch_and_submit(cfg: ServeConfig) -> None:
     The deployment must exist (checked at start, waiting out an unreachable Prefect server);
     its work pool's concurrency limit, not this process, bounds the runs.
     """
-    from .cluster_scan import cluster_scan
+    from xtec_flows_prefect.cluster_scan import cluster_scan
 
     watcher = make_watcher(cfg)
     name = f"{cluster_scan.name}/{POST_SCAN}"

@@ -18,18 +18,11 @@ from xtec_flows import tiled as tiled_io
 log = logging.getLogger(__name__)
 
 DEFAULT_DEPLOYMENT = "xtec-cluster-scan/post-scan"
-#: Flow runs one (scan, parameters) pair may get: the first plus retries after crashes.
-MAX_ATTEMPTS = 3
 
 
 def idempotency_base(scan_uid: str, parameters: dict) -> str:
     """The result key doubles as the idempotency key: one per (scan, parameters, engine major)."""
     return tiled_io.result_key(scan_uid, parameters)
-
-
-def attempt_keys(base: str, max_attempts: int = MAX_ATTEMPTS) -> list[str]:
-    """The idempotency keys of attempts 0, 1, ... for one result key."""
-    return [f"{base}#{i}" for i in range(max_attempts)]
 
 
 @dataclass
@@ -44,7 +37,7 @@ class Submitter:
     deployment: str = DEFAULT_DEPLOYMENT
     parameters: dict = field(default_factory=dict)
     flow_parameters: dict = field(default_factory=dict)
-    max_attempts: int = MAX_ATTEMPTS
+    max_attempts: int = tiled_io.MAX_ATTEMPTS
     tags: tuple = ("xtec",)
     _given_up: set = field(default_factory=set, repr=False)
 
@@ -68,7 +61,7 @@ class Submitter:
         from prefect.deployments import run_deployment
 
         base = idempotency_base(scan_uid, self.parameters)
-        keys = attempt_keys(base, self.max_attempts)
+        keys = tiled_io.attempt_keys(base, self.max_attempts)
         runs = self.existing_runs(keys)
         for run in runs:
             state = run.state.type if run.state else None

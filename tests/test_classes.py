@@ -12,12 +12,12 @@ from scipy.optimize import curve_fit
 
 import xtec_flows
 from xtec_flows import synthetic
-from xtec_flows.class_discovery import STABLE_JACCARD, group_into_classes, measure_stability
+from xtec_flows.engine.class_discovery import STABLE_JACCARD, group_into_classes, measure_stability
 from xtec_flows.numerics import classes as curves
 from xtec_flows.numerics import stability
 from xtec_flows.numerics.classes import ClassKind, CurveFit, component_moments, fit_curve, group_components
 from xtec_flows.numerics.mixture import elbow
-from xtec_flows.pipeline import ClusterParams
+from xtec_flows.engine import ClusterParams
 
 T24 = np.linspace(20.0, 300.0, 24)
 
@@ -171,7 +171,7 @@ def test_match_labels_is_the_hungarian_optimum():
 
 def _discovery_with(kinds):
     classes = []
-    from xtec_flows.class_discovery import ClassDiscovery, PhysicalClass
+    from xtec_flows.engine.class_discovery import ClassDiscovery, PhysicalClass
 
     for label, kind in enumerate(kinds):
         classes.append(PhysicalClass(label, kind, [label], 1, CurveFit(kind=kind, model="x"),

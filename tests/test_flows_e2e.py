@@ -207,7 +207,7 @@ def test_misfit_scan_fails_once_with_a_clear_message_and_no_retry_storm(stack):
 
 
 def _serve_params():
-    from xtec_flows.pipeline import ClusterParams
+    from xtec_flows.engine import ClusterParams
 
     return ClusterParams(n_components=3).to_dict()
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import xtec_flows
-from xtec_flows import pipeline
+from xtec_flows.engine import first_pass
 from xtec_flows.demo.services import ManagedProcess, child_env, executable, free_port
 from xtec_flows.synthetic import make_volume
 
@@ -110,7 +110,7 @@ def test_workers_without_a_shared_temp_dir_give_the_local_labels(cluster, volume
     if streaming:
         # The path of inputs too large to keep whole: trajectories above a provisional cut,
         # the histogram from the statistic array in several passes.
-        monkeypatch.setattr(pipeline, "CACHE_ALL_BYTES", 0)
+        monkeypatch.setattr(first_pass, "CACHE_ALL_BYTES", 0)
     kwargs = dict(mode=mode, n_components=3, n_init=1, chunks=(8, 8, 8), random_state=0)
 
     def counted(log):

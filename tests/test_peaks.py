@@ -7,7 +7,7 @@ from xtec.Preprocessing import Mask_Zeros, Peak_averaging, Threshold_Background
 
 from conftest import lognormal_volume
 from xtec_flows.numerics import peaks
-from xtec_flows.pipeline import ClusterParams, gather_trajectories
+from xtec_flows.engine import ClusterParams, gather_trajectories
 
 
 def blob_volume(seed=0, shape=(24, 26, 22), T=5):

@@ -144,7 +144,7 @@ def test_import_keeps_heavy_dependencies_out():
     import sys
 
     code = (
-        "import sys, xtec_flows, xtec_flows.pipeline, xtec_flows.numerics.mixture;"
+        "import sys, xtec_flows, xtec_flows.engine, xtec_flows.numerics.mixture;"
         "bad=[m for m in ('matplotlib','prefect','tiled','distributed','sklearn') if m in sys.modules];"
         "print(','.join(bad))"
     )
@@ -157,16 +157,16 @@ def test_large_volume_paths_give_the_same_result(volume3, monkeypatch, path):
     """Small inputs keep every trajectory in the first pass; large ones keep only those
     above a cut estimated on sampled blocks, and read again if the final cut is lower.
     All three routes must give identical results."""
-    from xtec_flows import pipeline
+    from xtec_flows.engine import first_pass
 
     vol, temps, _ = volume3
     common = dict(mode="peaks", n_components=3, n_init=1, chunks=(8, 8, 16))
     ref = xtec_flows.cluster(vol, temps, **common)
     assert ref.n_reads == 1
-    monkeypatch.setattr(pipeline, "CACHE_ALL_BYTES", 0)
+    monkeypatch.setattr(first_pass, "CACHE_ALL_BYTES", 0)
     if path == "second read":
         # a provisional cut far above any real one forces the fallback
-        monkeypatch.setattr(pipeline, "PROVISIONAL_MARGIN_BINS", -1000)
+        monkeypatch.setattr(first_pass, "PROVISIONAL_MARGIN_BINS", -1000)
     other = xtec_flows.cluster(vol, temps, **common)
     assert other.n_reads == (2 if path == "second read" else 1)
     np.testing.assert_array_equal(labels_of(other), labels_of(ref))
@@ -177,9 +177,9 @@ def test_large_volume_paths_give_the_same_result(volume3, monkeypatch, path):
 def test_docstring_examples_run():
     import doctest
 
-    from xtec_flows import pipeline
+    from xtec_flows import engine
 
-    failures, tried = doctest.testmod(pipeline, verbose=False)
+    failures, tried = doctest.testmod(engine, verbose=False)
     assert tried > 0 and failures == 0
 
 

@@ -255,7 +255,7 @@ def test_several_tiled_processes_share_one_catalog_and_its_events(prod, tmp_path
 
 
 def _params():
-    from xtec_flows.pipeline import ClusterParams
+    from xtec_flows.engine import ClusterParams
 
     return ClusterParams(n_components=3).to_dict()
 
@@ -418,7 +418,7 @@ def _bootstrap_module():
 
 def test_key_without_write_scope_fails_clearly_before_any_work(prod, processed, tmp_path, monkeypatch):
     from xtec_flows.demo.services import ServeService
-    from xtec_flows.pipeline import ClusterParams
+    from xtec_flows.engine import ClusterParams
     from xtec_flows.tiled.process import process_scan
 
     bootstrap = _bootstrap_module()

@@ -14,7 +14,7 @@ import pytest
 from tiled_support import run_temperature_scan
 
 from xtec_flows import tiled as tiled_io
-from xtec_flows.pipeline import ClusterParams
+from xtec_flows.engine import ClusterParams
 from xtec_flows.tiled import process, watch
 from xtec_flows.tiled.errors import FailureKind, failure_kind, http_status, is_retryable, is_transient_error
 

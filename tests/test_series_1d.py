@@ -68,7 +68,7 @@ def test_ordering_as_given_accepts_a_ramp_then_a_hold_and_monotonic_refuses_it()
         xtec_flows.cluster(series, ramp_hold, n_components=2)
     result = xtec_flows.cluster(series, ramp_hold, n_components=2, ordering="as-given")
     assert result.params.to_dict()["ordering"] == "as-given"
-    assert "ordering" not in xtec_flows.pipeline.ClusterParams().to_dict()
+    assert "ordering" not in xtec_flows.engine.ClusterParams().to_dict()
     with pytest.raises(ValueError, match="distinct values.*pass the times as the coordinate"):
         xtec_flows.cluster(series, ramp_hold, classes="auto", ordering="as-given")
     with pytest.raises(ValueError, match="ordering must be one of"):

@@ -8,7 +8,7 @@ from xtec.Preprocessing import Mask_Zeros, Threshold_Background
 
 from conftest import lognormal_volume
 from xtec_flows.numerics import threshold as th
-from xtec_flows.pipeline import ClusterParams, gather_trajectories
+from xtec_flows.engine import ClusterParams, gather_trajectories
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -13,7 +13,7 @@ from xtec_flows import cli
 from xtec_flows.tiled import results
 from xtec_flows import tiled as tiled_io
 from xtec_flows.tiled import arrays as tiled_arrays
-from xtec_flows.pipeline import ClusterParams
+from xtec_flows.engine import ClusterParams
 from xtec_flows.tiled.process import process_scan
 
 TEMPS = [20.0, 60.0, 100.0, 130.0, 150.0, 170.0, 220.0, 300.0]
@@ -34,7 +34,7 @@ def external_uid(tiled_server):
 
 def expected_labels(seed, params=PARAMS):
     vol = scan_volumes(TEMPS, SHAPE, seed=seed)
-    return xtec_flows.pipeline.run(vol, np.asarray(TEMPS), params).labels[...]
+    return xtec_flows.engine.run(vol, np.asarray(TEMPS), params).labels[...]
 
 
 # ------------------------------------------------------------------------------- reading

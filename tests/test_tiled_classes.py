@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from tiled_support import write_plain_array_node
 
-from xtec_flows import pipeline
+from xtec_flows.engine import run as run_engine
 from xtec_flows.tiled import results
 from xtec_flows import tiled as tiled_io
-from xtec_flows.pipeline import ClusterParams
+from xtec_flows.engine import ClusterParams
 from xtec_flows.tiled.process import process_scan
 from xtec_flows.synthetic import make_volume
 
@@ -42,7 +42,7 @@ def scan_path(tiled_server, series):
 @pytest.fixture(scope="module")
 def engine(series):
     """The same clustering in memory: what the Tiled result must hold."""
-    return pipeline.run(*series, AUTO)
+    return run_engine(*series, AUTO)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_fixed_k_result_keeps_its_layout_and_key(tiled_server, scan_path):
 
 
 def test_publish_result_shows_the_classes(tiled_server, auto_node, tmp_path, monkeypatch):
-    from flows import cluster_scan
+    from xtec_flows_prefect import cluster_scan
 
     made, qmaps = {}, []
     for name in ("create_table_artifact", "create_markdown_artifact", "create_image_artifact"):
@@ -157,7 +157,7 @@ def test_publish_result_shows_the_classes(tiled_server, auto_node, tmp_path, mon
 
 
 def test_class_table_markdown():
-    from flows.cluster_scan import class_table_markdown
+    from xtec_flows_prefect.cluster_scan import class_table_markdown
 
     classes = [
         {"label": 0, "kind": "order_parameter", "trend": "flat", "n_voxels": 1234, "tc": 152.73, "tc_err": 3.88,
@@ -174,8 +174,8 @@ def test_class_table_markdown():
 
 
 def test_serve_and_reprocessing_carry_auto_parameters():
-    from flows.serve import ServeConfig, build_deployments
-    from flows.submit import idempotency_base
+    from xtec_flows_prefect.serve import ServeConfig, build_deployments
+    from xtec_flows_prefect.submit import idempotency_base
 
     cfg = ServeConfig(tiled_uri="http://127.0.0.1:9", parameters={"classes": "auto", "max_components": 6})
     post, scheduled = build_deployments(cfg)

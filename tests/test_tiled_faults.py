@@ -33,7 +33,7 @@ from xtec_flows import cli
 from xtec_flows.tiled import results
 from xtec_flows import tiled as tiled_io
 from xtec_flows.tiled import results as tiled_results
-from xtec_flows.pipeline import ClusterParams
+from xtec_flows.engine import ClusterParams
 from xtec_flows.tiled.process import process_scan
 
 TEMPS = [20.0, 60.0, 100.0, 130.0, 150.0, 170.0, 220.0, 300.0]
@@ -94,7 +94,7 @@ def shared_server(tmp_path_factory):
 @functools.lru_cache(maxsize=None)
 def _expected(seed: int) -> np.ndarray:
     vol = scan_volumes(TEMPS, SHAPE, seed=seed)
-    labels = xtec_flows.pipeline.run(vol, np.asarray(TEMPS), PARAMS).labels[...]
+    labels = xtec_flows.engine.run(vol, np.asarray(TEMPS), PARAMS).labels[...]
     return np.asarray(labels, dtype=np.int8)
 
 

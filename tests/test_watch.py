@@ -16,7 +16,7 @@ from tiled_support import run_temperature_scan
 from xtec_flows.tiled import results, watch
 from xtec_flows.demo.services import TiledService
 from xtec_flows import tiled as tiled_io
-from xtec_flows.pipeline import ClusterParams
+from xtec_flows.engine import ClusterParams
 from xtec_flows.tiled.process import process_scan
 
 TEMPS = np.linspace(20.0, 300.0, 8)
@@ -248,7 +248,7 @@ def test_serve_refuses_bad_configuration_before_starting_anything(monkeypatch, c
 
 
 def test_serve_names_a_missing_raw_container(tiled_server):
-    from flows.serve import ServeConfig, make_watcher
+    from xtec_flows_prefect.serve import ServeConfig, make_watcher
 
     cfg = ServeConfig(tiled_uri=tiled_server.uri, raw_path="no_such_container")
     with pytest.raises(ValueError, match="no container 'no_such_container'.*--raw-path"):

@@ -127,7 +127,7 @@ def _add_engine_options(p: argparse.ArgumentParser, several_inputs: bool = False
 
 
 def _add_class_options(p: argparse.ArgumentParser) -> None:
-    from .pipeline import ClusterParams
+    from .engine import ClusterParams
 
     defaults = ClusterParams()
     p.add_argument("--classes", choices=["auto"], default=None,
@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--root", default="xtec", help="Tiled: container for derived results (default xtec)")
     c.add_argument("--volume-field", help="Tiled: name of the volume in the run's primary stream (detected if unique)")
     c.add_argument("--temperature-field", help="Tiled: temperature column of the run (detected if unique)")
+    c.add_argument("--read-mode", choices=("auto", "http", "direct"), default="auto",
+                   help="Tiled: read the scan's zarr/HDF5 files directly when this host can open them and they "
+                        "match what Tiled serves ('auto', default), always through the server ('http'), or "
+                        "files only ('direct': an error if not possible)")
     c.add_argument("-k", "--n-components", type=int, default=4)
     _add_class_options(c)
     c.add_argument("--overwrite", action="store_true", help="replace an earlier xtec-flows result in OUTPUT")
@@ -281,7 +285,7 @@ def _open_input(spec, temperatures, series_check: str = "exclude"):
 
 def _params_from(args, n_components: int):
     from .numerics.smoothing import SmoothingKernel
-    from .pipeline import ClusterParams
+    from .engine import ClusterParams
 
     smoothing = None
     if args.mode == "s":
@@ -352,7 +356,7 @@ def cmd_cluster(args) -> dict:
     if not args.input or not args.output:
         raise CLIError("cluster needs INPUT and -o OUTPUT (or --tiled-uri URI --scan UID for a Tiled scan)")
 
-    from . import pipeline
+    from . import engine
     from .io import zarr_io
 
     params = _params_from(args, args.n_components)
@@ -366,7 +370,7 @@ def cmd_cluster(args) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        result = pipeline.run(
+        result = engine.run(
             volume,
             temps,
             params,
@@ -453,7 +457,7 @@ def cmd_cluster_tiled(args) -> dict:
     params = _params_from(args, args.n_components)
     outcome = process.process_scan(args.tiled_uri, args.scan, params, root=args.root, api_key=args.api_key,
                                    volume_field=args.volume_field, temperature_field=args.temperature_field,
-                                   chunks=args.chunks, progress=not args.quiet)
+                                   chunks=args.chunks, progress=not args.quiet, read_mode=args.read_mode)
     md = dict(outcome.node.metadata or {})
     return {"uri": tiled_io.redact_uri(args.tiled_uri), "scan": args.scan, "key": outcome.key, "path": outcome.path,
             "status": outcome.status, "reused": outcome.reused, "n_components": md.get("n_components"),
@@ -461,7 +465,7 @@ def cmd_cluster_tiled(args) -> dict:
 
 
 def cmd_bic(args) -> dict:
-    from . import pipeline
+    from . import engine
     from .io import zarr_io
 
     if not args.input:
@@ -474,9 +478,9 @@ def cmd_bic(args) -> dict:
     kwargs = params.to_dict()
     kwargs.pop("n_components")
     kwargs["smoothing"] = params.smoothing
-    for name in pipeline.CLASS_DISCOVERY_FIELDS:
+    for name in engine.CLASS_DISCOVERY_FIELDS:
         kwargs.pop(name, None)
-    table = pipeline.select_n_components(volume, temps, args.k, criterion=args.criterion, chunks=args.chunks,
+    table = engine.select_n_components(volume, temps, args.k, criterion=args.criterion, chunks=args.chunks,
                                          scratch=args.scratch, progress=not args.quiet, **kwargs)
     doc = {"xtec_flows": __import__("xtec_flows").__version__, "input": args.input, "params": params.to_dict(), "table": table}
     if out is not None:
@@ -574,8 +578,8 @@ def cmd_serve(args) -> dict:
     if not os.environ.get("PREFECT_API_URL"):
         raise CLIError("set PREFECT_API_URL to the Prefect server, e.g. http://127.0.0.1:4200/api "
                        "(a served deployment needs a real server; see deploy/README.md)")
-    from flows.serve import ServeConfig, serve
-
+    serving = _serving_plugin()
+    ServeConfig, serve = serving.ServeConfig, serving.serve
     from .tiled.watch import ScanRule
 
     params = args.parameters if args.parameters is not None else {
@@ -593,6 +597,18 @@ def cmd_serve(args) -> dict:
     )
     serve(cfg)
     return {"stopped": True}
+
+
+def _serving_plugin():
+    """The Prefect side (flows/, installed as ``xtec_flows_prefect``), found by its entry point
+    in the group ``xtec_flows.serving``: the library itself never imports the flows."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group="xtec_flows.serving"))
+    if not found:
+        raise CLIError("serve needs the Prefect flows, which are not installed: pip install 'xtec-flows[flows]' "
+                       "from the project (they install as the package xtec_flows_prefect)")
+    return found[0].load()
 
 
 def cmd_demo(args) -> dict:

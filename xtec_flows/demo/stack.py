@@ -70,9 +70,7 @@ def wait_for_flow_run(api_url: str, result_key: str, timeout: float) -> str | No
     """Final state type of the cluster_scan flow run for a result key (its idempotency key base)."""
     import httpx
 
-    from flows.submit import attempt_keys
-
-    keys = attempt_keys(result_key)
+    keys = tiled_io.attempt_keys(result_key)
     deadline = time.monotonic() + timeout
     state = None
     with httpx.Client(trust_env=False, timeout=5.0) as http:

@@ -21,7 +21,7 @@ from .access import WRITE_SCOPES, check_key_scopes, check_write_access, derived_
 from .arrays import lazy_array, lazy_array_spatial
 from .client import MAX_REQUEST_BYTES, check_key, connect, node_path, redact_secrets, redact_uri, walk
 from .errors import (MAX_ATTEMPTS, AccessDenied, FailureKind, NodeNotFound, ResultBusy, ScanNotReady,
-                     failure_kind, http_status, is_retryable, is_transient_error)
+                     attempt_keys, failure_kind, http_status, is_retryable, is_transient_error)
 from .results import (LoadedResult, begin_result, class_scalars, class_table, fail_result, find_result,
                       find_results, json_safe, latest_result, load_result, mark_superseded, reject_scan,
                       summarise, utc_now, write_labels_array, write_result)
@@ -47,6 +47,7 @@ __all__ = [
     "redact_uri",
     "walk",
     "MAX_ATTEMPTS",
+    "attempt_keys",
     "AccessDenied",
     "FailureKind",
     "NodeNotFound",

@@ -1,4 +1,5 @@
-"""Tiled array nodes as lazily read dask arrays (one request per block)."""
+"""Tiled array nodes as lazily read dask arrays: one HTTP request per block, or one read of the
+node's own zarr/HDF5 file per block when this host can open it (:mod:`.direct`)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,25 @@ def _region_reader(node, region):
     return np.asarray(node.read(slice=region))
 
 
-def lazy_array(node, spatial_chunk: int | None = None):
-    """A dask array over a Tiled array node, one request per task.
+def lazy_array(node, spatial_chunk: int | None = None, read_mode: str = "auto"):
+    """A dask array over a Tiled array node, one request (or one file read) per task.
 
     Blocks span the whole first (temperature) axis and are sized so that each
     request stays under ``MAX_REQUEST_BYTES``; they are aligned to Tiled's own
     chunks when those are small enough.
+
+    ``read_mode``: "auto" reads the blocks straight from the node's zarr or HDF5
+    file when this host can open it and it matches Tiled's structure, else over
+    HTTP; "http" always over HTTP; "direct" from the file or
+    :class:`~xtec_flows.tiled.direct.DirectReadUnavailable` (see
+    :mod:`xtec_flows.tiled.direct`). The block grid is the same either way.
     """
     import dask
     import dask.array as da
+
+    from .direct import check_read_mode, direct_array
+
+    check_read_mode(read_mode)
 
     shape = tuple(int(s) for s in node.shape)
     dtype = np.dtype(node.dtype.to_numpy_dtype() if hasattr(node.dtype, "to_numpy_dtype") else node.dtype)
@@ -37,6 +48,9 @@ def lazy_array(node, spatial_chunk: int | None = None):
             c = tc * max(1, spatial_chunk // tc)  # a whole number of Tiled chunks
         sizes.append(c)
     chunks = regular_chunks(shape, (shape[0], *sizes))
+    direct = direct_array(node, chunks, read_mode=read_mode)
+    if direct is not None:
+        return direct
     blocks = np.empty(tuple(len(c) for c in chunks), dtype=object)
     for idx, _, region in block_regions(chunks):
         bshape = tuple(r.stop - r.start for r in region)

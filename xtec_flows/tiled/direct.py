@@ -26,6 +26,10 @@ What is checked, against the structure Tiled serves (shape, dtype, chunks):
   concatenated shape equal to Tiled's. The file's own chunking is storage layout that Tiled's
   HDF5 adapter does not expose, so it is not compared; Tiled's chunks must tile its shape.
 
+Direct reads stay inside Tiled's access control: before using the file, one element is read
+over HTTP (it needs ``read:data`` on the node, as every HTTP block would) and compared with the
+file's.
+
 Anything else (another format, several data sources, a non-file URI, HDF5 ``slice`` or
 ``squeeze`` parameters) is read over HTTP, logged at debug level. A file that does not match,
 or that this host cannot read, is logged as a warning. The checks run again in every task
@@ -39,7 +43,6 @@ No import from the rest of xtec-flows: only numpy, dask, zarr, h5py and the tile
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 
@@ -110,11 +113,6 @@ class DirectSource:
     @property
     def ndim(self) -> int:
         return len(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        # math.prod: exact Python ints (numpy.prod could overflow for very large arrays)
-        return math.prod(self.shape) * self.dtype.itemsize
 
     # -- opening and checking ----------------------------------------------------------------
 
@@ -234,8 +232,11 @@ def _file_paths(assets, parameter: str | None) -> list:
     return paths
 
 
-def _why_not(node) -> tuple[DirectSource | None, str, bool]:
-    """(source, reason, is_warning): the source when direct reads are possible, else why not."""
+def _why_not(node) -> tuple[DirectSource | None, str | StructureMismatch, bool]:
+    """(source, reason, is_warning): the source when direct reads are possible, else why not.
+
+    The reason is a :class:`StructureMismatch` (not raised) when the file does not match.
+    """
     label = _node_label(node)
     if getattr(node, "structure_family", None) != "array":
         return None, f"{label} is not an array node", False
@@ -280,9 +281,34 @@ def _why_not(node) -> tuple[DirectSource | None, str, bool]:
     try:
         src.check()
     except StructureMismatch as exc:
-        return None, str(exc), True
-    except (OSError, ValueError, KeyError) as exc:  # unreadable or not a zarr/HDF5 file after all
+        return None, exc, True
+    except (OSError, ValueError, KeyError) as exc:  # unreadable, or not zarr/HDF5 after all (zarr's are ValueErrors)
         return None, f"{label}: cannot open {paths[0]} as {kind} ({type(exc).__name__}: {exc})", True
+    return _probe(node, src)
+
+
+def _probe(node, src: DirectSource) -> tuple[DirectSource | None, str | StructureMismatch, bool]:
+    """Read one element over HTTP and from the file: they must agree.
+
+    The HTTP read is what keeps direct reads inside Tiled's access control: the data sources
+    need only ``read:metadata``, the file only file-system permission, so without it a key
+    Tiled refuses data to could still read the file. It also catches a file whose values
+    changed at an unchanged structure, at one element's cost (one small request).
+    """
+    if 0 in src.shape:
+        return src, "", False
+    first = tuple(slice(0, 1) for _ in src.shape)
+    try:
+        served = np.asarray(node.read(slice=first))
+    except Exception as exc:  # denied, or the server failing: the HTTP path will report it
+        return None, f"{src.node_path}: the server did not serve one element ({type(exc).__name__}: {exc})", True
+    try:
+        stored = src.read(first)
+    except (DirectReadUnavailable, OSError, ValueError, KeyError) as exc:
+        return None, f"{src.node_path}: reading {src.paths[0]} failed ({type(exc).__name__}: {exc})", True
+    if served.tobytes() != stored.astype(served.dtype, copy=False).tobytes():
+        return None, src._mismatch(f"element {(0,) * src.ndim} is {stored.ravel()[0]!r} in the file, "
+                                   f"{served.ravel()[0]!r} from Tiled"), True
     return src, "", False
 
 
@@ -301,6 +327,12 @@ def direct_source(node) -> DirectSource | None:
 # ---------------------------------------------------------------------------------------------
 # dask
 # ---------------------------------------------------------------------------------------------
+
+
+def _zarr_errors() -> type:
+    from zarr.errors import BaseZarrError
+
+    return BaseZarrError
 
 
 def _bounding_region(key, shape: tuple) -> tuple[tuple, tuple]:
@@ -362,7 +394,7 @@ class _BlockReader:
     def _read(self, region):
         try:
             return self.source.read(region)
-        except (DirectReadUnavailable, OSError, KeyError) as exc:
+        except (DirectReadUnavailable, OSError, KeyError, _zarr_errors()) as exc:
             if self.fallback is None:
                 if isinstance(exc, DirectReadUnavailable):
                     raise
@@ -394,6 +426,8 @@ def direct_array(node, chunks, read_mode: str = "auto"):
     src, reason, warn = _why_not(node)
     if src is None:
         if read_mode == "direct":
+            if isinstance(reason, StructureMismatch):
+                raise StructureMismatch(f"read_mode='direct': {reason}")
             raise DirectReadUnavailable(
                 f"read_mode='direct' cannot be honoured: {reason}. Use read_mode='auto' to fall back to HTTP"
             )

@@ -24,6 +24,12 @@ MAX_ATTEMPTS = 3
 RETRYABLE_CLIENT_STATUSES = (408, 409, 429)
 
 
+def attempt_keys(result_key: str, max_attempts: int = MAX_ATTEMPTS) -> list[str]:
+    """The idempotency keys of a result's attempts 0, 1, ...: whatever submits the work (the
+    Prefect submitter) creates attempt ``i`` under key ``i``, so repeats find it again."""
+    return [f"{result_key}#{i}" for i in range(max_attempts)]
+
+
 class FailureKind(str, enum.Enum):
     PERMANENT = "permanent"
     TRANSIENT = "transient"

@@ -191,10 +191,6 @@ class RunStream:
         return dict(self._cache.get("metadata") or {})
 
 
-def _stream_node_name(stream_node) -> str:
-    return stream_node.path_parts[-1] if stream_node.path_parts else ""
-
-
 def _table_stream(layout: RunLayout, run_label_: str, name: str, stream_node) -> RunStream:
     base = _plain(stream_node)
     arrays, table = {}, None
@@ -219,18 +215,18 @@ def _mongo_stream(run_label_: str, name: str, stream_node) -> RunStream:
 def detect_layout(run) -> RunLayout:
     """The layout of ``run`` (a Tiled container node of one bluesky run).
 
-    MONGO: the run's spec is ``BlueskyRun`` version 1/2 (databroker's adapter) or its streams
-    hold ``data``/``timestamps`` containers; STREAMS: the run holds a ``streams`` container that
-    is not itself an event stream; TILEDWRITER otherwise.
+    STREAMS: the run holds a ``streams`` container that is not itself an event stream; MONGO: the
+    run's spec is ``BlueskyRun`` version 1 (databroker's adapter), or another version before 3
+    whose streams hold a ``data`` container; TILEDWRITER otherwise.
     """
     node = _plain(run)
-    versions = [s.version for s in (getattr(run, "specs", None) or []) if s.name == "BlueskyRun"]
+    versions = [str(s.version) for s in (getattr(run, "specs", None) or []) if s.name == "BlueskyRun"]
     keys = list(node)
     if "streams" in keys and _STREAM_SPEC not in _spec_names(node["streams"]):
         return RunLayout.STREAMS
-    if versions and versions[0] and not str(versions[0]).startswith("3"):
-        # databroker's MongoAdapter says BlueskyRun 1; bluesky's early TiledWriter also said 1.0
-        # but always wrote the 'streams' namespace (caught above) or internal/external.
+    if versions == ["1"]:  # databroker's MongoAdapter (bluesky's own early TiledWriter said "1.0")
+        return RunLayout.MONGO
+    if versions and not versions[0].startswith("3"):
         for key in keys:
             child = node[key]
             if getattr(child, "structure_family", None) == "container" and "data" in _keys(child):

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from .. import tiled as tiled_io
-from ..pipeline import ClusterParams, run
+from ..engine import ClusterParams, run
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ def process_scan(
     chunks=None,
     progress: bool = False,
     on_stage=None,
+    read_mode: str = "auto",
 ) -> Outcome:
     """Cluster a scan served by Tiled and write the result back under ``root``.
 
@@ -57,6 +58,9 @@ def process_scan(
     params : clustering parameters (default ClusterParams())
     on_stage : optional ``callable(name, fraction)`` called after each pass ("read", "fit",
         "labels", "written"); fraction of the work done, 0..1
+    read_mode : "auto" (read the scan's files directly when this host can, else over HTTP),
+        "http" or "direct" (see :mod:`xtec_flows.tiled.direct`); how the data travel, so it is
+        not a clustering parameter and never part of the result key
 
     Raises
     ------
@@ -70,7 +74,8 @@ def process_scan(
     # A key that cannot write results fails here, before any data is read.
     tiled_io.check_key_scopes(server_root, root)
     try:
-        the_scan = tiled_io.open_scan(client, scan, volume_field=volume_field, temperature_field=temperature_field)
+        the_scan = tiled_io.open_scan(client, scan, volume_field=volume_field, temperature_field=temperature_field,
+                                      read_mode=read_mode)
     except tiled_io.ScanNotReady:
         raise
     except (ValueError, TypeError) as exc:

@@ -2,15 +2,18 @@
 
 :func:`open_scan` understands three kinds of source:
 
-- a bluesky run written by TiledWriter: ``/<uid>/primary/<volume field>`` with the
-  temperature column in ``/<uid>/primary/internal``;
+- a bluesky run in any layout Tiled serves (:mod:`.layouts`: TiledWriter's ``primary``, the
+  SQL-backed ``streams/primary``, databroker's MongoDB ``primary/data``), volume and temperature
+  fields detected when unambiguous;
 - a plain array node of 3 or 4 dims with a ``temperatures`` metadata entry, or a container
   holding such an array and a 1-D ``temperature(s)`` array;
-- a run client the caller already holds (``BlueskyRun`` or a container).
+- a run object the caller already holds (a ``BlueskyRun`` client, databroker's
+  ``catalog[uid]``, a v1 ``Header``, or a container).
 
 A bluesky run is processable only when its stop document says ``exit_status == "success"``
 and it has one event per temperature. The volume is a lazily read (T, *spatial) dask array
-whose tasks fetch one region each, never the whole 4-D array in one request.
+whose tasks fetch one region each (over HTTP, or from the node's file, :mod:`.direct`), never
+the whole 4-D array in one request.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 from .arrays import lazy_array
 from .client import connect, node_path, redact_uri, walk
 from .errors import ScanNotReady
+from .layouts import RunStream, as_run_node, open_stream
 
 
 @dataclass
@@ -72,53 +76,58 @@ def _check_volume_node(vnode, temps) -> None:
 
 
 def _base(node):
-    # bluesky-tiled-plugins shows a stream as a composite of table columns and
-    # arrays; the real child nodes are under .base.
-    return getattr(node, "base", node)
+    """The run container a caller's object stands for: databroker objects (a v1 ``Header``) are
+    turned into their Tiled node; Tiled nodes pass through (layouts reads their real children)."""
+    return as_run_node(node)
 
 
-def _temperatures_from_internal(base, field_name: str | None, start: dict) -> tuple[np.ndarray, str]:
-    if "internal" not in base:
-        raise ValueError(f"run stream {node_path(base)} has no 'internal' table holding the temperature column")
-    table = base["internal"].read()
-    columns = [c for c in table.columns if c not in ("seq_num", "time") and not c.startswith("ts_")]
+def _temperatures_from_internal(stream: RunStream, field_name: str | None, start: dict) -> tuple[np.ndarray, str]:
+    """The temperature column of a run stream (any layout), in event order, and its name.
+
+    Without ``field_name``: the run's only scanned motor, else the only column whose name holds
+    "temp" (not a setpoint).
+    """
+    columns = stream.columns()
+    where = f"{stream.run}, stream {stream.name!r} ({stream.path})"
     if field_name is None:
-        motors = [m for m in start.get("motors", []) if m in table.columns]
+        motors = [m for m in start.get("motors", []) if m in columns]
         candidates = motors if len(motors) == 1 else [c for c in columns if "temp" in c.lower() and "setpoint" not in c]
         if len(candidates) != 1:
             raise ValueError(
-                f"cannot tell which column of {node_path(base)}/internal is the temperature "
+                f"cannot tell which scalar field of {where} is the temperature "
                 f"(candidates {candidates or columns}); pass temperature_field= / --temperature-field"
             )
         field_name = candidates[0]
-    if field_name not in table.columns:
+    if field_name not in columns:
         raise ValueError(
-            f"{node_path(base)}/internal has no column {field_name!r} (columns {list(table.columns)}); "
+            f"{where} has no column {field_name!r} (columns {columns}); "
             "pass the right temperature_field= / --temperature-field"
         )
-    if "seq_num" in table.columns:
-        table = table.sort_values("seq_num")
-    return np.asarray(table[field_name], dtype=np.float64), field_name
+    return np.asarray(stream.column(field_name), dtype=np.float64), field_name
 
 
-def _volume_field(base, field_name: str | None) -> str:
-    arrays = []
-    for key in base:
-        if key == "internal":
-            continue
-        child = base[key]
-        if getattr(child, "structure_family", None) == "array" and len(child.shape) >= 3:
-            arrays.append(key)
+def _volume_field(stream: RunStream, field_name: str | None) -> tuple[str, object, bool]:
+    """(field, array node, frame axis) of the run stream's volume.
+
+    Candidates are the fields stored as arrays of 3+ dims (event axis first). An AreaDetector
+    field read through databroker carries its frame-per-point axis after the event axis,
+    (T, 1, *spatial); ``frame axis`` is True when that size-1 axis must be dropped.
+    """
+    arrays = stream.array_fields(min_ndim=3)
+    where = f"{stream.run}, stream {stream.name!r} ({stream.path})"
     if field_name is None:
         if len(arrays) != 1:
             raise ValueError(
-                f"cannot tell which array of {node_path(base)} is the volume (candidates {arrays}); "
+                f"cannot tell which array of {where} is the volume (candidates {arrays}); "
                 "pass volume_field= / --volume-field"
             )
-        return arrays[0]
-    if field_name not in base:
-        raise ValueError(f"{node_path(base)} has no field {field_name!r} (arrays {arrays}); check volume_field")
-    return field_name
+        field_name = arrays[0]
+    if field_name not in stream.arrays:
+        raise ValueError(f"{where} has no field {field_name!r} (arrays {arrays}); check volume_field")
+    vnode = stream.arrays[field_name]
+    shape = tuple(vnode.shape)
+    frame_axis = len(shape) == 5 and shape[1] == 1
+    return field_name, vnode, frame_axis
 
 
 def check_run_complete(run) -> dict:
@@ -139,7 +148,7 @@ def check_run_complete(run) -> dict:
 
 
 def open_scan(source, scan=None, *, volume_field: str | None = None, temperature_field: str | None = None,
-              api_key: str | None = None) -> TiledScan:
+              api_key: str | None = None, read_mode: str = "auto") -> TiledScan:
     """Resolve a temperature scan on a Tiled server.
 
     Parameters
@@ -150,6 +159,7 @@ def open_scan(source, scan=None, *, volume_field: str | None = None, temperature
     scan : str, optional
         Bluesky start uid, or node path (``"raw/<uid>"``, ``"imports/sample_a"``).
     volume_field, temperature_field : names inside a bluesky run, detected when unambiguous.
+    read_mode : "auto" | "http" | "direct", how the volume is read (see :mod:`xtec_flows.tiled.direct`)
 
     Returns
     -------
@@ -158,18 +168,18 @@ def open_scan(source, scan=None, *, volume_field: str | None = None, temperature
     if isinstance(source, str):
         client = connect(source, api_key)
     else:
-        client = source
+        client = _base(source)
     node = walk(client, scan) if scan is not None else client
     uri = redact_uri(node.uri)
     if _is_run(node):
         stop = check_run_complete(node)
         start = node.metadata["start"]
-        if "primary" not in node:
-            raise ScanNotReady(f"scan {start.get('uid')} has no 'primary' stream (no events were recorded)")
-        base = _base(node["primary"])
-        vfield = _volume_field(base, volume_field)
-        vnode = base[vfield]
-        temps, tfield = _temperatures_from_internal(base, temperature_field, start)
+        try:
+            stream = open_stream(node, "primary")
+        except KeyError as exc:  # the message names the run and the streams it has
+            raise ScanNotReady(exc.args[0]) from None
+        vfield, vnode, frame_axis = _volume_field(stream, volume_field)
+        temps, tfield = _temperatures_from_internal(stream, temperature_field, start)
         n_events = (stop.get("num_events") or {}).get("primary")
         if n_events is not None and n_events != len(temps):
             raise ScanNotReady(
@@ -179,15 +189,23 @@ def open_scan(source, scan=None, *, volume_field: str | None = None, temperature
             raise ScanNotReady(
                 f"scan {start.get('uid')}: volume {vfield} has {vnode.shape[0]} slices but {len(temps)} temperatures"
             )
-        _check_volume_node(vnode, temps)
+        if frame_axis:
+            # (T, 1, L, K, H) -> (T, L, K, H): the lazy slice drops the axis before any read
+            volume = lazy_array(vnode, read_mode=read_mode)[:, 0]
+            if volume.dtype.kind not in "iuf":
+                raise ValueError(f"{node_path(vnode)} holds {volume.dtype} data; a temperature series must be numeric")
+        else:
+            _check_volume_node(vnode, temps)
+            volume = lazy_array(vnode, read_mode=read_mode)
         return TiledScan(
-            volume=lazy_array(vnode),
+            volume=volume,
             temperatures=temps,
             uid=start.get("uid", node_path(node)),
             path=node_path(vnode),
             uri=uri,
             kind="bluesky-run",
-            metadata={"volume_field": vfield, "temperature_field": tfield,
+            metadata={"volume_field": vfield, "temperature_field": tfield, "layout": stream.layout.value,
+                      "stream": stream.path, "frame_axis_dropped": frame_axis,
                       "sample": start.get("sample"), "plan_name": start.get("plan_name")},
         )
     if getattr(node, "structure_family", None) == "container":
@@ -212,7 +230,7 @@ def open_scan(source, scan=None, *, volume_field: str | None = None, temperature
             "add a 1-D 'temperature' array beside it (xtec-flows import does this)"
         )
     return TiledScan(
-        volume=lazy_array(vnode),
+        volume=lazy_array(vnode, read_mode=read_mode),
         temperatures=np.asarray(temps, dtype=np.float64),
         uid=(vnode.metadata or {}).get("uid") or node_path(vnode),
         path=node_path(vnode),

@@ -162,6 +162,11 @@ def result_state(results_root, key: str) -> str:
     return MISSING if node is None else state_of_metadata(node.metadata or {})
 
 
+def is_mongo_catalog(raw) -> bool:
+    """Whether ``raw`` is databroker's MongoDB-backed catalog (spec CatalogOfBlueskyRuns 1)."""
+    return any(s.name == "CatalogOfBlueskyRuns" and str(s.version).startswith("1") for s in (raw.specs or []))
+
+
 def completed_scans(raw, rule: ScanRule = ScanRule(), *, since: float | None = None, until: float | None = None):
     """Uids of completed, successful runs in ``raw`` that the rule's queries select, oldest first.
 
@@ -169,15 +174,21 @@ def completed_scans(raw, rule: ScanRule = ScanRule(), *, since: float | None = N
     """
     from tiled.queries import Key
 
+    # databroker's MongoAdapter applies every query to the start document (it strips "start."
+    # and searches run_start), so a stop.* query matches nothing there; rule.check() below reads
+    # exit_status from each stop document instead. It sorts by run_start keys too ("time").
+    mongo = is_mongo_catalog(raw)
     hits = raw
     for q in rule.queries():
+        if mongo and getattr(q, "key", "").startswith("stop."):
+            continue
         hits = hits.search(q)
     if since is not None:
         hits = hits.search(Key("start.time") >= float(since))
     if until is not None:
         hits = hits.search(Key("start.time") < float(until))
     out = []
-    for key, node in hits.sort(("start.time", 1)).items():
+    for key, node in hits.sort(("time" if mongo else "start.time", 1)).items():
         if rule.check(node.metadata or {}) is None:
             out.append(key)
     return out
@@ -417,9 +428,12 @@ class ScanWatcher:
         data_keys = None
         if self.rule.required_fields:
             try:
-                data_keys = list(((node[self.rule.stream].metadata or {}).get("data_keys") or {}).keys())
+                stream_md = node[self.rule.stream].metadata or {}
             except KeyError:
-                data_keys = []
+                stream_md = {}
+            data_keys = list((stream_md.get("data_keys") or {}).keys())
+            for descriptor in stream_md.get("descriptors") or []:  # databroker's MongoDB stream
+                data_keys += list((descriptor.get("data_keys") or {}).keys())
         reason = self.rule.check(md, data_keys)
         if reason is not None:
             return reason

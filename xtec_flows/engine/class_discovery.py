@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .numerics import classes as curves
-from .numerics import stability as agreement
-from .numerics.classes import ClassKind, ComponentMoments
+from ..numerics import classes as curves
+from ..numerics import stability as agreement
+from ..numerics.classes import ClassKind, ComponentMoments
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def discover_classes(
     """
     from threadpoolctl import threadpool_limits
 
-    from .numerics.mixture import e_step, fit_mixture
+    from ..numerics.mixture import e_step, fit_mixture
 
     def e_step_labels(rows, params):
         return np.argmax(e_step(rows, params)[0], axis=1).astype(np.int8)

@@ -1,0 +1,94 @@
+"""Fit: the features the mixture sees, and the mixture fit itself (XTEC-d, -s, peaks)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..numerics import peaks
+from ..numerics.mixture import MixtureParams, fit_mixture
+from ..numerics.rescale import rescale
+from ..numerics.smoothing import LabelSmoother
+from .params import ClusterParams
+from .trajectories import Trajectories
+
+
+@dataclass
+class FitOutput:
+    params: MixtureParams
+    sample_labels: np.ndarray  # (n_samples,) int8, per thresholded voxel
+    counts: np.ndarray
+    log_likelihood: float
+    bic: float
+    n_iter: int
+    converged: bool
+    history: list
+    row_labels: np.ndarray | None = None  # (n_rows,) int8, per row of the features (peaks: per peak)
+    restarts: list | None = None  # every restart's (MixtureParams, mean log L), with keep_restarts
+
+
+def _rescale_float32(raw: np.ndarray, method: str, rows: int = 1 << 18) -> np.ndarray:
+    """Rescale (n, T) trajectories into float32, a slab of rows at a time, so the
+    float64 temporaries stay small however many voxels passed the threshold."""
+    out = np.empty(raw.shape, dtype=np.float32)
+    for start in range(0, raw.shape[0], rows):
+        out[start : start + rows] = rescale(raw[start : start + rows], method)
+    return out
+
+
+def features(traj: Trajectories, params: ClusterParams) -> np.ndarray:
+    """What the mixture sees: rescaled trajectories (n_samples, T), or rescaled
+    peak averages (n_peaks, T) in mode "peaks"; float32."""
+    if params.mode == "peaks":
+        means, _sizes = peaks.peak_means(traj.raw, traj.peak_ids, traj.n_peaks)
+        return rescale(means, params.rescale).astype(np.float32)
+    return _rescale_float32(traj.raw, params.rescale)
+
+
+def fit_trajectories(
+    traj: Trajectories, params: ClusterParams, n_components: int | None = None, X: np.ndarray | None = None,
+    warn_empty: bool = True, n_init: int | None = None, keep_restarts: bool = False,
+) -> FitOutput:
+    """Cluster gathered trajectories (features computed unless given); labels per thresholded voxel."""
+    k = params.n_components if n_components is None else n_components
+    if X is None:
+        X = features(traj, params)
+    unit = "peaks" if params.mode == "peaks" else "thresholded voxels"
+    if k > X.shape[0]:
+        raise ValueError(
+            f"n_components={k} is larger than the number of {unit} ({X.shape[0]}); "
+            "lower n_components or the threshold"
+        )
+    smoother = None
+    if params.mode == "s":
+        smoother = LabelSmoother(traj.coords, traj.spatial_shape, params.smoothing)
+    fit = fit_mixture(
+        X,
+        k,
+        reg_covar=params.reg_covar,
+        tol=params.tol,
+        max_iter=params.max_iter,
+        n_init=params.n_init if n_init is None else n_init,
+        random_state=params.random_state,
+        smoother=smoother,
+        init_sample_size=params.init_sample_size,
+        keep_restarts=keep_restarts,
+    )
+    labels = fit.labels
+    counts = fit.counts
+    if params.mode == "peaks":
+        labels = labels[traj.peak_ids - 1]
+        counts = np.bincount(labels, minlength=k)
+    empty = [int(i) for i in np.nonzero(counts == 0)[0]]
+    if empty and warn_empty:
+        warnings.warn(
+            f"{len(empty)} of {k} clusters received no voxels (labels {empty})"
+            + (" after label smoothing" if params.mode == "s" else "")
+            + f"; the data support fewer clusters: try n_components={k - len(empty)}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return FitOutput(fit.params, labels, counts, fit.log_likelihood, fit.bic, fit.n_iter, fit.converged, fit.history,
+                     row_labels=fit.labels, restarts=fit.restarts)

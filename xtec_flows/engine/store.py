@@ -1,0 +1,166 @@
+"""Where the engine's data live between passes: the input as a dask array, scratch arrays (zarr
+in memory or on disk, or dask blocks persisted in a distributed cluster's workers), and reading
+them back."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import tempfile
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from ..io import zarr_io
+
+# Voxels per spatial block when the input does not suggest a chunking: 64**3
+# voxels x 24 temperatures x 4 bytes = 25 MB per block.
+DEFAULT_BLOCK_VOXELS = 64**3
+# Scratch arrays smaller than this stay in memory; larger ones go to disk.
+SCRATCH_IN_MEMORY_BYTES = 1 << 30
+
+
+def _default_spatial_chunks(shape: tuple, hint: tuple | None) -> tuple:
+    ndim = len(shape)
+    if hint is None:
+        side = max(int(round(DEFAULT_BLOCK_VOXELS ** (1.0 / ndim))), 1)
+        return tuple(min(side, s) for s in shape)
+    # Grow the storage chunks until a block holds enough voxels to amortise task overhead.
+    chunks = [min(c, s) for c, s in zip(hint, shape)]
+    while math.prod(chunks) < DEFAULT_BLOCK_VOXELS // 8:
+        grown = False
+        for i in range(ndim):
+            if chunks[i] < shape[i]:
+                chunks[i] = min(chunks[i] * 2, shape[i])
+                grown = True
+        if not grown:
+            break
+    return tuple(chunks)
+
+
+def as_dask(volume, chunks: tuple | None = None) -> da.Array:
+    """(T, *spatial) dask array with the whole temperature axis in every block and
+    regular spatial chunks (so blocks line up with zarr chunks of scratch arrays)."""
+    shape = tuple(volume.shape)
+    if isinstance(volume, da.Array):
+        hint = tuple(max(c) for c in volume.chunks[1:])
+        x = volume
+    else:
+        hint = tuple(volume.chunks[1:]) if isinstance(volume, zarr.Array) else None
+        x = None
+    spatial = tuple(chunks) if chunks is not None else _default_spatial_chunks(shape[1:], hint)
+    if len(spatial) != len(shape) - 1 or not all(isinstance(c, (int, np.integer)) and c >= 1 for c in spatial):
+        raise ValueError(
+            f"chunks must give one positive integer block size per spatial axis ({len(shape) - 1}); got {chunks!r}"
+        )
+    target = (shape[0],) + tuple(int(c) for c in spatial)
+    if x is None:
+        # h5py is not thread-safe for concurrent reads of one file: serialise them.
+        lock = type(volume).__module__.startswith("h5py")
+        return da.from_array(volume, chunks=target, asarray=True, lock=lock)
+    return x.rechunk(target)
+
+
+def distributed_client_active() -> bool:
+    """True when a dask.distributed Client is the default scheduler."""
+    if "distributed" not in sys.modules:
+        return False
+    from distributed import default_client
+
+    try:
+        default_client()
+    except ValueError:
+        return False
+    return True
+
+
+def scratch_store(nbytes: int, scratch):
+    """Where the intermediate arrays (statistic, provisional labels) live.
+
+    Returns (zarr store or None, temp dir to clean up or None). ``None`` as the
+    store means *cluster memory*: with a distributed Client and no ``scratch``
+    directory, the intermediates are dask arrays persisted on the workers.
+    A zarr store is wrong there: tasks get a pickled copy of an in-memory
+    store and would swallow their writes, and a temp dir on this host is not
+    the temp dir of a worker on another host (each would see only its own
+    blocks). An explicit ``scratch`` directory is used as given, so on a
+    multi-host cluster it must be on a file system every worker shares.
+    """
+    if scratch is not None:
+        return zarr.storage.LocalStore(str(scratch)), None
+    if distributed_client_active():
+        return None, None
+    if nbytes <= SCRATCH_IN_MEMORY_BYTES:
+        return zarr.storage.MemoryStore(), None
+    tmp = tempfile.TemporaryDirectory(prefix="xtec-flows-scratch-")
+    return zarr.storage.LocalStore(tmp.name), tmp
+
+
+def _assemble(parts: list, regions: list, grid: tuple, dtype) -> da.Array:
+    """One dask array from per-block delayed arrays, laid out as ``regions`` on ``grid``."""
+    blocks = np.empty(grid, dtype=object)
+    for part, (idx, _, region) in zip(parts, regions):
+        blocks[idx] = da.from_delayed(part, tuple(r.stop - r.start for r in region), dtype=dtype)
+    return da.block(blocks.tolist())
+
+
+def intermediate(make_block, args_per_block: list, regions: list, shape: tuple, chunks: tuple, store, name: str,
+                  dtype, progress: bool = False):
+    """Run one task per block that yields a block of an intermediate array and a summary.
+
+    ``make_block(*args, target, region)`` returns (block or None, summary): it
+    writes its block into the zarr array ``target`` when there is one (and
+    returns None for it), else returns the block. With a zarr ``store`` the
+    intermediate is a zarr scratch array named ``name``; without one
+    (distributed Client) it is a dask array persisted in the workers' memory.
+
+    Returns (summaries in the order of ``regions``, the intermediate as a dask
+    array of ``shape`` chunked by ``chunks``, and the array to index directly:
+    the zarr array, or the persisted dask array itself).
+    """
+    if store is not None:
+        target = zarr_io.scratch_array(store, name, shape, chunks, dtype)
+        tasks = [dask.delayed(make_block, nout=2)(*args, target, region)
+                 for args, (_, _, region) in zip(args_per_block, regions)]
+        summaries = compute(*[t[1] for t in tasks], progress=progress)
+        return list(summaries), da.from_zarr(target, chunks=chunks), target
+    tasks = [dask.delayed(make_block, nout=2)(*args, None, region)
+             for args, (_, _, region) in zip(args_per_block, regions)]
+    with progress_bar(progress):
+        # Persist the per-block tasks together, as plain delayed objects, then assemble the array
+        # from what was persisted. Persisting the assembled array (its summaries apart) left later
+        # passes over it without the persisted blocks: each pass read the whole input again
+        # (tests/test_multihost_dask.py counts the reads).
+        blocks, summaries = dask.persist([t[0] for t in tasks], [t[1] for t in tasks])
+    array = _assemble(blocks, regions, tuple(math.ceil(n / c) for n, c in zip(shape, chunks)), dtype)
+    return list(dask.compute(*summaries)), array, array
+
+
+def progress_bar(enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    from dask.diagnostics import ProgressBar
+
+    return ProgressBar(out=sys.stderr, minimum=1.0)
+
+
+def compute(*tasks, progress=False):
+    with progress_bar(progress):
+        return dask.compute(*tasks)
+
+
+def read_slabs(array, selections: list) -> list:
+    """``array[sel]`` for every selection, as numpy; a dask array is read in one compute."""
+    if isinstance(array, da.Array):
+        return list(dask.compute(*[array[sel] for sel in selections]))
+    return [array[sel] for sel in selections]
+
+
+def values_at(array, coords: tuple) -> np.ndarray:
+    """``array`` at the points ``coords`` (a tuple of index arrays), as numpy."""
+    if isinstance(array, da.Array):
+        return array.vindex[coords].compute()
+    return array.get_coordinate_selection(coords)

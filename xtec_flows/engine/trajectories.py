@@ -1,0 +1,235 @@
+"""Statistics -> threshold -> trajectories: the streaming passes over the input, in order."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import dask
+import dask.array as da
+import numpy as np
+
+from .. import validation
+from ..chunking import block_regions
+from ..numerics import threshold
+from ..numerics.blocks import block_counts, gather_block, log_valid
+from .components import chunked_components
+from .first_pass import block_first_pass, provisional_cut
+from .histogram import histogram_chunked
+from .params import ClusterParams
+from .store import as_dask, compute, intermediate, scratch_store, values_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Trajectories:
+    """Output of the two streaming passes: what the fit needs, in memory.
+
+    flat : (n_samples,) int64, C-order flat index of each thresholded voxel, ascending
+    raw : (n_samples, T) float32, their intensities
+    peak_ids : (n_samples,) int32, peak of each voxel (1..n_peaks), mode "peaks" only
+    histogram : threshold histogram of log(<I>_T)
+    cutoff : the threshold result
+    """
+
+    spatial_shape: tuple
+    spatial_chunks: tuple
+    temperatures: np.ndarray
+    flat: np.ndarray
+    raw: np.ndarray
+    histogram: threshold.LogMeanHistogram
+    cutoff: threshold.Cutoff
+    n_valid: int
+    n_masked_nonfinite: int
+    peak_ids: np.ndarray | None = None
+    n_peaks: int = 0
+    n_reads: int = 1
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.flat.size)
+
+    @property
+    def coords(self) -> np.ndarray:
+        """(n_samples, ndim) grid indices."""
+        return np.stack(np.unravel_index(self.flat, self.spatial_shape), axis=1)
+
+
+def gather_trajectories(
+    volume,
+    temperatures,
+    params: ClusterParams,
+    *,
+    chunks: tuple | None = None,
+    scratch=None,
+    progress: bool = False,
+) -> Trajectories:
+    """Statistics, threshold and trajectory gathering: usually one read of the input.
+
+    The first pass computes <I>_T of every voxel (into a scratch array) and
+    keeps the trajectories above a provisional cut; the threshold histogram is
+    then built from the scratch array (1/T of the input), and the kept
+    trajectories are filtered to the final cut. Only if the final cut falls
+    below the provisional one is the input read a second time.
+
+    Parameters
+    ----------
+    volume : numpy, zarr or dask array of shape (T, *spatial), 1, 2 or 3 spatial dims
+    temperatures : array-like of shape (T,)
+    chunks : spatial block shape (default: from the input's chunks, or 64^3-ish)
+    scratch : directory for intermediate arrays (default: memory when small, else a temp dir)
+
+    Returns
+    -------
+    Trajectories
+    """
+    shape = validation.check_volume(volume)
+    temps = validation.check_temperatures(temperatures, shape[0], params.ordering)
+    timings = {}
+    x = as_dask(volume, chunks)
+    spatial_shape = shape[1:]
+    spatial_chunks = x.chunks[1:]
+    regular = tuple(c[0] for c in spatial_chunks)
+    regions = list(block_regions(spatial_chunks))
+    store, tmp = scratch_store(4 * math.prod(spatial_shape), scratch)
+    try:
+        t0 = time.perf_counter()
+        provisional, fine_edges = provisional_cut(x, params, regions)
+        xb = x.to_delayed().reshape(x.numblocks[1:])
+        first, stat_d, _ = intermediate(
+            block_first_pass,
+            [(xb[idx], offset, spatial_shape, params.mask, provisional, fine_edges) for idx, offset, _ in regions],
+            regions, spatial_shape, regular, store, "statistic", np.float32, progress=progress,
+        )
+        n_bad = sum(p["n_bad"] for p in first)
+        if n_bad and params.nonfinite == "raise":
+            where = np.unravel_index(int(da.argmax(~da.isfinite(stat_d).ravel()).compute()), spatial_shape)
+            raise ValueError(
+                f"volume holds NaN or Inf in {n_bad} voxel trajectories (first at spatial index "
+                f"{tuple(int(i) for i in where)}); clean the data, or pass nonfinite='mask' "
+                "(CLI: --mask-nonfinite) to leave those voxels unclustered"
+            )
+        n_valid = sum(p["n_valid"] for p in first)
+        if n_valid == 0:
+            raise ValueError(
+                "volume has no voxel with positive mean intensity (all zero, negative or masked); "
+                "check that the right dataset was given and that it is not empty"
+            )
+        lo = min(p["lo"] for p in first)
+        hi = max(p["hi"] for p in first)
+        whole_blocks = provisional == -math.inf
+        if whole_blocks:
+            cached_log = np.concatenate([log_valid(p["stat"]) for p in first])
+        else:
+            cached_log = np.concatenate([p.pop("log") for p in first])
+            kept = [(p.pop("flat"), p.pop("traj"), None) for p in first]
+        timings["statistics"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if whole_blocks:
+            # Every valid voxel is in memory: the histogram comes straight from the values.
+            hist = threshold.histogram_of(cached_log) if cached_log.size >= 2 else histogram_chunked(
+                stat_d, n_valid, lo, hi, None, None)
+        else:
+            fine = sum(p["fine"] for p in first) if fine_edges is not None else None
+            if fine is None:
+                fine_edges = np.linspace(lo, hi, 4097)
+                fine = sum(compute(*[dask.delayed(block_counts)(b, fine_edges) for b in stat_d.to_delayed().ravel()]))
+            hist = histogram_chunked(stat_d, n_valid, lo, hi, fine_edges, fine)
+        cutoff = threshold.find_cutoff(hist, params.threshold)
+        timings["threshold"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if whole_blocks:
+            gathered = []
+            for p, (_, offset, _) in zip(first, regions):
+                gathered.append(gather_block(p.pop("block"), p.pop("stat"), offset, spatial_shape, cutoff.log_cutoff))
+            flat, raw, _ = sort_by_voxel(gathered, shape[0])
+            n_reads = 1
+        elif cutoff.log_cutoff >= provisional:
+            flat, raw, _ = sort_by_voxel(kept, shape[0], keep=cached_log > cutoff.log_cutoff)
+            n_reads = 1
+        else:
+            del kept
+            log.info("final cut below the provisional one: reading the trajectories again")
+            sb = stat_d.to_delayed()
+            tasks = [
+                dask.delayed(gather_block)(xb[idx], sb[idx], offset, spatial_shape, cutoff.log_cutoff)
+                for idx, offset, _ in regions
+            ]
+            flat, raw, _ = sort_by_voxel(list(compute(*tasks, progress=progress)), shape[0])
+            n_reads = 2
+        del cached_log, first
+        timings["trajectories"] = time.perf_counter() - t0
+
+        peak_ids = None
+        n_peaks = 0
+        if params.mode == "peaks" and flat.size:
+            t0 = time.perf_counter()
+            mapping, n_peaks, prov_arr = chunked_components(stat_d, store, spatial_shape, regular, cutoff.log_cutoff)
+            coords = np.unravel_index(flat, spatial_shape)
+            peak_ids = mapping[values_at(prov_arr, coords)]
+            timings["components"] = time.perf_counter() - t0
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if flat.size == 0:
+        raise ValueError(
+            f"no voxel passed the threshold ({params.threshold!r}, cut at <I>_T > "
+            f"{math.exp(cutoff.log_cutoff) if math.isfinite(cutoff.log_cutoff) else 0:.4g}); "
+            "lower an explicit threshold or use threshold='simple'/'none'"
+        )
+    return Trajectories(
+        spatial_shape=spatial_shape,
+        spatial_chunks=spatial_chunks,
+        temperatures=temps,
+        flat=flat,
+        raw=raw,
+        histogram=hist,
+        cutoff=cutoff,
+        n_valid=n_valid,
+        n_masked_nonfinite=n_bad,
+        peak_ids=peak_ids,
+        n_peaks=n_peaks,
+        n_reads=n_reads,
+        timings=timings,
+    )
+
+
+def sort_by_voxel(results: list, n_temperatures: int, keep: np.ndarray | None = None):
+    """Merge per-block (flat, trajectories, provisional labels) into C order of the voxels.
+
+    Each block's rows are filtered (``keep``, over the concatenated rows),
+    scattered straight to their final positions, and released, so peak memory
+    is the blocks as they came plus the kept rows once, not the three copies of
+    filter-concatenate-permute. ``results`` is emptied on the way.
+    """
+    flat = np.concatenate([r[0] for r in results]) if results else np.empty(0, np.int64)
+    starts = np.cumsum([0] + [r[0].size for r in results])
+    if keep is not None:
+        flat = flat[keep]
+    order = np.argsort(flat, kind="stable")
+    destination = np.empty_like(order)
+    destination[order] = np.arange(order.size)
+    raw = np.empty((flat.size, n_temperatures), dtype=np.float32)
+    with_labels = bool(results) and results[0][2] is not None
+    prov = np.empty(flat.size, dtype=np.int32) if with_labels else None
+    start = 0
+    for i in range(len(results)):
+        _, traj, ids = results[i]
+        results[i] = None
+        if keep is not None:
+            sel = keep[starts[i] : starts[i + 1]]
+            traj = traj[sel]
+            ids = None if ids is None else ids[sel]
+        stop = start + traj.shape[0]
+        raw[destination[start:stop]] = traj
+        if with_labels:
+            prov[destination[start:stop]] = ids
+        del traj
+        start = stop
+    return flat[order], raw, prov
