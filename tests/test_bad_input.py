@@ -276,11 +276,11 @@ def test_non_positive_explicit_threshold(tmp_path, good, value):
 
 
 @pytest.mark.parametrize("k, exc, match", [
-    (0, ValueError, r"n_components must be an integer >= 1; got 0"),
-    (-2, ValueError, r"n_components must be an integer >= 1; got -2"),
+    (0, ValueError, r"n_components must be an integer from 1 to 127; got 0"),
+    (-2, ValueError, r"n_components must be an integer from 1 to 127; got -2"),
     (2.5, TypeError, r"n_components must be an integer"),
     (True, TypeError, r"n_components must be an integer"),
-    (128, ValueError, r"n_components must be <= 127"),
+    (128, ValueError, r"n_components must be an integer from 1 to 127; got 128 \(labels are int8\)"),
 ])
 def test_bad_n_components_api(tmp_path, good, k, exc, match):
     volume, temps = good
@@ -299,8 +299,8 @@ def test_n_components_larger_than_trajectories(tmp_path, capsys, good):
 
     src = write_zarr_input(tmp_path / "in.zarr", volume, temps)
     cli_fails(tmp_path, capsys, [src, "--quiet", "-k", "120", "--threshold", "simple"], r"n_components=120 is larger")
-    cli_fails(tmp_path, capsys, [src, "--quiet", "-k", "0"], r"n_components must be an integer >= 1")
-    cli_fails(tmp_path, capsys, [src, "--quiet", "-k", "-3"], r"n_components must be an integer >= 1")
+    cli_fails(tmp_path, capsys, [src, "--quiet", "-k", "0"], r"n_components must be an integer from 1 to 127")
+    cli_fails(tmp_path, capsys, [src, "--quiet", "-k", "-3"], r"n_components must be an integer from 1 to 127")
 
 
 # ---------------------------------------------------------------------------------------

@@ -62,17 +62,6 @@ def _k_range(text: str) -> list:
         raise argparse.ArgumentTypeError(f"expected a range like 2..10 or a list like 2,3,4; got {text!r}")
 
 
-def _threshold(text: str):
-    if text in ("kl", "simple", "none"):
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--threshold must be kl, simple, none or a mean intensity (number); got {text!r}"
-        )
-
-
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -98,20 +87,10 @@ def _add_engine_options(p: argparse.ArgumentParser, several_inputs: bool = False
                             "the audit goes into result.json")
     else:
         p.add_argument("input", nargs="?", help="zarr array/group path, or NeXus/HDF5 as file.nxs:/entry/data/data")
+    from .engine.params import add_options
+
     p.add_argument("--temperatures", type=_float_list, help="comma-separated temperatures, one per slice (overrides the file)")
-    p.add_argument("--threshold", type=_threshold, default="kl", help="kl (default), simple, none, or an explicit <I>_T cutoff")
-    p.add_argument("--rescale", choices=["mean", "zscore", "log-mean", "none"], default="mean")
-    p.add_argument("--mask", choices=["zero-mean", "any-zero"], default="zero-mean", help="which voxels count as empty")
-    p.add_argument("--mask-nonfinite", action="store_true", help="leave voxels with NaN/Inf unclustered instead of failing")
-    p.add_argument("--mode", choices=["d", "s", "peaks"], default="d", help="XTEC-d, XTEC-s (label smoothing) or peak averages")
-    p.add_argument("--ordering", choices=list(validation.ORDERINGS), default="monotonic",
-                   help="monotonic (default): axis 0 is a temperature series, strictly increasing or decreasing; "
-                        "as-given: axis 0's values (time, field, a ramp then a hold) are taken in measurement order")
-    p.add_argument("--seed", type=int, default=0, help="random_state of the fit (default 0)")
-    p.add_argument("--n-init", type=int, default=3, help="EM restarts; the best log-likelihood wins")
-    p.add_argument("--max-iter", type=int, default=300)
-    p.add_argument("--tol", type=float, default=1e-4, help="convergence on the change of mean log-likelihood")
-    p.add_argument("--reg-covar", type=float, default=1e-6)
+    add_options(p, ENGINE_OPTIONS)
     p.add_argument("--kernel", choices=["local", "periodic"], default="local", help="mode s: smoothing kernel")
     p.add_argument("--length-scale", type=float, default=None,
                    help="mode s: kernel length scale L (default 1 voxel for local, 0.2 for periodic)")
@@ -126,17 +105,31 @@ def _add_engine_options(p: argparse.ArgumentParser, several_inputs: bool = False
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _add_class_options(p: argparse.ArgumentParser) -> None:
-    from .engine import ClusterParams
+#: The engine parameters every clustering command takes (their constraints, defaults and help
+#: are declared once, in engine/params.py); ``serve`` takes SERVE_OPTIONS and --parameters.
+ENGINE_OPTIONS = ("threshold", "rescale", "mask", "nonfinite", "mode", "ordering", "random_state", "n_init",
+                  "max_iter", "tol", "reg_covar")
+SERVE_OPTIONS = ("mode", "threshold", "rescale", "random_state")
+#: Automatic processing clusters with K=3 unless told otherwise (Bragg, a peak class, background).
+SERVE_N_COMPONENTS = 3
 
-    defaults = ClusterParams()
-    p.add_argument("--classes", choices=["auto"], default=None,
-                   help="auto: discover physical classes (order parameter, critical, onset, static) by grouping "
-                        "--max-components mixture components by their temperature dependence; -k is then unused")
-    p.add_argument("--max-components", type=int, default=defaults.max_components,
-                   help=f"--classes auto: mixture components to fit and group (upper bound, default {defaults.max_components})")
-    p.add_argument("--stability-runs", type=int, default=defaults.stability_runs,
-                   help=f"--classes auto: refits from other seeds that check each class reproduces (default {defaults.stability_runs})")
+
+def _add_n_components(p: argparse.ArgumentParser, default: int | None = None) -> None:
+    from .engine.params import add_options
+
+    add_options(p, ["n_components"], defaults=None if default is None else {"n_components": default})
+
+
+def _add_serve_engine_options(p: argparse.ArgumentParser) -> None:
+    from .engine.params import add_options
+
+    add_options(p, SERVE_OPTIONS)
+
+
+def _add_class_options(p: argparse.ArgumentParser) -> None:
+    from .engine.params import CLASS_DISCOVERY_FIELDS, add_options
+
+    add_options(p, CLASS_DISCOVERY_FIELDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Tiled: read the scan's zarr/HDF5 files directly when this host can open them and they "
                         "match what Tiled serves ('auto', default), always through the server ('http'), or "
                         "files only ('direct': an error if not possible)")
-    c.add_argument("-k", "--n-components", type=int, default=4)
+    _add_n_components(c)
     _add_class_options(c)
     c.add_argument("--overwrite", action="store_true", help="replace an earlier xtec-flows result in OUTPUT")
     c.add_argument("--no-plots", action="store_true", help="skip qmap.png and trajectories.png")
@@ -206,12 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--raw-path", default=os.environ.get("XTEC_FLOWS_RAW_PATH", "raw"),
                    help="container of the raw bluesky runs (default raw)")
     v.add_argument("--root", default=os.environ.get("XTEC_FLOWS_ROOT", "xtec"), help="container for results")
-    v.add_argument("-k", "--n-components", type=int, default=3)
+    _add_n_components(v, default=SERVE_N_COMPONENTS)
     _add_class_options(v)
-    v.add_argument("--mode", choices=["d", "s", "peaks"], default="d")
-    v.add_argument("--threshold", type=_threshold, default="kl")
-    v.add_argument("--rescale", choices=["mean", "zscore", "log-mean", "none"], default="mean")
-    v.add_argument("--seed", type=int, default=0)
+    _add_serve_engine_options(v)
     v.add_argument("--parameters", type=_json_object, help="full clustering parameters as JSON (overrides the above)")
     v.add_argument("--plan", action="append", default=[], help="accept only runs of this plan (repeatable)")
     v.add_argument("--require-start-key", help="accept only runs whose start document has this key (e.g. sample)")
@@ -284,8 +274,9 @@ def _open_input(spec, temperatures, series_check: str = "exclude"):
 
 
 def _params_from(args, n_components: int):
-    from .numerics.smoothing import SmoothingKernel
     from .engine import ClusterParams
+    from .engine.params import values_from_options
+    from .numerics.smoothing import SmoothingKernel
 
     smoothing = None
     if args.mode == "s":
@@ -297,29 +288,10 @@ def _params_from(args, n_components: int):
             unit_cell=tuple(args.unit_cell or ()),
             iterations=args.smoothing_iterations,
         )
-    return ClusterParams(
-        mode=args.mode,
-        n_components=n_components,
-        threshold=args.threshold,
-        rescale=args.rescale,
-        mask=args.mask,
-        nonfinite="mask" if args.mask_nonfinite else "raise",
-        smoothing=smoothing,
-        reg_covar=args.reg_covar,
-        tol=args.tol,
-        max_iter=args.max_iter,
-        n_init=args.n_init,
-        random_state=args.seed,
-        ordering=args.ordering,
-        **_class_params_from(args),
-    )
+    from .engine.params import CLASS_DISCOVERY_FIELDS
 
-
-def _class_params_from(args) -> dict:
-    """classes, max_components, stability_runs from the options (only with --classes)."""
-    if getattr(args, "classes", None) is None:
-        return {}
-    return {"classes": args.classes, "max_components": args.max_components, "stability_runs": args.stability_runs}
+    values = values_from_options(args, ENGINE_OPTIONS + CLASS_DISCOVERY_FIELDS)
+    return ClusterParams(n_components=n_components, smoothing=smoothing, **values)
 
 
 def _is_synthetic(path: Path) -> bool:
@@ -582,9 +554,10 @@ def cmd_serve(args) -> dict:
     ServeConfig, serve = serving.ServeConfig, serving.serve
     from .tiled.watch import ScanRule
 
-    params = args.parameters if args.parameters is not None else {
-        "mode": args.mode, "n_components": args.n_components, "threshold": args.threshold,
-        "rescale": args.rescale, "random_state": args.seed, **_class_params_from(args)}
+    from .engine.params import CLASS_DISCOVERY_FIELDS, values_from_options
+
+    params = args.parameters if args.parameters is not None else values_from_options(
+        args, ("n_components", *SERVE_OPTIONS, *CLASS_DISCOVERY_FIELDS))
     cfg = ServeConfig(
         tiled_uri=args.tiled_uri, raw_path=args.raw_path, root=args.root, parameters=params,
         rule=ScanRule(plan_names=tuple(args.plan), start_key=args.require_start_key,

@@ -1,8 +1,16 @@
-"""The parameters of an XTEC run, declared once (recorded in every result's metadata)."""
+"""The parameters of an XTEC run, declared once (recorded in every result's metadata).
+
+Each field of :class:`ClusterParams` has one :class:`Constraint` in :data:`CONSTRAINTS`: what it
+accepts and how a command line asks for it. ``ClusterParams`` checks itself against them, and the
+CLI (``xtec-flows cluster``, ``bic``, ``serve``) builds its options from them
+(:func:`add_options`, :func:`values_from_options`), so a parameter's range, choices, default and
+help are written here and nowhere else.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import numbers
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from .. import validation
 from ..numerics import masking, threshold
@@ -15,6 +23,94 @@ NONFINITE_POLICIES = ("raise", "mask")
 CLASS_MODES = (None, "auto")
 # The parameters that only class discovery reads.
 CLASS_DISCOVERY_FIELDS = ("classes", "max_components", "stability_runs")
+#: Labels are int8, so at most this many clusters or components.
+MAX_LABELS = 127
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What one parameter accepts, and its command-line option.
+
+    kind : "choice" (one of ``choices``), "int" (``minimum``..``maximum``), "positive" (a
+        number > 0), "threshold" (a method name or a positive cut), "flag" (two values, the
+        option switches from the default to ``switched``), "kernel" (built from the smoothing
+        options), "optional-int" (an int, or None)
+    flag : the CLI option (None: not on the command line)
+    """
+
+    kind: str
+    help: str
+    flag: str | None = None
+    choices: tuple = ()
+    minimum: int | None = None
+    maximum: int | None = None
+    switched: object = None
+    short: str | None = None
+    remedy: str = ""
+
+    def check(self, name: str, value) -> None:
+        if self.kind == "choice":
+            validation.check_choice(name, value, self.choices)
+        elif self.kind in ("int", "optional-int"):
+            if value is None and self.kind == "optional-int":
+                return
+            if self.maximum is None:
+                validation.check_int(name, value, self.minimum)
+                return
+            wanted = f"{name} must be an integer from {self.minimum} to {self.maximum}"
+            remedy = f" ({self.remedy})" if self.remedy else ""
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{wanted}; got {value!r}{remedy}")
+            if not self.minimum <= value <= self.maximum:
+                raise ValueError(f"{wanted}; got {value!r}{remedy}")
+        elif self.kind == "positive":
+            validation.check_positive(name, value)
+        elif self.kind == "threshold":
+            if isinstance(value, str):
+                validation.check_choice(name, value, self.choices)
+            else:
+                validation.check_positive(f"{name} (explicit mean-intensity cutoff)", value)
+        elif self.kind == "flag":
+            validation.check_choice(name, value, self.choices)
+        elif self.kind == "kernel":
+            if value is not None and not isinstance(value, SmoothingKernel):
+                raise TypeError(f"{name} must be a SmoothingKernel or None; got {type(value).__name__}")
+
+
+#: One constraint per ClusterParams field, in the fields' order.
+CONSTRAINTS = {
+    "mode": Constraint("choice", "XTEC-d, XTEC-s (label smoothing) or peak averages", "--mode",
+                       choices=validation.MODES),
+    "n_components": Constraint("int", "number of clusters K", "--n-components", minimum=1, maximum=MAX_LABELS,
+                               short="-k", remedy="labels are int8"),
+    "threshold": Constraint("threshold", "kl, simple, none, or an explicit <I>_T cutoff (a number)", "--threshold",
+                            choices=threshold.THRESHOLD_METHODS),
+    "rescale": Constraint("choice", "how each trajectory is rescaled before the fit", "--rescale",
+                          choices=RESCALE_METHODS),
+    "mask": Constraint("choice", "which voxels count as empty", "--mask", choices=masking.MASK_TYPES),
+    "nonfinite": Constraint("flag", "leave voxels with NaN/Inf unclustered instead of failing", "--mask-nonfinite",
+                            choices=NONFINITE_POLICIES, switched="mask"),
+    "smoothing": Constraint("kernel", "mode s: the label-smoothing kernel (see the --kernel options)"),
+    "reg_covar": Constraint("positive", "added to every variance (numerical floor)", "--reg-covar"),
+    "tol": Constraint("positive", "convergence on the change of mean log-likelihood", "--tol"),
+    "max_iter": Constraint("int", "EM iterations at most", "--max-iter", minimum=1),
+    "n_init": Constraint("int", "EM restarts; the best log-likelihood wins", "--n-init", minimum=1),
+    "random_state": Constraint("optional-int", "random_state of the fit", "--seed", minimum=0),
+    "init_sample_size": Constraint("int", "rows of the subsample that seeds each restart", minimum=2),
+    "classes": Constraint("choice", "auto: discover physical classes (order parameter, critical, onset, static) "
+                          "by grouping --max-components mixture components by their temperature dependence; "
+                          "-k is then unused", "--classes", choices=CLASS_MODES),
+    "max_components": Constraint("int", "--classes auto: mixture components to fit and group (upper bound)",
+                                 "--max-components", minimum=2, maximum=MAX_LABELS,
+                                 remedy="the upper bound on mixture components for classes='auto': class "
+                                        "discovery fits more components than classes and groups them, so it "
+                                        "needs at least 2 (default 8)"),
+    "stability_runs": Constraint("int", "--classes auto: refits from other seeds that check each class reproduces",
+                                 "--stability-runs", minimum=0),
+    "ordering": Constraint("choice", "monotonic: axis 0 is a temperature series, strictly increasing or "
+                           "decreasing; as-given: axis 0's values (time, field, a ramp then a hold) are taken "
+                           "in measurement order", "--ordering", choices=validation.ORDERINGS),
+}
 
 
 @dataclass(frozen=True)
@@ -51,46 +147,17 @@ class ClusterParams:
     ordering: str = "monotonic"
 
     def __post_init__(self):
-        validation.check_choice("mode", self.mode, validation.MODES)
-        validation.check_int("n_components", self.n_components, 1)
-        if self.n_components > 127:
-            raise ValueError(f"n_components must be <= 127 (labels are int8); got {self.n_components}")
-        if isinstance(self.threshold, str):
-            validation.check_choice("threshold", self.threshold, threshold.THRESHOLD_METHODS)
-        else:
-            validation.check_positive("threshold (explicit mean-intensity cutoff)", self.threshold)
-        validation.check_choice("rescale", self.rescale, RESCALE_METHODS)
-        validation.check_choice("mask", self.mask, masking.MASK_TYPES)
-        validation.check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
-        validation.check_positive("reg_covar", self.reg_covar)
-        validation.check_positive("tol", self.tol)
-        validation.check_int("max_iter", self.max_iter, 1)
-        validation.check_int("n_init", self.n_init, 1)
-        validation.check_int("init_sample_size", self.init_sample_size, 2)
-        if self.random_state is not None:
-            validation.check_int("random_state", self.random_state, 0)
-        if self.smoothing is not None and not isinstance(self.smoothing, SmoothingKernel):
-            raise TypeError(f"smoothing must be a SmoothingKernel or None; got {type(self.smoothing).__name__}")
+        for f in fields(self):
+            CONSTRAINTS[f.name].check(f.name, getattr(self, f.name))
         if self.mode == "s" and self.smoothing is None:
             object.__setattr__(self, "smoothing", SmoothingKernel())
         if self.mode != "s" and self.smoothing is not None:
             raise ValueError(f"smoothing applies to mode 's' only; got mode {self.mode!r} with smoothing")
-        validation.check_choice("ordering", self.ordering, validation.ORDERINGS)
-        validation.check_choice("classes", self.classes, CLASS_MODES)
-        validation.check_int("stability_runs", self.stability_runs, 0)
-        if self.classes is not None and isinstance(self.max_components, int) and 2 <= self.max_components <= 127:
+        if self.classes is not None:
             # Class discovery fits max_components components; n_components says the same, so that
             # the recorded parameters (and the result key, a hash of them) do not depend on an
             # unused n_components.
             object.__setattr__(self, "n_components", self.max_components)
-        if isinstance(self.max_components, bool) or not isinstance(self.max_components, int) or not (
-            2 <= self.max_components <= 127
-        ):
-            raise ValueError(
-                "max_components (the upper bound on mixture components for classes='auto') must be an "
-                f"integer from 2 to 127; got {self.max_components!r}. Class discovery fits more components "
-                "than classes and groups them, so it needs at least 2 (default 8)"
-            )
 
     @classmethod
     def from_dict(cls, values: dict | None) -> ClusterParams:
@@ -125,3 +192,69 @@ class ClusterParams:
             d["smoothing"] = asdict(self.smoothing)
             d["smoothing"]["unit_cell"] = list(self.smoothing.unit_cell)
         return d
+
+
+# ---------------------------------------------------------------------------------------
+# the command line, built from CONSTRAINTS
+# ---------------------------------------------------------------------------------------
+
+
+def _parse_threshold(text: str):
+    if text in threshold.THRESHOLD_METHODS:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(
+            f"--threshold must be {', '.join(threshold.THRESHOLD_METHODS)} or a mean intensity (number); got {text!r}"
+        ) from None
+
+
+def _default(name: str):
+    f = next(f for f in fields(ClusterParams) if f.name == name)
+    return None if f.default is MISSING else f.default
+
+
+def add_options(parser, names, defaults: dict | None = None) -> None:
+    """Add the CLI options of the parameters ``names`` (each with a flag) to an argparse parser.
+
+    ``defaults`` overrides a parameter's default for this command (``serve`` clusters with K=3).
+    The option's destination is the parameter's name.
+    """
+    defaults = defaults or {}
+    for name in names:
+        c = CONSTRAINTS[name]
+        if c.flag is None:
+            raise ValueError(f"parameter {name!r} has no command-line option")
+        default = defaults.get(name, _default(name))
+        flags = [c.short, c.flag] if c.short else [c.flag]
+        metavar = c.flag.lstrip("-").upper().replace("-", "_")
+        text = f"{c.help} (default {default})" if c.kind not in ("flag",) and default is not None else c.help
+        if c.kind == "choice":
+            cli_choices = [v for v in c.choices if v is not None]
+            parser.add_argument(*flags, dest=name, choices=cli_choices, default=default, help=text)
+        elif c.kind in ("int", "optional-int"):
+            parser.add_argument(*flags, dest=name, type=int, default=default, metavar=metavar, help=text)
+        elif c.kind == "positive":
+            parser.add_argument(*flags, dest=name, type=float, default=default, metavar=metavar, help=text)
+        elif c.kind == "threshold":
+            parser.add_argument(*flags, dest=name, type=_parse_threshold, default=default, metavar=metavar,
+                                help=text)
+        elif c.kind == "flag":
+            parser.add_argument(*flags, dest=name, action="store_const", const=c.switched, default=default,
+                                help=text)
+        else:
+            raise ValueError(f"parameter {name!r} ({c.kind}) cannot be a plain option")
+
+
+def values_from_options(args, names) -> dict:
+    """{name: value} of the parameters ``names`` from parsed options (see :func:`add_options`);
+    the class-discovery parameters only when ``--classes`` was given, so a fixed-K run records
+    exactly the parameters it always did."""
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    if values.get("classes", "unset") is None:
+        for name in CLASS_DISCOVERY_FIELDS:
+            values.pop(name, None)
+    return values
