@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import xtec_flows
-from xtec_flows.engine import first_pass
+from xtec_flows.engine import StreamingLimits
 from xtec_flows.demo.services import ManagedProcess, child_env, executable, free_port
 from xtec_flows.synthetic import make_volume
 
@@ -107,11 +107,11 @@ def test_workers_without_a_shared_temp_dir_give_the_local_labels(cluster, volume
     address, client_tmp = cluster
     monkeypatch.setattr(tempfile, "tempdir", str(client_tmp))  # where a scratch temp dir would go
     vol, temps, _ = volume
+    kwargs = dict(mode=mode, n_components=3, n_init=1, chunks=(8, 8, 8), random_state=0)
     if streaming:
         # The path of inputs too large to keep whole: trajectories above a provisional cut,
         # the histogram from the statistic array in several passes.
-        monkeypatch.setattr(first_pass, "CACHE_ALL_BYTES", 0)
-    kwargs = dict(mode=mode, n_components=3, n_init=1, chunks=(8, 8, 8), random_state=0)
+        kwargs["limits"] = StreamingLimits(cache_all_bytes=0)
 
     def counted(log):
         """``vol`` as a dask input that notes every block read in ``log`` (a directory both workers

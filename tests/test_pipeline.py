@@ -153,21 +153,19 @@ def test_import_keeps_heavy_dependencies_out():
 
 
 @pytest.mark.parametrize("path", ["sampled provisional cut", "second read"])
-def test_large_volume_paths_give_the_same_result(volume3, monkeypatch, path):
+def test_large_volume_paths_give_the_same_result(volume3, path):
     """Small inputs keep every trajectory in the first pass; large ones keep only those
     above a cut estimated on sampled blocks, and read again if the final cut is lower.
     All three routes must give identical results."""
-    from xtec_flows.engine import first_pass
+    from xtec_flows.engine import StreamingLimits
 
     vol, temps, _ = volume3
     common = dict(mode="peaks", n_components=3, n_init=1, chunks=(8, 8, 16))
     ref = xtec_flows.cluster(vol, temps, **common)
     assert ref.n_reads == 1
-    monkeypatch.setattr(first_pass, "CACHE_ALL_BYTES", 0)
-    if path == "second read":
-        # a provisional cut far above any real one forces the fallback
-        monkeypatch.setattr(first_pass, "PROVISIONAL_MARGIN_BINS", -1000)
-    other = xtec_flows.cluster(vol, temps, **common)
+    # a provisional cut far above any real one forces the fallback
+    limits = StreamingLimits(cache_all_bytes=0, provisional_margin_bins=-1000 if path == "second read" else 4)
+    other = xtec_flows.cluster(vol, temps, **common, limits=limits)
     assert other.n_reads == (2 if path == "second read" else 1)
     np.testing.assert_array_equal(labels_of(other), labels_of(ref))
     np.testing.assert_array_equal(other.histogram_counts, ref.histogram_counts)

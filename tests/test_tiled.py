@@ -12,7 +12,6 @@ from tiled_support import run_temperature_scan, scan_volumes, write_plain_array_
 from xtec_flows import cli
 from xtec_flows.tiled import results
 from xtec_flows import tiled as tiled_io
-from xtec_flows.tiled import arrays as tiled_arrays
 from xtec_flows.engine import ClusterParams
 from xtec_flows.tiled.process import process_scan
 
@@ -58,11 +57,12 @@ def test_open_run_object_the_user_holds(tiled_client, inline_uid):
     np.testing.assert_array_equal(scan.temperatures, TEMPS)
 
 
-def test_reads_region_by_region(tiled_client, inline_uid, monkeypatch):
-    monkeypatch.setattr(tiled_arrays, "MAX_REQUEST_BYTES", 8 * 8**3 * 4)  # force 8^3 tiles: 8 requests
-    scan = tiled_io.open_scan(tiled_client, inline_uid)
-    assert scan.volume.numblocks == (1, 2, 2, 2)
-    np.testing.assert_array_equal(scan.volume.compute(), scan_volumes(TEMPS, SHAPE, seed=1))
+@pytest.mark.parametrize("read_mode", ["http", "auto"])
+def test_reads_region_by_region(tiled_client, inline_uid, read_mode):
+    node = tiled_io.walk(tiled_client, tiled_io.open_scan(tiled_client, inline_uid).path)
+    volume = tiled_io.lazy_array(node, read_mode=read_mode, max_request_bytes=8 * 8**3 * 4)  # 8^3 tiles: 8 reads
+    assert volume.numblocks == (1, 2, 2, 2)
+    np.testing.assert_array_equal(volume.compute(), scan_volumes(TEMPS, SHAPE, seed=1))
 
 
 @pytest.mark.parametrize("temperatures_as", ["metadata", "sibling"])
@@ -160,12 +160,7 @@ def test_labels_are_written_block_by_block(tiled_client):
 
     z = zarr.create_array(zarr.storage.MemoryStore(), shape=labels.shape, chunks=(8, 8, 8), dtype="int8")
     z[...] = labels
-    old = results.MAX_REQUEST_BYTES
-    try:
-        results.MAX_REQUEST_BYTES = 16 * 16 * 16  # -> 16^3-voxel (4 kB) Tiled blocks
-        node = tiled_io.write_labels_array(parent, z, ["L", "K", "H"])
-    finally:
-        results.MAX_REQUEST_BYTES = old
+    node = tiled_io.write_labels_array(parent, z, ["L", "K", "H"], max_request_bytes=16 * 16 * 16)  # 16^3 blocks
     assert max(max(c) for c in node.chunks) <= 16 and len(node.chunks[0]) > 1
     np.testing.assert_array_equal(node.read(), labels)
 

@@ -7,6 +7,7 @@ result without labels) and the offline HTML file."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -130,6 +131,11 @@ def set_opacity(page, value: int):
                   " o.dispatchEvent(new Event('input')); }", value)
 
 
+def set_slider(page, position: int):
+    page.evaluate("v => { const s = document.getElementById('index'); s.value = v;"
+                  " s.dispatchEvent(new Event('input')); }", position)
+
+
 def canvas_pixels(page) -> dict:
     """The drawn plane as an (rows, cols, 3) array read back from the canvas, one pixel per voxel
     (the centre of its square), in the plane's (row, col) order, and the raw canvas bytes' hash."""
@@ -215,9 +221,9 @@ def test_a_wrong_key_is_a_401_with_the_remedy_in_the_page(tiled_server, result, 
 
 def test_page_colours_voxels_by_class_and_moves_slices(viewer, result, page):
     key, labels = result["key"], result["labels"]
-    open_slice(page, f"{viewer}/?result={key}&axis=0&index=10", 0, 10)
+    open_slice(page, f"{viewer}/?result={key}&axis=0&index=16", 0, 16)
     first = canvas_pixels(page)
-    check_colours(first["rgb"], labels[10])
+    check_colours(first["rgb"], labels[16])
     # legend: one row per class with kind, voxel count and Tc
     legend = page.locator("#legend tr[data-label]")
     assert legend.count() == len(result["md"]["classes"])
@@ -226,42 +232,44 @@ def test_page_colours_voxels_by_class_and_moves_slices(viewer, result, page):
         assert c["kind"] in text and str(c["n_voxels"]) in text
         if c.get("tc") is not None:
             assert f"{c['tc']:.1f}" in text
-    assert "r.l.u." in page.text_content("#index-value") and "-0.053" in page.text_content("#index-value")
+    assert "r.l.u." in page.text_content("#index-value") and "0.684" in page.text_content("#index-value")
     # keys move the slice, the image changes and still matches the labels
     page.locator("body").focus()
     page.keyboard.press("ArrowUp")
-    page.wait_for_function("document.getElementById('slice').dataset.slice === '0:11'", timeout=20000)
+    page.wait_for_function("document.getElementById('slice').dataset.slice === '0:17'", timeout=20000)
     moved = canvas_pixels(page)
     assert moved["hash"] != first["hash"]
-    check_colours(moved["rgb"], labels[11])
+    check_colours(moved["rgb"], labels[17])
     # the slider too, and another axis
-    page.evaluate("() => { const s = document.getElementById('index'); s.value = 3; s.dispatchEvent(new Event('input')); }")
+    set_slider(page, 3)
     page.wait_for_function("document.getElementById('slice').dataset.slice === '0:3'", timeout=20000)
     check_colours(canvas_pixels(page)["rgb"], labels[3])
     page.select_option("#axis", "2")
     page.wait_for_function("document.getElementById('slice').dataset.slice === '2:10'", timeout=20000)
-    check_colours(canvas_pixels(page)["rgb"], labels[:, :, 10])
+    set_slider(page, 16)
+    page.wait_for_function("document.getElementById('slice').dataset.slice === '2:16'", timeout=20000)
+    check_colours(canvas_pixels(page)["rgb"], labels[:, :, 16])
     # below full opacity the intensity shows through: clustered pixels differ from the pure colour
     set_opacity(page, 50)
     half = canvas_pixels(page)["rgb"]
-    lab = labels[:, :, 10]
+    lab = labels[:, :, 16]
     assert not np.array_equal(half[lab >= 0], np.asarray(PALETTE, np.uint8)[lab[lab >= 0] % 10])
 
 
 def test_click_shows_the_voxels_trajectory_beside_its_class_curves(viewer, result, series, page):
     volume, _ = series
     key, labels = result["key"], result["labels"]
-    open_slice(page, f"{viewer}/?result={key}&axis=0&index=10", 0, 10)
+    open_slice(page, f"{viewer}/?result={key}&axis=0&index=16", 0, 16)
     g = canvas_pixels(page)["geometry"]
-    clustered = np.argwhere(labels[10] >= 0)
+    clustered = np.argwhere(labels[16] >= 0)
     k, h = (int(v) for v in clustered[len(clustered) // 2])
     page.locator("#slice").click(position={"x": g["x0"] + (h + 0.5) * g["scale"],
                                            "y": g["y0"] + (g["rows"] - 1 - k + 0.5) * g["scale"]})
     page.wait_for_function("document.getElementById('traj-data').textContent.length > 0", timeout=20000)
     shown = json.loads(page.text_content("#traj-data"))
-    assert shown["voxel"] == [10, k, h] and shown["label"] == labels[10, k, h]
-    np.testing.assert_allclose(shown["intensity"], volume[:, 10, k, h], rtol=1e-6)
-    traj = volume[:, 10, k, h].astype(np.float64)
+    assert shown["voxel"] == [16, k, h] and shown["label"] == labels[16, k, h]
+    np.testing.assert_allclose(shown["intensity"], volume[:, 16, k, h], rtol=1e-6)
+    traj = volume[:, 16, k, h].astype(np.float64)
     np.testing.assert_allclose(shown["curve"], traj / traj.mean(), rtol=1e-6)
     label = shown["label"]
     node = result["node"]
@@ -297,40 +305,41 @@ def test_a_running_result_is_polled_until_complete(viewer, result, tiled_server,
     node.write_array(result["labels"], key="labels", dims=["L", "K", "H"])
     for name in ("temperatures", "means", "counts", "class_means_relative", "class_fit_curves"):
         node.write_array(src[name].read(), key=name)
-    open_slice(page, f"{viewer}/?result={key}&axis=0&index=10", 0, 10)
+    open_slice(page, f"{viewer}/?result={key}&axis=0&index=16", 0, 16)
     assert "refreshing" in page.text_content("#status")
     node.update_metadata({"status": "complete"})
     page.wait_for_function("document.getElementById('slice').dataset.status === 'complete'", timeout=20000)
     assert "refreshing" not in page.text_content("#status")
-    check_colours(canvas_pixels(page)["rgb"], result["labels"][10])
+    check_colours(canvas_pixels(page)["rgb"], result["labels"][16])
 
 
 # -- offline ------------------------------------------------------------------------------------------
 
-def test_offline_file_shows_the_same_colours_without_a_server(viewer, result, page, tmp_path):
+def test_offline_file_shows_the_same_colours_without_a_server(viewer, result, series, browser, page, tmp_path):
     from xtec_flows.viewer import write_offline_view
 
-    labels = result["labels"]
-    live = page.context.new_page()
-    open_slice(live, f"{viewer}/?result={result['key']}&axis=0&index=10", 0, 10)
+    labels, volume = result["labels"], series[0]
+    live = browser.new_page(viewport={"width": 1200, "height": 800})
+    open_slice(live, f"{viewer}/?result={result['key']}&axis=0&index=16", 0, 16)
     live_pixels = canvas_pixels(live)
     live.close()
     html = write_offline_view(result["node"], tmp_path / "view.html")
     text = html.read_text()
     assert "Apikey" not in text and DEFAULT_API_KEY not in text.split('id="xtec-data"')[0]
     page.route("**/*", lambda route: route.abort() if not route.request.url.startswith("file:") else route.continue_())
-    open_slice(page, html.as_uri(), 0, 10)
+    open_slice(page, html.as_uri() + "?axis=0&index=16", 0, 16)
     offline = canvas_pixels(page)
-    check_colours(offline["rgb"], labels[10])
+    check_colours(offline["rgb"], labels[16])
     assert offline["hash"] == live_pixels["hash"]  # the very same picture
     # small volume: every slice is in the file, and every voxel's trajectory
     page.keyboard.press("ArrowDown")
-    page.wait_for_function("document.getElementById('slice').dataset.slice === '0:9'", timeout=20000)
-    check_colours(canvas_pixels(page)["rgb"], labels[9])
-    page.evaluate("xtec.showTrajectory([9, 4, 5])")
+    page.wait_for_function("document.getElementById('slice').dataset.slice === '0:15'", timeout=20000)
+    check_colours(canvas_pixels(page)["rgb"], labels[15])
+    page.evaluate("xtec.showTrajectory([15, 4, 5])")
     page.wait_for_function("document.getElementById('traj-data').textContent.length > 0", timeout=20000)
     shown = json.loads(page.text_content("#traj-data"))
-    assert shown["voxel"] == [9, 4, 5] and shown["label"] == labels[9, 4, 5]
+    assert shown["voxel"] == [15, 4, 5] and shown["label"] == labels[15, 4, 5]
+    np.testing.assert_allclose(shown["intensity"], volume[:, 15, 4, 5], rtol=1e-6)
 
 
 def test_offline_file_of_a_large_volume_holds_central_slices_and_a_voxel_grid(result, series, tmp_path):
@@ -366,9 +375,66 @@ def test_offline_rejects_what_is_not_a_result(tmp_path):
 
 
 def test_the_library_does_not_import_the_viewer():
-    code = ("import sys, xtec_flows, xtec_flows.tiled, xtec_flows.tiled.process; "
-            "print(any(m.startswith('xtec_flows.viewer') or m == 'starlette' for m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    """Only the CLI may import xtec_flows.viewer (starlette and the page are no part of the library)."""
+    package = Path(__file__).resolve().parents[1] / "xtec_flows"
+    offenders = [str(p.relative_to(package)) for p in package.rglob("*.py")
+                 if "viewer" not in p.parts and p.name != "cli.py" and "viewer" in
+                 "".join(line for line in p.read_text().splitlines() if line.lstrip().startswith(("import", "from")))]
+    assert offenders == []
 
 
+def test_offline_file_of_an_output_directory(browser, tmp_path):
+    """`xtec-flows cluster -o DIR` on a zarr series: the file reads labels.zarr, result.json and the input."""
+    import zarr
+
+    from xtec_flows.cli import main
+    from xtec_flows.viewer import write_offline_view
+
+    series, out = tmp_path / "series.zarr", tmp_path / "out"
+    assert main(["synth", str(series), "--shape", "6,16,16,16", "--seed", "2", "--quiet"]) == 0
+    assert main(["cluster", str(series), "-o", str(out), "-k", "2", "--no-plots", "--quiet", "--n-init", "1"]) == 0
+    labels = zarr.open_array(str(out / "labels.zarr"), mode="r")[...]
+    html = write_offline_view(out, tmp_path / "dir.html")
+    page = browser.new_page(viewport={"width": 1200, "height": 800})
+    try:
+        plane = int(np.argmax([(labels[i] >= 0).sum() * (labels[i] < 0).sum() for i in range(16)]))
+        open_slice(page, f"{html.as_uri()}?axis=0&index={plane}", 0, plane)
+        check_colours(canvas_pixels(page)["rgb"], labels[plane])
+        assert page.locator("#legend tr[data-label]").count() == 2
+        # a fixed-K result: the voxel's trajectory rescaled as the engine does (I/<I>_T - 1), beside its mean
+        k, h = (int(v) for v in np.argwhere(labels[plane] >= 0)[0])
+        page.evaluate(f"xtec.showTrajectory([{plane}, {k}, {h}])")
+        page.wait_for_function("document.getElementById('traj-data').textContent.length > 0", timeout=20000)
+        shown = json.loads(page.text_content("#traj-data"))
+        traj = zarr.open_group(str(series), mode="r")["intensity"][:, plane, k, h].astype(np.float64)
+        assert shown["voxel"] == [plane, k, h] and shown["label"] == labels[plane, k, h]
+        np.testing.assert_allclose(shown["curve"], traj / traj.mean() - 1, rtol=1e-5, atol=1e-6)
+        means = json.loads((out / "result.json").read_text())["means"]
+        np.testing.assert_allclose(shown["mean_curve"], means[shown["label"]])
+        assert shown["fit_curve"] is None
+    finally:
+        page.close()
+
+
+def test_an_unreachable_tiled_is_a_502_naming_the_server():
+    import asyncio
+
+    from xtec_flows.viewer.app import make_app
+
+    port = _free_port()  # nothing listens there
+    app = make_app(f"http://127.0.0.1:{port}", "s3cr3tkey", timeout=2.0)
+
+    async def fetch(path):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://viewer") as client:
+            return await client.get(path)
+
+    def get(path):
+        # in a thread of its own: playwright's sync API keeps an event loop running in this one
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, fetch(path)).result()
+
+    r = get("/api/results")
+    assert r.status_code == 502 and f"127.0.0.1:{port}" in r.json()["error"] and "--tiled-uri" in r.json()["error"]
+    assert "s3cr3tkey" not in r.text
+    page = get("/")
+    assert page.status_code == 200 and "s3cr3tkey" not in page.text and '"mode": "live"' in page.text

@@ -5,8 +5,9 @@ The 4-D input (T, *spatial) is streamed block by block through dask, normally on
 1. *statistics* (the one read): the temperature mean of every voxel (0 where
    masked, NaN where the trajectory holds NaN/Inf) goes to a 3-D scratch array
    (1/T of the input; a zarr array, or dask blocks persisted in the workers'
-   memory under a distributed Client, see :func:`.store.scratch_store`); at the same time the block keeps the trajectories above
-   a provisional cut (every valid one for inputs under ``CACHE_ALL_BYTES``;
+   memory under a distributed Client, see :func:`.store.scratch_store`); at the same time
+   the block keeps the trajectories above a provisional cut (every valid one for inputs
+   under ``StreamingLimits.cache_all_bytes``;
    otherwise a cut estimated on a sample of blocks, lowered by a margin);
 2. *threshold*: the histogram of log <I>_T is built from the scratch array by
    cheap passes (or from memory), and the final cut found;
@@ -51,12 +52,12 @@ from .fit import FitOutput, features, fit_trajectories
 from .labels import write_labels
 from .params import CLASS_DISCOVERY_FIELDS, CLASS_MODES, NONFINITE_POLICIES, ClusterParams
 from .result import ClusterResult
-from .store import as_dask
+from .store import DEFAULT_LIMITS, StreamingLimits, as_dask
 from .trajectories import Trajectories, gather_trajectories
 
 __all__ = [
     "CLASS_DISCOVERY_FIELDS", "CLASS_MODES", "NONFINITE_POLICIES", "SELECTION_CRITERIA", "ClusterParams",
-    "ClusterResult", "FitOutput", "Trajectories", "as_dask", "check_class_discovery_input", "cluster", "features",
+    "ClusterResult", "FitOutput", "StreamingLimits", "Trajectories", "as_dask", "check_class_discovery_input", "cluster", "features",
     "fit_trajectories", "gather_trajectories", "run", "select_n_components", "write_labels",
 ]
 
@@ -87,6 +88,7 @@ def cluster(
     overwrite: bool = False,
     scratch=None,
     progress: bool = False,
+    limits: StreamingLimits | None = None,
 ) -> ClusterResult:
     """Cluster the temperature trajectories of a reciprocal-space volume (XTEC).
 
@@ -116,6 +118,9 @@ def cluster(
         A path holding other data is refused; an earlier xtec-flows label array
         there is replaced only with ``overwrite=True``.
     chunks : spatial block shape for the streaming passes
+    limits : :class:`~xtec_flows.engine.store.StreamingLimits`, memory against reads of the
+        input (default: keep inputs under 512 MB whole, scratch under 1 GiB in memory); the
+        labels do not depend on them
 
     Returns
     -------
@@ -150,13 +155,13 @@ def cluster(
     )
     return run(
         volume, temperatures, params, chunks=chunks, labels_store=labels_store, overwrite=overwrite,
-        scratch=scratch, progress=progress, components_store=components_store,
+        scratch=scratch, progress=progress, components_store=components_store, limits=limits,
     )
 
 
 def run(
     volume, temperatures, params: ClusterParams, *, chunks=None, labels_store=None, overwrite=False, scratch=None,
-    progress=False, on_stage=None, components_store=None,
+    progress=False, on_stage=None, components_store=None, limits: StreamingLimits | None = None,
 ) -> ClusterResult:
     """:func:`cluster` with a ready :class:`ClusterParams`.
 
@@ -169,7 +174,8 @@ def run(
     if params.classes is not None:
         zarr_io.check_labels_target(components_store, overwrite)
         check_class_discovery_input(volume, temperatures, params.ordering)
-    traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress)
+    traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress,
+                               limits=limits or DEFAULT_LIMITS)
     report("read", 0.6)
     t0 = time.perf_counter()
     X = features(traj, params)

@@ -13,15 +13,7 @@ import numpy as np
 from ..numerics import threshold
 from ..numerics.blocks import block_flat, block_mask, block_statistic, log_valid
 from .params import ClusterParams
-from .store import compute
-
-# Below this many bytes of input, the first pass keeps every valid trajectory in
-# memory, so the input is read exactly once and the threshold histogram comes
-# straight from the kept values.
-CACHE_ALL_BYTES = 512 << 20
-# Larger inputs: the first pass keeps the trajectories above a provisional cut
-# estimated from a sample of blocks, this many (sample) bins below it.
-PROVISIONAL_MARGIN_BINS = 4
+from .store import DEFAULT_LIMITS, StreamingLimits, compute
 
 
 def block_first_pass(block, offset, shape, mask_type, provisional, fine_edges, stat_target, region):
@@ -57,7 +49,7 @@ def block_first_pass(block, offset, shape, mask_type, provisional, fine_edges, s
     return (None if written else stat), out
 
 
-def provisional_cut(x: da.Array, params: ClusterParams, regions: list):
+def provisional_cut(x: da.Array, params: ClusterParams, regions: list, limits: StreamingLimits = DEFAULT_LIMITS):
     """Where the first pass may safely start keeping trajectories.
 
     Returns (provisional log cut, fine histogram edges or None). An explicit
@@ -69,7 +61,7 @@ def provisional_cut(x: da.Array, params: ClusterParams, regions: list):
     if not isinstance(params.threshold, str):
         return math.log(params.threshold), None
     nbytes = x.dtype.itemsize * math.prod(x.shape)
-    if params.threshold == "none" or nbytes <= CACHE_ALL_BYTES:
+    if params.threshold == "none" or nbytes <= limits.cache_all_bytes:
         return -math.inf, None
     n_sample = min(16, max(2, math.ceil(len(regions) / 20)))
     picks = np.unique(np.linspace(0, len(regions) - 1, n_sample).round().astype(int))
@@ -83,4 +75,4 @@ def provisional_cut(x: da.Array, params: ClusterParams, regions: list):
         warnings.simplefilter("ignore")
         cut = threshold.find_cutoff(hist, params.threshold)
     fine_edges = np.linspace(values.min(), values.max(), 4097)
-    return cut.log_cutoff - PROVISIONAL_MARGIN_BINS * hist.bin_size, fine_edges
+    return cut.log_cutoff - limits.provisional_margin_bins * hist.bin_size, fine_edges

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 import sys
 import tempfile
 
@@ -16,21 +17,43 @@ import zarr
 
 from ..io import zarr_io
 
-# Voxels per spatial block when the input does not suggest a chunking: 64**3
-# voxels x 24 temperatures x 4 bytes = 25 MB per block.
-DEFAULT_BLOCK_VOXELS = 64**3
-# Scratch arrays smaller than this stay in memory; larger ones go to disk.
-SCRATCH_IN_MEMORY_BYTES = 1 << 30
 
 
-def _default_spatial_chunks(shape: tuple, hint: tuple | None) -> tuple:
+@dataclass(frozen=True)
+class StreamingLimits:
+    """How the engine trades memory against reads of the input. Not clustering parameters: they
+    decide where intermediates live and whether the input is read once or twice, never the
+    labels (tests/test_pipeline.py holds that), so they are not part of a result's key.
+
+    block_voxels : voxels per spatial block when the input does not suggest a chunking
+        (64**3 voxels x 24 temperatures x 4 bytes = 25 MB per block)
+    scratch_in_memory_bytes : scratch arrays smaller than this stay in memory, larger ones go
+        to a temporary directory on disk
+    cache_all_bytes : below this many bytes of input the first pass keeps every valid
+        trajectory, so the input is read exactly once and the threshold histogram comes
+        straight from the kept values
+    provisional_margin_bins : larger inputs keep the trajectories above a provisional cut
+        estimated on a sample of blocks, this many (sample-histogram) bins below it; a final
+        cut below that reads the input a second time
+    """
+
+    block_voxels: int = 64**3
+    scratch_in_memory_bytes: int = 1 << 30
+    cache_all_bytes: int = 512 << 20
+    provisional_margin_bins: float = 4.0
+
+
+DEFAULT_LIMITS = StreamingLimits()
+
+
+def _default_spatial_chunks(shape: tuple, hint: tuple | None, block_voxels: int) -> tuple:
     ndim = len(shape)
     if hint is None:
-        side = max(int(round(DEFAULT_BLOCK_VOXELS ** (1.0 / ndim))), 1)
+        side = max(int(round(block_voxels ** (1.0 / ndim))), 1)
         return tuple(min(side, s) for s in shape)
     # Grow the storage chunks until a block holds enough voxels to amortise task overhead.
     chunks = [min(c, s) for c, s in zip(hint, shape)]
-    while math.prod(chunks) < DEFAULT_BLOCK_VOXELS // 8:
+    while math.prod(chunks) < block_voxels // 8:
         grown = False
         for i in range(ndim):
             if chunks[i] < shape[i]:
@@ -41,7 +64,7 @@ def _default_spatial_chunks(shape: tuple, hint: tuple | None) -> tuple:
     return tuple(chunks)
 
 
-def as_dask(volume, chunks: tuple | None = None) -> da.Array:
+def as_dask(volume, chunks: tuple | None = None, limits: StreamingLimits = DEFAULT_LIMITS) -> da.Array:
     """(T, *spatial) dask array with the whole temperature axis in every block and
     regular spatial chunks (so blocks line up with zarr chunks of scratch arrays)."""
     shape = tuple(volume.shape)
@@ -51,7 +74,7 @@ def as_dask(volume, chunks: tuple | None = None) -> da.Array:
     else:
         hint = tuple(volume.chunks[1:]) if isinstance(volume, zarr.Array) else None
         x = None
-    spatial = tuple(chunks) if chunks is not None else _default_spatial_chunks(shape[1:], hint)
+    spatial = tuple(chunks) if chunks is not None else _default_spatial_chunks(shape[1:], hint, limits.block_voxels)
     if len(spatial) != len(shape) - 1 or not all(isinstance(c, (int, np.integer)) and c >= 1 for c in spatial):
         raise ValueError(
             f"chunks must give one positive integer block size per spatial axis ({len(shape) - 1}); got {chunks!r}"
@@ -77,7 +100,7 @@ def distributed_client_active() -> bool:
     return True
 
 
-def scratch_store(nbytes: int, scratch):
+def scratch_store(nbytes: int, scratch, limits: StreamingLimits = DEFAULT_LIMITS):
     """Where the intermediate arrays (statistic, provisional labels) live.
 
     Returns (zarr store or None, temp dir to clean up or None). ``None`` as the
@@ -93,7 +116,7 @@ def scratch_store(nbytes: int, scratch):
         return zarr.storage.LocalStore(str(scratch)), None
     if distributed_client_active():
         return None, None
-    if nbytes <= SCRATCH_IN_MEMORY_BYTES:
+    if nbytes <= limits.scratch_in_memory_bytes:
         return zarr.storage.MemoryStore(), None
     tmp = tempfile.TemporaryDirectory(prefix="xtec-flows-scratch-")
     return zarr.storage.LocalStore(tmp.name), tmp

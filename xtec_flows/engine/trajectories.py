@@ -19,7 +19,7 @@ from .components import chunked_components
 from .first_pass import block_first_pass, provisional_cut
 from .histogram import histogram_chunked
 from .params import ClusterParams
-from .store import as_dask, compute, intermediate, scratch_store, values_at
+from .store import DEFAULT_LIMITS, StreamingLimits, as_dask, compute, intermediate, scratch_store, values_at
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def gather_trajectories(
     chunks: tuple | None = None,
     scratch=None,
     progress: bool = False,
+    limits: StreamingLimits = DEFAULT_LIMITS,
 ) -> Trajectories:
     """Statistics, threshold and trajectory gathering: usually one read of the input.
 
@@ -82,6 +83,7 @@ def gather_trajectories(
     temperatures : array-like of shape (T,)
     chunks : spatial block shape (default: from the input's chunks, or 64^3-ish)
     scratch : directory for intermediate arrays (default: memory when small, else a temp dir)
+    limits : memory against reads (:class:`~xtec_flows.engine.store.StreamingLimits`); never the labels
 
     Returns
     -------
@@ -90,15 +92,15 @@ def gather_trajectories(
     shape = validation.check_volume(volume)
     temps = validation.check_temperatures(temperatures, shape[0], params.ordering)
     timings = {}
-    x = as_dask(volume, chunks)
+    x = as_dask(volume, chunks, limits)
     spatial_shape = shape[1:]
     spatial_chunks = x.chunks[1:]
     regular = tuple(c[0] for c in spatial_chunks)
     regions = list(block_regions(spatial_chunks))
-    store, tmp = scratch_store(4 * math.prod(spatial_shape), scratch)
+    store, tmp = scratch_store(4 * math.prod(spatial_shape), scratch, limits)
     try:
         t0 = time.perf_counter()
-        provisional, fine_edges = provisional_cut(x, params, regions)
+        provisional, fine_edges = provisional_cut(x, params, regions, limits)
         xb = x.to_delayed().reshape(x.numblocks[1:])
         first, stat_d, _ = intermediate(
             block_first_pass,

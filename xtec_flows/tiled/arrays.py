@@ -13,11 +13,12 @@ def _region_reader(node, region):
     return np.asarray(node.read(slice=region))
 
 
-def lazy_array(node, spatial_chunk: int | None = None, read_mode: str = "auto"):
+def lazy_array(node, spatial_chunk: int | None = None, read_mode: str = "auto",
+               max_request_bytes: int = MAX_REQUEST_BYTES):
     """A dask array over a Tiled array node, one request (or one file read) per task.
 
     Blocks span the whole first (temperature) axis and are sized so that each
-    request stays under ``MAX_REQUEST_BYTES``; they are aligned to Tiled's own
+    request stays under ``max_request_bytes``; they are aligned to Tiled's own
     chunks when those are small enough.
 
     ``read_mode``: "auto" reads the blocks straight from the node's zarr or HDF5
@@ -38,7 +39,7 @@ def lazy_array(node, spatial_chunk: int | None = None, read_mode: str = "auto"):
     ndim = len(shape)
     if spatial_chunk is None:
         per_voxel = shape[0] * dtype.itemsize
-        side = int((MAX_REQUEST_BYTES / per_voxel) ** (1.0 / (ndim - 1)))
+        side = int((max_request_bytes / per_voxel) ** (1.0 / (ndim - 1)))
         spatial_chunk = max(8, min(128, side))
     tiled_chunks = [max(c) for c in node.chunks[1:]] if node.chunks else [None] * (ndim - 1)
     sizes = []

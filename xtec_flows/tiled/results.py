@@ -176,9 +176,9 @@ def class_table(classes: list):
     return frame.astype({"label": "int64", "n_voxels": "int64", "stable": "boolean"})
 
 
-def _labels_tiled_chunks(shape: tuple, zarr_chunks: tuple) -> tuple:
+def _labels_tiled_chunks(shape: tuple, zarr_chunks: tuple, max_bytes: int = MAX_REQUEST_BYTES) -> tuple:
     """Chunks for the Tiled label node: whole zarr chunks, doubled along each axis in turn
-    while one int8 block stays within MAX_REQUEST_BYTES (few requests, none too big)."""
+    while one int8 block stays within ``max_bytes`` (few requests, none too big)."""
     chunks = [min(c, s) for c, s in zip(zarr_chunks, shape)]
     grown = True
     while grown:
@@ -187,13 +187,14 @@ def _labels_tiled_chunks(shape: tuple, zarr_chunks: tuple) -> tuple:
             if chunks[i] < shape[i]:
                 trial = list(chunks)
                 trial[i] = min(chunks[i] * 2, shape[i])
-                if math.prod(trial) <= MAX_REQUEST_BYTES:
+                if math.prod(trial) <= max_bytes:
                     chunks = trial
                     grown = True
     return tuple(chunks)
 
 
-def write_labels_array(node, labels, dims: list, key: str | None = None, spec: NodeSpec = LABELS):
+def write_labels_array(node, labels, dims: list, key: str | None = None, spec: NodeSpec = LABELS,
+                       max_request_bytes: int = MAX_REQUEST_BYTES):
     """Stream an int8 label volume (numpy or zarr) into a new Tiled array node, block by block.
 
     ``spec`` gives the node's key (unless ``key`` is given) and description.
@@ -203,7 +204,7 @@ def write_labels_array(node, labels, dims: list, key: str | None = None, spec: N
 
     shape = tuple(int(s) for s in labels.shape)
     zchunks = tuple(getattr(labels, "chunks", None) or shape)
-    tchunks = _labels_tiled_chunks(shape, zchunks)
+    tchunks = _labels_tiled_chunks(shape, zchunks, max_request_bytes)
     chunks = regular_chunks(shape, tchunks)
     structure = ArrayStructure(
         data_type=BuiltinDtype.from_numpy_dtype(np.dtype("int8")), shape=shape, chunks=chunks, dims=list(dims)

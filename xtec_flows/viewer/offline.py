@@ -44,14 +44,27 @@ class _TiledSource:
                                  timeout=120.0, trust_env=False)
         self.reader = TiledReader(self.http, "/".join(parts[:-1]))
         self.key = parts[-1]
+        self.whole = None  # (labels, volume) of a small result, read in two requests instead of 2 per slice
+
+    def prefetch(self, desc: dict) -> None:
+        labels = self.reader.read(self.reader.array_info(f"{self.reader.root}/{self.key}/labels", "the labels"))
+        volume = None
+        if desc["volume"] is not None:
+            volume = self.reader.read(self.reader.array_info(desc["volume"]["path"], "the scan volume"))
+        self.whole = (labels, volume)
 
     def description(self) -> dict:
         return self.reader.result(self.key)
 
     def labels(self, axis: int, index: int) -> np.ndarray:
+        if self.whole is not None:
+            return self.whole[0][plane_index(self.whole[0].shape, axis, index)]
         return self.reader.labels_slice(self.key, axis, index)
 
     def stack(self, desc: dict, axis: int, index: int) -> np.ndarray | None:
+        if self.whole is not None:
+            volume = self.whole[1]
+            return None if volume is None else volume[(slice(None),) + plane_index(volume.shape[1:], axis, index)]
         if desc["volume"] is None:
             return None
         info = self.reader.array_info(desc["volume"]["path"], "the scan volume")
@@ -90,18 +103,23 @@ class _DirectorySource:
     def description(self) -> dict:
         doc = self.doc
         classes = doc.get("classes") if doc.get("n_classes") else None
+        inputs = doc.get("input")
+        inputs = ", ".join(map(str, inputs)) if isinstance(inputs, list) else str(inputs)
         md = {"status": "complete", "content": "classes" if classes else None, "classes": classes,
               "counts": doc.get("counts"), "parameters": doc.get("params") or {},
-              "source": {"path": str(doc.get("input")), "uid": str(self.directory)}}
+              "source": {"path": inputs, "uid": str(self.directory)}}
         curves = {"temperatures": np.asarray(doc["temperatures"]), "means": np.asarray(doc["means"])}
         if classes:
             curves["class_means_relative"] = np.asarray([c["mean_relative"] for c in classes])
             curves["class_fit_curves"] = np.asarray([c["fit_curve"] for c in classes])
         shape = tuple(self.labels_array.shape)
         labels = ArrayInfo("labels.zarr", shape, np.dtype("int8"), (), {})
-        volume = None if self.volume is None else ArrayInfo(str(doc.get("input")), tuple(self.volume.shape),
+        volume = None if self.volume is None else ArrayInfo(inputs, tuple(self.volume.shape),
                                                             np.dtype("float32"), (), {})
         return describe(self.directory.name, md, labels, volume, curves)
+
+    def prefetch(self, desc: dict) -> None:
+        pass  # local files: slices are cheap
 
     def labels(self, axis: int, index: int) -> np.ndarray:
         return np.asarray(self.labels_array[plane_index(self.labels_array.shape, axis, index)], dtype=np.int8)
@@ -166,6 +184,8 @@ def _embed(source, desc: dict, all_slices_voxels: int, max_per_slice: int) -> di
     shape = tuple(desc["shape"])
     small = math.prod(shape) <= all_slices_voxels
     slices = {a: list(range(n)) if small else [n // 2] for a, n in enumerate(shape)}
+    if small:
+        source.prefetch(desc)
     desc = dict(desc, offline_slices=slices, final=True)
     planes, voxels, raw, voxel_labels = {}, [], [], []
     for axis, indices in slices.items():
@@ -191,6 +211,6 @@ def _embed(source, desc: dict, all_slices_voxels: int, max_per_slice: int) -> di
     labels_at = np.asarray(voxel_labels, dtype=np.int8)
     curves = np.asarray([voxel_curve(t, desc) for t in raw], dtype=np.float64).reshape(-1, T)
     return {"result": desc, "planes": planes,
-            "trajectories": {"voxels": voxels, "intensity": _b64(raw.astype("<f4")), "curve": _b64(curves.astype("<f4")),
-                             "labels": _b64(labels_at)}}
+            "trajectories": {"voxels": voxels, "intensity": _b64(raw.astype("<f4")),
+                             "curve": _b64(curves.astype("<f4")), "labels": _b64(labels_at)}}
 
