@@ -358,3 +358,20 @@ def test_generator_knobs():
         synthetic.SeriesModel(cdw_arms=4)
     with pytest.raises(ValueError, match="exposure"):
         synthetic.SeriesModel(exposure=0)
+
+
+def test_peaks_mode_classes_count_voxels_and_peaks():
+    # In mode "peaks" the mixture's rows are peaks: a class reports its voxels (what the label
+    # volume shows) and, beside them, its peaks.
+    from xtec_flows.synthetic import make_volume
+
+    volume, temps, _ = make_volume((12, 24, 24, 24), seed=2)
+    result = xtec_flows.cluster(volume, temps, mode="peaks", classes="auto", max_components=4, stability_runs=0)
+    labels = np.asarray(result.labels[...])
+    classes = result.classes
+    assert classes and all("n_peaks" in c for c in classes)
+    assert [c["n_voxels"] for c in classes] == [int((labels == c["label"]).sum()) for c in classes]
+    assert sum(c["n_peaks"] for c in classes) <= result.n_peaks
+    assert sum(c["n_voxels"] for c in classes) > sum(c["n_peaks"] for c in classes)
+    fixed = xtec_flows.cluster(volume, temps, classes="auto", max_components=4, stability_runs=0)
+    assert all("n_peaks" not in c for c in fixed.classes)

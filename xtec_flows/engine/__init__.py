@@ -198,6 +198,8 @@ def run(
             stability_runs=params.stability_runs, random_state=params.random_state, reg_covar=params.reg_covar,
             tol=params.tol, max_iter=params.max_iter, init_sample_size=params.init_sample_size,
         )
+        if params.mode == "peaks":
+            discovery.count_peak_voxels(fit.sample_labels)
         traj.raw = None
         del row_raw
         traj.timings["classes"] = time.perf_counter() - t1

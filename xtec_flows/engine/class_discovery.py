@@ -49,7 +49,8 @@ class PhysicalClass:
     label : the value in the class-label array
     kind : ClassKind
     components : component labels (indices into the mixture) it merges
-    n_voxels : rows of the fit in the class: voxels (in mode "peaks", peaks)
+    n_voxels : voxels in the class
+    n_peaks : in mode "peaks", the peaks (rows of the fit) in the class; else None
     fit : numerics.classes.CurveFit of the pooled mean relative trajectory
     mean_raw : (T,) mean raw intensity;  mean_relative : (T,) mean of I / <I>_T
     mean_rescaled : (T,) mean of the rescaled trajectories the mixture saw (count-weighted component means)
@@ -65,6 +66,7 @@ class PhysicalClass:
     mean_relative: np.ndarray
     mean_rescaled: np.ndarray
     stability: float = math.nan
+    n_peaks: int | None = None
 
     @property
     def stable(self) -> bool | None:
@@ -83,6 +85,7 @@ class PhysicalClass:
             "trend": fit.pop("trend"),
             "components": [int(c) for c in self.components],
             "n_voxels": int(self.n_voxels),
+            **({} if self.n_peaks is None else {"n_peaks": int(self.n_peaks)}),
             **fit,
             "stability": None if not math.isfinite(self.stability) else float(self.stability),
             "stable": self.stable,
@@ -113,6 +116,14 @@ class ClassDiscovery:
     def class_labels(self, component_labels: np.ndarray) -> np.ndarray:
         """Class label of every sample from its component label; shape of the input, int8."""
         return self.component_class[np.asarray(component_labels, dtype=np.intp)]
+
+    def count_peak_voxels(self, voxel_component_labels: np.ndarray) -> None:
+        """Mode "peaks": the fit's rows are peaks, so n_voxels counted peaks; recount voxels
+        from every thresholded voxel's component label (n_samples,) and keep the peaks as n_peaks."""
+        labels = self.class_labels(voxel_component_labels)
+        voxels = np.bincount(labels[labels >= 0], minlength=len(self.classes))
+        for c in self.classes:
+            c.n_peaks, c.n_voxels = c.n_voxels, int(voxels[c.label])
 
     def to_dict(self) -> dict:
         return {

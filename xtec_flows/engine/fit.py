@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..numerics import peaks
-from ..numerics.mixture import MixtureParams, fit_mixture
+from ..numerics.mixture import MixtureFit, MixtureParams, fit_mixture
 from ..numerics.rescale import rescale
 from ..numerics.smoothing import LabelSmoother
 from .params import ClusterParams
@@ -17,16 +17,46 @@ from .trajectories import Trajectories
 
 @dataclass
 class FitOutput:
-    params: MixtureParams
-    sample_labels: np.ndarray  # (n_samples,) int8, per thresholded voxel
+    """The mixture fit and its labels per thresholded voxel.
+
+    mixture : MixtureFit over the rows of the features (voxels, or peaks in mode "peaks")
+    sample_labels : (n_samples,) int8, the label of every thresholded voxel
+    counts : (K,) voxels per label
+    """
+
+    mixture: MixtureFit
+    sample_labels: np.ndarray
     counts: np.ndarray
-    log_likelihood: float
-    bic: float
-    n_iter: int
-    converged: bool
-    history: list
-    row_labels: np.ndarray | None = None  # (n_rows,) int8, per row of the features (peaks: per peak)
-    restarts: list | None = None  # every restart's (MixtureParams, mean log L), with keep_restarts
+
+    @property
+    def params(self) -> MixtureParams:
+        return self.mixture.params
+
+    @property
+    def row_labels(self) -> np.ndarray:
+        """(n_rows,) int8, per row of the features (peaks: per peak)."""
+        return self.mixture.labels
+
+    @property
+    def restarts(self) -> list | None:
+        """Every restart's (MixtureParams, mean log L), with keep_restarts."""
+        return self.mixture.restarts
+
+    @property
+    def log_likelihood(self) -> float:
+        return self.mixture.log_likelihood
+
+    @property
+    def bic(self) -> float:
+        return self.mixture.bic
+
+    @property
+    def n_iter(self) -> int:
+        return self.mixture.n_iter
+
+    @property
+    def converged(self) -> bool:
+        return self.mixture.converged
 
 
 def _rescale_float32(raw: np.ndarray, method: str, rows: int = 1 << 18) -> np.ndarray:
@@ -90,5 +120,4 @@ def fit_trajectories(
             RuntimeWarning,
             stacklevel=3,
         )
-    return FitOutput(fit.params, labels, counts, fit.log_likelihood, fit.bic, fit.n_iter, fit.converged, fit.history,
-                     row_labels=fit.labels, restarts=fit.restarts)
+    return FitOutput(fit, labels, counts)
