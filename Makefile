@@ -26,7 +26,7 @@ demo-engine: $(STAMP)
 	$(BIN)/xtec-flows cluster demo-output/volume.zarr -o demo-output/d --mode d -k 3 --seed 0 --overwrite
 	$(BIN)/xtec-flows cluster demo-output/volume.zarr -o demo-output/s --mode s -k 3 --seed 0 --overwrite
 	$(BIN)/xtec-flows cluster demo-output/volume.zarr -o demo-output/peaks --mode peaks -k 3 --seed 0 --overwrite
-	@echo "demo results in demo-output/{d,s,peaks}: labels.zarr result.json qmap.png trajectories.png; BIC sweep in demo-output/bic"
+	@echo "demo results in demo-output/{d,s,peaks}: labels.zarr result.json qmap.png trajectories.png view.html; BIC sweep in demo-output/bic"
 
 # Two phases: the suite on 2 pytest-xdist workers, then the 20-scan burst on the production stack
 # (marker `load`) with the machine to itself, because it measures acquisition and processing

@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_image_artifact,
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -163,6 +164,13 @@ def publish_result(tiled_uri: str, summary: dict, supersede_older: bool) -> dict
                                     title=f"classes of {uid8}")
         images = {**images, "trajectories": "component mean trajectories", "classes": "class mean trajectories"}
     plotting.trajectories(loaded.temperatures, loaded.means, loaded.variances, loaded.counts, out / "trajectories.png")
+    view = None
+    if loaded.labels.ndim == 3:
+        from xtec_flows.viewer import write_offline_view
+
+        # The browser view, self-contained (central slices and their trajectories for a large
+        # result): opens from the maps directory with no server.
+        view = write_offline_view(node, out / "view.html")
     counts = [int(c) for c in loaded.counts]
     rows = [{"cluster": i, "voxels": c, "fraction": round(c / max(sum(counts), 1), 4)} for i, c in enumerate(counts)]
     tag = artifact_key(f"xtec-{source.get('uid', summary['key'])[:12]}")
@@ -178,6 +186,8 @@ def publish_result(tiled_uri: str, summary: dict, supersede_older: bool) -> dict
         f" (cut log<I> = {threshold.get('log_cutoff')})",
         f"- maps: {', '.join(f'`{out / name}.png`' for name in images)}",
     ]
+    if view is not None:
+        lines.append(f"- browser view: [{view}]({view.as_uri()}) (live: `xtec-flows view --tiled-uri ...`)")
     if superseded:
         lines.append(f"- supersedes: {', '.join(f'`{s}`' for s in superseded)}")
     if classes is not None:
@@ -192,6 +202,9 @@ def publish_result(tiled_uri: str, summary: dict, supersede_older: bool) -> dict
     for name, description in images.items():
         create_image_artifact(image_url=_png_data_url(out / f"{name}.png"), key=f"{tag}-{name}",
                               description=description)
+    if view is not None:
+        create_link_artifact(key=f"{tag}-view", link=view.as_uri(), link_text="XTEC result in the browser",
+                             description="self-contained browser view of the result (slices, trajectories)")
     return {**summary, "counts": counts, "maps": str(out), "superseded": superseded}
 
 

@@ -187,8 +187,11 @@ def test_cluster_zarr_outputs_and_plots(synth3d, tmp_path, capsys):
     out = tmp_path / "run"
     rc, stdout, err = run_cli(["cluster", synth3d, "-o", out, "-k", "3", "--quiet"], capsys)
     assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["labels.zarr", "qmap.png", "result.json", "trajectories.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["labels.zarr", "qmap.png", "result.json", "trajectories.png",
+                                                     "view.html"]
     doc = check_result(out, SHAPE_3D[1:], 3, SHAPE_3D[0])
+    page = (out / "view.html").read_text()
+    assert 'id="xtec-data"' in page and "http://" not in page.split('id="xtec-data"')[1][:2000]  # self-contained
     assert doc["input"] == str(synth3d)
     check_png(out / "qmap.png")
     check_png(out / "trajectories.png")

@@ -134,7 +134,7 @@ def test_publish_result_shows_the_classes(tiled_server, auto_node, tmp_path, mon
     from xtec_flows_prefect import cluster_scan
 
     made, qmaps = {}, []
-    for name in ("create_table_artifact", "create_markdown_artifact", "create_image_artifact"):
+    for name in ("create_table_artifact", "create_markdown_artifact", "create_image_artifact", "create_link_artifact"):
         monkeypatch.setattr(cluster_scan, name, lambda name=name, **kw: made.setdefault(name, []).append(kw))
     from xtec_flows import plotting
 
@@ -154,6 +154,10 @@ def test_publish_result_shows_the_classes(tiled_server, auto_node, tmp_path, mon
     markdown = made["create_markdown_artifact"][0]["markdown"]
     assert f"## {n} classes" in markdown and "| class | kind | voxels | Tc | β or width | stable |" in markdown
     assert "| component | voxels | fraction |" in markdown
+    # the self-contained browser view, linked from the summary and as a link artifact
+    view = tmp_path / key / "view.html"
+    assert view.stat().st_size > 0 and view.as_uri() in markdown
+    assert [kw["link"] for kw in made["create_link_artifact"]] == [view.as_uri()]
 
 
 def test_class_table_markdown():

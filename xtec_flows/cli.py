@@ -226,6 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "Prefect workers serve (deploy/prefect/prefect.yaml); --limit and the reprocessing "
                         "options are then the work pool's and the yaml's")
 
+    w = sub.add_parser("view", help="serve the results viewer in the browser (slices coloured by class, a voxel's "
+                       "trajectory); reads Tiled's HTTP API with your key, never the storage")
+    w.add_argument("--tiled-uri", required=True, help="Tiled server URI, e.g. http://127.0.0.1:8000")
+    w.add_argument("--api-key-file", help="file holding the Tiled API key (default: the TILED_API_KEY environment "
+                   "variable); the key stays in this process, the browser never sees it")
+    w.add_argument("--root", default="xtec", help="container holding the results (default xtec)")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
+
     d = sub.add_parser("demo", help="end to end on this machine: Tiled + Prefect + serve + a simulated scan")
     d.add_argument("--workdir", default="demo-output", help="directory for the servers' data and the maps")
     d.add_argument("--shape", type=_int_tuple, default=(24, 64, 64, 64), help="T,L,K,H of the simulated scan")
@@ -371,6 +380,12 @@ def cmd_cluster(args) -> dict:
             if result.classes is not None:
                 plotting.class_trajectories(result.temperatures, result.classes, work / "classes.png",
                                             title=f"classes of {args.input}")
+            if result.labels.ndim == 3:
+                from .viewer import write_offline_view
+
+                # The browser view of this result, self-contained: slices coloured by label,
+                # a voxel's trajectory on click (the live one is `xtec-flows view`).
+                write_offline_view(work, work / "view.html", volume=volume)
         if out.exists():
             zarr_io.prepare_output_dir(out, args.overwrite)  # re-check: nothing foreign appeared meanwhile
             shutil.rmtree(out)
@@ -472,6 +487,8 @@ def cmd_bic(args) -> dict:
 
 
 def _human(command: str, doc: dict) -> str:
+    if command == "view":
+        return "xtec-flows view: stopped"
     if command == "serve":
         return "xtec-flows serve: stopped"
     if command == "demo":
@@ -584,6 +601,32 @@ def _serving_plugin():
     return found[0].load()
 
 
+def cmd_view(args) -> dict:
+    import uvicorn
+
+    from .tiled.client import redact_uri
+    from .viewer.app import make_app
+
+    if args.api_key_file:
+        try:
+            api_key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise CLIError(f"cannot read --api-key-file {args.api_key_file} ({exc.strerror}); give a readable file "
+                           "holding the Tiled API key, or set TILED_API_KEY") from None
+        if not api_key:
+            raise CLIError(f"--api-key-file {args.api_key_file} is empty; put the Tiled API key in it")
+    else:
+        api_key = os.environ.get("TILED_API_KEY") or None  # None: anonymous, for a public server
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: anyone who can reach port %d reads Tiled with this key's permissions",
+                    args.host, args.port)
+    app = make_app(args.tiled_uri, api_key, root=args.root)
+    log.info("results viewer on http://%s:%d/ (results under /%s of %s)", args.host, args.port,
+             args.root.strip("/"), redact_uri(args.tiled_uri))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return {"stopped": True}
+
+
 def cmd_demo(args) -> dict:
     _quiet_prefect_defaults()
     from .demo.stack import run_demo
@@ -609,7 +652,7 @@ def main(argv=None) -> int:
                         else "%(levelname)s %(name)s: %(message)s")
     for chatty in ("httpx", "httpcore", "numexpr"):  # one line per request is noise at INFO
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    commands = {"synth": cmd_synth, "cluster": cmd_cluster, "bic": cmd_bic, "results": cmd_results,
+    commands = {"synth": cmd_synth, "cluster": cmd_cluster, "bic": cmd_bic, "results": cmd_results, "view": cmd_view,
                 "import": cmd_import, "serve": cmd_serve, "demo": cmd_demo}
     try:
         with warnings.catch_warnings():
