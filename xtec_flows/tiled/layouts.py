@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from .client import node_path
+
 __all__ = ["RunLayout", "RunStream", "open_stream", "as_run_node", "run_label", "EVENT_COLUMNS"]
 
 #: Bookkeeping columns every table layout carries beside the fields (not measured quantities).
@@ -80,11 +82,6 @@ def as_run_node(obj):
         f"{type(obj).__module__}.{type(obj).__name__} is not a Tiled node or a databroker run; pass a Tiled "
         "client of the run (e.g. from_uri(URI)['raw'][uid]) or a databroker v1 Header"
     )
-
-
-def node_path(node) -> str:
-    """``/a/b/c``: the node's path from the server root."""
-    return "/" + "/".join(p for p in node.path_parts if p)
 
 
 def run_label(run) -> str:
