@@ -55,7 +55,8 @@ def artifact_key(text: str) -> str:
 @task(name="cluster-and-write", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_retry_if_transient,
       cache_policy=NO_CACHE)
 def cluster_and_write(tiled_uri: str, scan_path: str, parameters: dict, root: str, volume_field: str | None,
-                      temperature_field: str | None, dask_address: str | None, progress_id=None) -> dict:
+                      temperature_field: str | None, dask_address: str | None, progress_id=None,
+                      model_path: str | None = None) -> dict:
     """Resolve the scan, run the chunked engine, write the result (or reuse a complete one).
 
     Returns a summary: result key, Tiled path and URI, whether it was reused.
@@ -63,6 +64,7 @@ def cluster_and_write(tiled_uri: str, scan_path: str, parameters: dict, root: st
     logger = get_run_logger()
     params = ClusterParams.from_dict(parameters)
     client = tiled_io.connect(tiled_uri)
+    model = None if model_path is None else tiled_io.load_model(tiled_io.walk(client, model_path))
 
     def on_stage(name: str, fraction: float) -> None:
         logger.info("pass %s done (%.0f%%)", name, 100 * fraction)
@@ -74,7 +76,7 @@ def cluster_and_write(tiled_uri: str, scan_path: str, parameters: dict, root: st
 
     def run():
         return process_scan(client, scan_path, params, root=root, volume_field=volume_field,
-                            temperature_field=temperature_field, on_stage=on_stage)
+                            temperature_field=temperature_field, on_stage=on_stage, model=model)
 
     if dask_address:
         from distributed import Client
@@ -219,6 +221,7 @@ def cluster_scan(
     temperature_field: str | None = None,
     dask_address: str | None = None,
     supersede_older: bool = False,
+    model_path: str | None = None,
 ) -> dict:
     """Cluster one completed scan and write the result into Tiled.
 
@@ -231,6 +234,9 @@ def cluster_scan(
     root : derived-data root for results
     dask_address : an existing Dask scheduler ("tcp://host:8786"); default local threads
     supersede_older : mark the scan's other complete results as superseded by this one
+    model_path : a complete result node ("xtec/<key>") whose fitted model labels this scan instead
+        of a new fit (a doping or field series on one temperature grid); ``parameters`` are then
+        the model's
 
     Returns a summary: key, path, uri, counts, maps folder, reused.
     """
@@ -246,7 +252,7 @@ def cluster_scan(
     progress_id = create_progress_artifact(progress=0.0, key=artifact_key(f"xtec-progress-{scan_uid[:12]}"),
                                            description=f"XTEC clustering of {scan_path}")
     summary = cluster_and_write(tiled_uri, scan_path, params.to_dict(), root, volume_field, temperature_field,
-                                dask_address, progress_id)
+                                dask_address, progress_id, model_path)
     update_progress_artifact(artifact_id=progress_id, progress=100.0)
     published = publish_result(tiled_uri, summary, supersede_older)
     logger.info("result %s %s: counts %s; maps in %s", published["path"],

@@ -78,6 +78,12 @@ def _add_tiled_options(p: argparse.ArgumentParser, required: bool = False) -> No
 
 
 def _add_engine_options(p: argparse.ArgumentParser, several_inputs: bool = False) -> None:
+    _add_input_options(p, several_inputs)
+    _add_parameter_options(p)
+    _add_run_options(p)
+
+
+def _add_input_options(p: argparse.ArgumentParser, several_inputs: bool = False) -> None:
     if several_inputs:
         p.add_argument("input", nargs="*", help="zarr array/group path, or NeXus/HDF5 as file.nxs:/entry/data/data, "
                        "or several NeXus files, one per temperature (nxrefine <sample>_<label>.nxs), in any order")
@@ -87,9 +93,12 @@ def _add_engine_options(p: argparse.ArgumentParser, several_inputs: bool = False
                             "the audit goes into result.json")
     else:
         p.add_argument("input", nargs="?", help="zarr array/group path, or NeXus/HDF5 as file.nxs:/entry/data/data")
+    p.add_argument("--temperatures", type=_float_list, help="comma-separated temperatures, one per slice (overrides the file)")
+
+
+def _add_parameter_options(p: argparse.ArgumentParser) -> None:
     from .engine.params import add_options
 
-    p.add_argument("--temperatures", type=_float_list, help="comma-separated temperatures, one per slice (overrides the file)")
     add_options(p, ENGINE_OPTIONS)
     p.add_argument("--kernel", choices=["local", "periodic"], default="local", help="mode s: smoothing kernel")
     p.add_argument("--length-scale", type=float, default=None,
@@ -98,6 +107,9 @@ def _add_engine_options(p: argparse.ArgumentParser, several_inputs: bool = False
     p.add_argument("--smoothing-weights", choices=["uniform", "gaussian"], default="uniform")
     p.add_argument("--smoothing-iterations", type=int, default=1)
     p.add_argument("--unit-cell", type=_int_tuple, help="mode s, periodic kernel: voxels per r.l.u. per axis, e.g. 16,16,16")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=_int_tuple, help="spatial block shape for streaming, e.g. 64,64,64")
     p.add_argument("--scratch", help="directory for intermediate arrays (default: memory, a temp dir above 1 GiB, or the Dask "
                    "workers' memory under a distributed Client; on a multi-host cluster DIR must be shared)")
@@ -235,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     w.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
 
+    a = sub.add_parser("apply", help="label a temperature series with a model fitted on another one (a doping, "
+                       "pressure or field series on one temperature grid): same components and classes in every "
+                       "scan, the classes' Tc refitted on this one")
+    a.add_argument("--model", required=True, help="the model: an `xtec-flows cluster -o` output directory or its "
+                   "result.json; with --tiled-uri, the path of a complete result node on that server "
+                   "(xtec/<key>, see `xtec-flows results`)")
+    _add_input_options(a, several_inputs=True)
+    _add_run_options(a)
+    a.add_argument("-o", "--output", help="output directory (created); required for file inputs")
+    _add_tiled_options(a)
+    a.add_argument("--scan", help="Tiled: bluesky scan uid or node path to label (the result goes back to Tiled)")
+    a.add_argument("--root", default="xtec", help="Tiled: container for derived results (default xtec)")
+    a.add_argument("--volume-field", help="Tiled: name of the volume in the run's primary stream (detected if unique)")
+    a.add_argument("--temperature-field", help="Tiled: temperature column of the run (detected if unique)")
+    a.add_argument("--read-mode", choices=("auto", "http", "direct"), default="auto",
+                   help="Tiled: read the scan's files directly when possible (auto), always over HTTP, or files only")
+    a.add_argument("--overwrite", action="store_true", help="replace an earlier xtec-flows result in OUTPUT")
+    a.add_argument("--no-plots", action="store_true", help="skip qmap.png, trajectories.png and view.html")
+
     d = sub.add_parser("demo", help="end to end on this machine: Tiled + Prefect + serve + a simulated scan")
     d.add_argument("--workdir", default="demo-output", help="directory for the servers' data and the maps")
     d.add_argument("--shape", type=_int_tuple, default=(24, 64, 64, 64), help="T,L,K,H of the simulated scan")
@@ -340,7 +371,8 @@ def cmd_cluster(args) -> dict:
     from . import engine
     from .io import zarr_io
 
-    params = _params_from(args, args.n_components)
+    model = getattr(args, "model", None)
+    params = model.params if model is not None else _params_from(args, args.n_components)
     out = zarr_io.prepare_output_dir(args.output, args.overwrite)
     inputs = args.input
     volume, temps, series = _open_input(inputs, args.temperatures, args.series_check)
@@ -351,16 +383,14 @@ def cmd_cluster(args) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        result = engine.run(
-            volume,
-            temps,
-            params,
-            chunks=args.chunks,
-            labels_store=zarr.storage.LocalStore(str(work / "labels.zarr")),
-            components_store=zarr.storage.LocalStore(str(work / "components.zarr")) if params.classes else None,
-            scratch=args.scratch,
-            progress=not args.quiet,
-        )
+        stores = dict(labels_store=zarr.storage.LocalStore(str(work / "labels.zarr")),
+                      components_store=zarr.storage.LocalStore(str(work / "components.zarr")) if params.classes else None)
+        if model is None:
+            result = engine.run(volume, temps, params, chunks=args.chunks, scratch=args.scratch,
+                                progress=not args.quiet, **stores)
+        else:
+            result = engine.apply(volume, temps, model, chunks=args.chunks, scratch=args.scratch,
+                                  progress=not args.quiet, **stores)
         summary = result.to_dict()
         summary.update({"series_check": series} if series is not None else {})  # the audit of a multi-file input
         summary["input"] = args.input
@@ -369,14 +399,15 @@ def cmd_cluster(args) -> dict:
             from . import plotting
 
             n_colours = result.means.shape[0] if result.classes is None else len(result.classes)
-            what = f"XTEC-{args.mode}" + (" classes" if result.classes is not None else "")
+            what = f"XTEC-{params.mode}" + (" classes" if result.classes is not None else "") + (
+                " (stored model)" if model is not None else "")
             names = None if result.classes is None else plotting.class_names(result.classes)
             # A 1-D series' map is its mean profile coloured by label (small: T x q).
             profile = np.asarray(volume[...]).mean(axis=0) if result.labels.ndim == 1 else None
             plotting.qmap(result.labels, work / "qmap.png", n_colours, title=f"{what}: {args.input}", names=names,
                           intensity=profile)
             plotting.trajectories(result.temperatures, result.means, result.variances, result.counts, work / "trajectories.png",
-                                  ylabel=f"rescaled I(T) ({args.rescale})")
+                                  ylabel=f"rescaled I(T) ({params.rescale})")
             if result.classes is not None:
                 plotting.class_trajectories(result.temperatures, result.classes, work / "classes.png",
                                             title=f"classes of {args.input}")
@@ -441,12 +472,15 @@ def cmd_cluster_tiled(args) -> dict:
         raise CLIError("--tiled-uri needs --scan UID (the bluesky scan uid or node path to cluster)")
     if args.input or args.output:
         raise CLIError("give either a file INPUT with -o OUTPUT, or --tiled-uri with --scan (results go back to Tiled)")
-    params = _params_from(args, args.n_components)
+    model = getattr(args, "model", None)
+    params = None if model is not None else _params_from(args, args.n_components)
     outcome = process.process_scan(args.tiled_uri, args.scan, params, root=args.root, api_key=args.api_key,
                                    volume_field=args.volume_field, temperature_field=args.temperature_field,
-                                   chunks=args.chunks, progress=not args.quiet, read_mode=args.read_mode)
+                                   chunks=args.chunks, progress=not args.quiet, read_mode=args.read_mode,
+                                   model=model)
     md = dict(outcome.node.metadata or {})
     return {"uri": tiled_io.redact_uri(args.tiled_uri), "scan": args.scan, "key": outcome.key, "path": outcome.path,
+            **({"model": md.get("model")} if md.get("model") else {}),
             "status": outcome.status, "reused": outcome.reused, "n_components": md.get("n_components"),
             "counts": md.get("counts"), "bic": md.get("bic"), "log_likelihood": md.get("log_likelihood")}
 
@@ -502,7 +536,7 @@ def _human(command: str, doc: dict) -> str:
             f"['{doc['key']}']['labels'].read()",
         ]
         return "\n".join(lines)
-    if command == "cluster" and "key" in doc:
+    if command in ("cluster", "apply") and "key" in doc:
         what = "existing result (not recomputed)" if doc["reused"] else "new result"
         lines = [f"{what} {doc['path']} on {doc['uri']} for scan {doc['scan']}: status {doc['status']}",
                  f"K = {doc['n_components']}, counts {doc['counts']}, BIC = {doc['bic']}"]
@@ -520,13 +554,14 @@ def _human(command: str, doc: dict) -> str:
         return f"imported {len(doc['sources'])} dataset(s) as {doc['path']} {doc['shape']} on {doc['uri']}"
     if command == "synth":
         return f"wrote {doc['output']} shape {doc['shape']} in {doc['seconds']} s"
-    if command == "cluster":
+    if command in ("cluster", "apply"):
         t = doc["threshold"]
-        lines = [
+        lines = [f"labelled with the stored model {doc['model'].get('path')}"] if "model" in doc else []
+        lines += [
             f"XTEC-{doc['params']['mode']} on {doc['input']}: {doc['n_thresholded']} of {doc['n_valid']} voxels above "
             f"<I>_T > {t['intensity_cutoff']:.4g} ({t['method']})",
-            f"K = {doc['n_components']}, log L = {doc['log_likelihood']:.6g}, BIC = {doc['bic']:.6g}, "
-            f"{doc['n_iter']} iterations, converged = {doc['converged']}",
+            f"K = {doc['n_components']}, log L = {doc['log_likelihood']:.6g}, BIC = {doc['bic']:.6g}"
+            + ("" if "model" in doc else f", {doc['n_iter']} iterations, converged = {doc['converged']}"),
         ]
         if "classes" in doc:
             from .plotting import class_label
@@ -601,6 +636,32 @@ def _serving_plugin():
     return found[0].load()
 
 
+def cmd_apply(args) -> dict:
+    from .engine import StoredModel
+
+    if args.tiled_uri:
+        from . import tiled as tiled_io
+
+        args.model = tiled_io.load_model(tiled_io.walk(tiled_io.connect(args.tiled_uri, args.api_key), args.model))
+        return cmd_cluster_tiled(args)
+    path = Path(args.model)
+    summary_path = path / "result.json" if path.is_dir() else path
+    try:
+        summary = json.loads(summary_path.read_text())
+    except OSError as exc:
+        raise CLIError(f"cannot read the model {summary_path} ({exc.strerror}); give an `xtec-flows cluster -o` "
+                       "output directory or its result.json") from None
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"the model {summary_path} is not JSON ({exc}); give an `xtec-flows cluster -o` output "
+                       "directory or its result.json") from None
+    if not isinstance(summary, dict):
+        raise CLIError(f"the model {summary_path} is not an xtec-flows result.json")
+    args.model = StoredModel.from_summary(summary, {"kind": "file", "path": str(summary_path.resolve()),
+                                                    "input": summary.get("input")})
+    args.tiled_uri = None
+    return cmd_cluster(args)
+
+
 def cmd_view(args) -> dict:
     import uvicorn
 
@@ -653,6 +714,7 @@ def main(argv=None) -> int:
     for chatty in ("httpx", "httpcore", "numexpr"):  # one line per request is noise at INFO
         logging.getLogger(chatty).setLevel(logging.WARNING)
     commands = {"synth": cmd_synth, "cluster": cmd_cluster, "bic": cmd_bic, "results": cmd_results, "view": cmd_view,
+                "apply": cmd_apply,
                 "import": cmd_import, "serve": cmd_serve, "demo": cmd_demo}
     try:
         with warnings.catch_warnings():

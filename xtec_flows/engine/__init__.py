@@ -33,7 +33,8 @@ The stages, one module each, in the order data flows through them:
 - :mod:`.class_discovery`  classes="auto": components grouped into physical classes
 - :mod:`.labels`        labels written block by block
 - :mod:`.result`        :class:`ClusterResult`
-- here                  :func:`cluster`, :func:`run`, :func:`select_n_components`
+- :mod:`.model`         a stored model that labels other scans (:func:`apply`)
+- here                  :func:`cluster`, :func:`run`, :func:`apply`, :func:`select_n_components`
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from ..numerics.smoothing import SmoothingKernel
 from .class_discovery import discover_classes
 from .fit import FitOutput, features, fit_trajectories
 from .labels import write_labels
+from .model import StoredModel, label_with_model, peak_rows
 from .params import CLASS_DISCOVERY_FIELDS, CLASS_MODES, NONFINITE_POLICIES, ClusterParams
 from .result import ClusterResult
 from .store import DEFAULT_LIMITS, StreamingLimits, as_dask
@@ -57,7 +59,7 @@ from .trajectories import Trajectories, gather_trajectories
 
 __all__ = [
     "CLASS_DISCOVERY_FIELDS", "CLASS_MODES", "NONFINITE_POLICIES", "SELECTION_CRITERIA", "ClusterParams",
-    "ClusterResult", "FitOutput", "StreamingLimits", "Trajectories", "as_dask", "check_class_discovery_input", "cluster", "features",
+    "ClusterResult", "FitOutput", "StoredModel", "StreamingLimits", "Trajectories", "apply", "as_dask", "check_class_discovery_input", "cluster", "features",
     "fit_trajectories", "gather_trajectories", "run", "select_n_components", "write_labels",
 ]
 
@@ -240,6 +242,63 @@ def run(
         n_reads=traj.n_reads,
         components=components,
         discovery=discovery,
+    )
+
+
+def apply(
+    volume, temperatures, model: StoredModel, *, chunks=None, labels_store=None, components_store=None,
+    overwrite=False, scratch=None, progress=False, on_stage=None, limits: StreamingLimits | None = None,
+) -> ClusterResult:
+    """Label a scan with a stored model instead of fitting one (see :mod:`.model`).
+
+    The scan is thresholded and rescaled as the model's parameters say, every voxel (or peak)
+    gets its most probable component under the stored mixture, and a classes model's classes
+    are refitted on this scan's voxels (their Tc is this scan's). ``result.model`` records
+    where the model came from; ``means``/``variances``/``weights`` are the model's.
+
+    Raises ValueError, before anything is read, when the scan's temperatures are not the
+    model's (:meth:`StoredModel.check_temperatures`).
+    """
+    report = on_stage or (lambda name, fraction: None)
+    params = model.params
+    zarr_io.check_labels_target(labels_store, overwrite)
+    if model.component_class is not None:
+        zarr_io.check_labels_target(components_store, overwrite)
+    n_t = validation.check_volume(volume)[0]
+    model.check_temperatures(validation.check_temperatures(temperatures, n_t, params.ordering))
+    traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress,
+                               limits=limits or DEFAULT_LIMITS)
+    report("read", 0.6)
+    t0 = time.perf_counter()
+    X = features(traj, params)
+    peak_ids = traj.peak_ids if params.mode == "peaks" else None
+    row_raw = traj.raw if peak_ids is None else peak_rows(traj.raw, traj.peak_ids, traj.n_peaks)
+    labelled = label_with_model(model, X, traj.temperatures, row_raw, peak_ids)
+    traj.raw = None
+    del X, row_raw
+    traj.timings["fit"] = time.perf_counter() - t0
+    report("fit", 0.8)
+    t0 = time.perf_counter()
+    attrs = {zarr_io.PRODUCER_KEY: __version__, "params": params.to_dict(), "model": model.provenance()}
+    components = None
+    if labelled.discovery is None:
+        labels = write_labels(traj, labelled.sample_labels, labels_store, attrs=attrs)
+    else:
+        labels = write_labels(traj, labelled.discovery.class_labels(labelled.sample_labels), labels_store,
+                              attrs={**attrs, "content": "classes"})
+        components = write_labels(traj, labelled.sample_labels, components_store,
+                                  attrs={**attrs, "content": "components"})
+    traj.timings["labels"] = time.perf_counter() - t0
+    report("labels", 0.85)
+    mixture = model.mixture
+    return ClusterResult(
+        labels=labels, temperatures=traj.temperatures, means=mixture.means, variances=mixture.variances,
+        weights=mixture.weights, counts=labelled.counts, log_likelihood=labelled.log_likelihood, bic=labelled.bic,
+        n_iter=0, converged=True, log_cutoff=traj.cutoff.log_cutoff, threshold_success=traj.cutoff.success,
+        histogram_edges=traj.histogram.edges, histogram_counts=traj.histogram.counts, n_valid=traj.n_valid,
+        n_thresholded=traj.n_samples, n_samples=traj.n_peaks if params.mode == "peaks" else traj.n_samples,
+        n_peaks=traj.n_peaks, params=params, timings=traj.timings, n_reads=traj.n_reads, components=components,
+        discovery=labelled.discovery, model=model.provenance(),
     )
 
 

@@ -198,28 +198,49 @@ def group_into_classes(temperatures, moments: ComponentMoments, rescaled_means: 
     else:
         fits = _fit_components(t, moments, factor, **fit_kw)
     groups = curves.group_components(fits, moments.counts, t)
-    component_class = np.full(moments.counts.size, -1, dtype=np.int8)
-    found = []
+    return ClassDiscovery(fit_classes(t, moments, groups, rescaled_means, factor, **fit_kw),
+                          component_class_of(groups, moments.counts.size), fits, factor)
+
+
+def component_class_of(groups: list, n_components: int) -> np.ndarray:
+    """(K,) int8: the class label of every component (its group's index; -1 in none)."""
+    component_class = np.full(n_components, -1, dtype=np.int8)
+    for label, g in enumerate(groups):
+        component_class[g.components] = label
+    return component_class
+
+
+def fit_classes(temperatures, moments: ComponentMoments, groups: list, rescaled_means: np.ndarray,
+                factor: np.ndarray, **fit_kw) -> list:
+    """One PhysicalClass per group of components (curves.ComponentGroup), fitted on the pooled
+    moments of its components with the models of its kind only.
+
+    The class keeps the kind (and, if static, the trend) its components were grouped by, even
+    when its pooled mean sits near a boundary between kinds. ``rescaled_means`` : (K, T) the
+    mixture's component means; ``factor`` : (T,) the common temperature factor divided out.
+    """
+    t = np.asarray(temperatures, dtype=float)
     if not groups:
-        return ClassDiscovery(found, component_class, fits, factor)
+        return []
     merged = moments.merged([g.components for g in groups])
     mean, sem = merged.relative_mean_sem()
     raw_mean = merged.raw_mean()
+    found = []
     for label, g in enumerate(groups):
-        component_class[g.components] = label
-        # Refit the pooled class with the models of its kind only: the class keeps the kind
-        # (and, if static, the trend) its components were grouped by, even when its pooled
-        # mean sits near a boundary between kinds.
-        fit = curves.fit_curve(t, mean[label] / factor, sem[label] / factor, kinds=curves.MODELS_OF_KIND[g.kind],
-                               **fit_kw)
+        if merged.counts[label] == 0:
+            # A class of a stored model that no voxel of this scan joins: nothing to fit.
+            fit = curves.CurveFit(kind=g.kind, model="empty", curve=np.full(t.size, np.nan))
+        else:
+            fit = curves.fit_curve(t, mean[label] / factor, sem[label] / factor,
+                                   kinds=curves.MODELS_OF_KIND[g.kind], **fit_kw)
         fit.kind = g.kind
         if g.kind is ClassKind.STATIC:
             fit.trend = g.trend
         w = moments.counts[g.components].astype(float)
-        rescaled = (rescaled_means[g.components] * w[:, None]).sum(axis=0) / w.sum()
+        rescaled = (rescaled_means[g.components] * w[:, None]).sum(axis=0) / max(w.sum(), 1.0)
         found.append(PhysicalClass(label, g.kind, list(g.components), int(merged.counts[label]), fit,
                                    raw_mean[label], mean[label], rescaled))
-    return ClassDiscovery(found, component_class, fits, factor)
+    return found
 
 
 def measure_stability(discovery: ClassDiscovery, reference_labels: np.ndarray, refit_labelings: list) -> None:

@@ -47,6 +47,8 @@ class ClusterResult:
     version: str = __version__
     components: zarr.Array | None = None
     discovery: ClassDiscovery | None = None
+    #: provenance of the stored model that labelled this scan (:func:`xtec_flows.engine.apply`), else None
+    model: dict | None = None
 
     @property
     def classes(self) -> list | None:
@@ -91,6 +93,7 @@ class ClusterResult:
             "n_peaks": self.n_peaks,
             "input_reads": self.n_reads,
             "timings": self.timings,
+            **({} if self.model is None else {"model": self.model}),
             **({} if self.discovery is None else {
                 "n_classes": len(self.discovery.classes),
                 **self.discovery.to_dict(),

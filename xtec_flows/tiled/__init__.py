@@ -23,7 +23,7 @@ from .client import MAX_REQUEST_BYTES, check_key, connect, node_path, redact_sec
 from .errors import (MAX_ATTEMPTS, AccessDenied, FailureKind, NodeNotFound, ResultBusy, ScanNotReady,
                      attempt_keys, failure_kind, http_status, is_retryable, is_transient_error)
 from .results import (LoadedResult, begin_result, class_scalars, class_table, fail_result, find_result,
-                      find_results, json_safe, latest_result, load_result, mark_superseded, reject_scan,
+                      find_results, json_safe, latest_result, load_model, load_result, mark_superseded, reject_scan,
                       summarise, utc_now, write_labels_array, write_result)
 from .scans import TiledScan, check_run_complete, open_scan
 from .series import write_series
@@ -66,6 +66,7 @@ __all__ = [
     "find_results",
     "json_safe",
     "latest_result",
+    "load_model",
     "load_result",
     "mark_superseded",
     "reject_scan",

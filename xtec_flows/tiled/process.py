@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from .. import tiled as tiled_io
-from ..engine import ClusterParams, run
+from ..engine import ClusterParams, apply, run
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def process_scan(
     progress: bool = False,
     on_stage=None,
     read_mode: str = "auto",
+    model=None,
 ) -> Outcome:
     """Cluster a scan served by Tiled and write the result back under ``root``.
 
@@ -61,6 +62,9 @@ def process_scan(
     read_mode : "auto" (read the scan's files directly when this host can, else over HTTP),
         "http" or "direct" (see :mod:`xtec_flows.tiled.direct`); how the data travel, so it is
         not a clustering parameter and never part of the result key
+    model : a StoredModel (:func:`xtec_flows.tiled.load_model` of a result node): label the scan
+        with it instead of fitting (:func:`xtec_flows.engine.apply`); ``params`` is then the
+        model's, and the result key names the model
 
     Raises
     ------
@@ -68,7 +72,10 @@ def process_scan(
     ValueError : bad data or parameters (the result is marked failed with the message)
     tiled_io.AccessDenied : the key may not write results under ``root`` (nothing read or written)
     """
+    if model is not None:
+        params = model.params
     params = params or ClusterParams()
+    model_name = None if model is None else model.source.get("path")
     client = tiled_io.connect(source, api_key) if isinstance(source, str) else source
     server_root = client if scan is not None else _server_root(client)
     # A key that cannot write results fails here, before any data is read.
@@ -76,6 +83,8 @@ def process_scan(
     try:
         the_scan = tiled_io.open_scan(client, scan, volume_field=volume_field, temperature_field=temperature_field,
                                       read_mode=read_mode)
+        if model is not None:
+            model.check_temperatures(the_scan.temperatures)  # another grid: refused before any result node
     except tiled_io.ScanNotReady:
         raise
     except (ValueError, TypeError) as exc:
@@ -84,12 +93,12 @@ def process_scan(
         if isinstance(scan, str) and tiled_io.failure_kind(exc) is tiled_io.FailureKind.PERMANENT:
             uid = scan.strip("/").split("/")[-1]
             results_root = tiled_io.derived_root(server_root, root)
-            key = tiled_io.result_key(uid, params.to_dict())
+            key = tiled_io.result_key(uid, params.to_dict(), model_name)
             tiled_io.reject_scan(results_root, key, {"uid": uid, "path": scan, "kind": "unknown"}, params.to_dict(), exc)
             log.warning("scan %s rejected: %s", uid, exc)
         raise
     results_root = tiled_io.derived_root(server_root, root)
-    key = tiled_io.result_key(the_scan.uid, params.to_dict())
+    key = tiled_io.result_key(the_scan.uid, params.to_dict(), model_name)
     node, existing = tiled_io.begin_result(results_root, key, the_scan, params.to_dict())
     path = tiled_io.node_path(node)
     if existing:
@@ -98,8 +107,12 @@ def process_scan(
     log.info("scan %s: clustering into %s", the_scan.uid, path)
     t0 = time.perf_counter()
     try:
-        result = run(the_scan.volume, the_scan.temperatures, params, chunks=chunks, progress=progress,
-                     on_stage=on_stage)
+        if model is None:
+            result = run(the_scan.volume, the_scan.temperatures, params, chunks=chunks, progress=progress,
+                         on_stage=on_stage)
+        else:
+            result = apply(the_scan.volume, the_scan.temperatures, model, chunks=chunks, progress=progress,
+                           on_stage=on_stage)
         tiled_io.write_result(node, result, the_scan)
         if on_stage is not None:
             on_stage("written", 1.0)

@@ -25,7 +25,7 @@ from .._version import __version__
 from ..chunking import block_regions, regular_chunks
 from .access import access_denied
 from .arrays import lazy_array_spatial
-from .client import MAX_REQUEST_BYTES, node_path, redact_secrets, walk
+from .client import MAX_REQUEST_BYTES, node_path, redact_secrets, redact_uri, walk
 from .errors import FailureKind, ResultBusy, denied_status, failure_kind, http_status, is_retryable
 from .scans import TiledScan
 from .spec import (CLASS_CURVES, CLASS_LABELS, CLASS_METADATA_KEYS, CLASS_PER_TEMPERATURE,
@@ -269,6 +269,8 @@ def write_result(node, result, scan: TiledScan, dims: list | None = None):
         "shape": summary["shape"],
         "dims": list(dims),
     }
+    if result.model is not None:
+        metadata["model"] = json_safe(result.model)
     if classes is not None:
         extra = {k: summary[k] for k in CLASS_METADATA_KEYS}
         extra["classes"] = [class_scalars(c) for c in classes]
@@ -376,6 +378,27 @@ def load_classes(node) -> list:
         for c, row in zip(classes, values):
             c[name] = [float(v) for v in row]
     return classes
+
+
+def load_model(node):
+    """The stored model of a complete result node, to label other scans with
+    (:func:`xtec_flows.engine.apply`); its provenance is the node's server, path and key.
+
+    Raises ValueError for a node that is not a complete result."""
+    from ..engine.model import StoredModel
+
+    md = dict(node.metadata or {})
+    where = node_path(node)
+    if md.get("status") != Status.COMPLETE:
+        raise ValueError(f"{where} is not a complete xtec-flows result (status {md.get('status')!r}); give the "
+                         "path of a complete result node as the model")
+    arrays = {}
+    for name in ("means", "variances", "weights", "temperatures"):
+        if name not in node:
+            raise ValueError(f"{where} has no {name!r} array; give the path of a complete xtec-flows result node")
+        arrays[name] = node[name].read()
+    source = {"kind": "tiled", "uri": redact_uri(node.uri), "path": where, "key": node.path_parts[-1]}
+    return StoredModel.from_summary(md, source, **arrays)
 
 
 def load_result(node, *, lazy: bool = False) -> LoadedResult:

@@ -39,9 +39,16 @@ def engine_major() -> int:
     return int(__version__.split(".")[0])
 
 
-def result_key(source_uid: str, params: dict) -> str:
-    """Stable node key for (source scan, parameters, engine major version)."""
-    doc = json.dumps({"source": source_uid, "params": params, "engine": engine_major()}, sort_keys=True, default=str)
+def result_key(source_uid: str, params: dict, model: str | None = None) -> str:
+    """Stable node key for (source scan, parameters, engine major version[, stored model]).
+
+    ``model`` names the stored model that labelled the scan (its result node's path): a scan
+    labelled by a model is another result than the same scan fitted afresh. Without it the key
+    is what it always was."""
+    what = {"source": source_uid, "params": params, "engine": engine_major()}
+    if model is not None:
+        what["model"] = model
+    doc = json.dumps(what, sort_keys=True, default=str)
     return "xtec-" + hashlib.sha256(doc.encode()).hexdigest()[:20]
 
 
