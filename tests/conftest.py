@@ -31,4 +31,4 @@ def lognormal_volume(seed: int, n_temperatures: int = 6, shape=(30, 30, 30), gap
 
 
 # A real Tiled server (one per pytest process) and a client for it; see tiled_support.py.
-from tiled_support import tiled_client, tiled_server  # noqa: E402,F401
+from tiled_support import containers, tiled_client, tiled_server  # noqa: E402,F401

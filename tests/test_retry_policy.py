@@ -6,7 +6,6 @@ text; checked on real httpx responses and against a real Tiled server."""
 from __future__ import annotations
 
 import errno
-import uuid
 
 import httpx
 import numpy as np
@@ -87,14 +86,6 @@ def test_retryable_is_bounded_by_attempts():
 
 
 # ------------------------------------------------------------------------ against Tiled
-
-
-@pytest.fixture
-def containers(tiled_client):
-    name = f"r{uuid.uuid4().hex[:10]}"
-    raw = tiled_client.create_container(f"raw_{name}")
-    root = tiled_io.derived_root(tiled_client, f"res_{name}")
-    return tiled_client, raw, root
 
 
 def test_failures_not_of_the_input_are_resubmitted_a_bounded_number_of_times(containers, monkeypatch):

@@ -72,15 +72,6 @@ def test_utc_timestamp():
 # ------------------------------------------------------------------------ against Tiled
 
 
-@pytest.fixture
-def containers(tiled_client):
-    """A fresh raw-runs container and results root for one test."""
-    name = f"w{uuid.uuid4().hex[:10]}"
-    raw = tiled_client.create_container(f"raw_{name}")
-    root = tiled_io.derived_root(tiled_client, f"res_{name}")
-    return tiled_client, raw, root
-
-
 def _scan(raw, seed, **kw):
     return run_temperature_scan(raw, TEMPS, spatial_shape=SHAPE, seed=seed, **kw)
 

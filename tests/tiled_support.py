@@ -413,6 +413,18 @@ if pytest is not None:
         """A fresh root client of the session server for one test."""
         return tiled_server.client()
 
+    @pytest.fixture
+    def containers(tiled_client):
+        """(root client, a fresh raw-runs container, a fresh results root) for one test."""
+        import uuid
+
+        from xtec_flows import tiled as tiled_io
+
+        name = f"t{uuid.uuid4().hex[:10]}"
+        raw = tiled_client.create_container(f"raw_{name}")
+        root = tiled_io.derived_root(tiled_client, f"res_{name}")
+        return tiled_client, raw, root
+
 
 # --------------------------------------------------------------------------------------------
 # Bluesky scans written by TiledWriter
