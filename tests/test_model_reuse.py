@@ -173,3 +173,52 @@ def test_the_flow_labels_a_scan_with_a_stored_model(tiled_server, tmp_path, monk
     assert node.metadata["model"]["path"] == fitted.path and node.metadata["status"] == "complete"
     expected = apply(vb, tb, tiled_io.load_model(fitted.node))
     np.testing.assert_array_equal(node["labels"].read(), expected.labels[...])
+
+
+def test_a_series_compared_through_one_model_gives_each_scan_its_tc(containers, tiled_server, monkeypatch, capsys):
+    import pandas as pd
+    from tiled_support import write_plain_array_node
+
+    from xtec_flows import tiled as tiled_io
+    from xtec_flows.tiled.compare import COMPARISON_COLUMNS, compare_scans
+    from xtec_flows.tiled.process import process_scan
+
+    client, raw, root = containers
+    shape = (16, 24, 24, 24)
+    paths = {}
+    for tc in (130.0, 150.0, 170.0):
+        volume, temps, _ = make_volume(shape, model=SeriesModel(tc=tc), seed=int(tc))
+        paths[tc] = write_plain_array_node(raw, f"x{int(tc)}", volume, temps)
+    rel = root.path_parts[-1]
+    fitted = process_scan(client, paths[150.0], xtec_flows.ClusterParams(classes="auto"), root=rel)
+    scans = [paths[tc] for tc in (130.0, 150.0, 170.0)]
+    frame, node = compare_scans(client, fitted.path, scans, root=rel)
+    assert list(frame.columns) == list(COMPARISON_COLUMNS) and frame["scan"].tolist()[0] == scans[0]
+    step = 280.0 / 15
+    # the model's CDW class: its order-parameter class at the model scan's Tc (150); the same label
+    # in every scan, with that scan's Tc
+    cdw = min((c for c in fitted.node.metadata["classes"] if c["kind"] == "order_parameter"),
+              key=lambda c: abs(c["tc"] - 150.0))["label"]
+    rows = frame[frame["label"] == cdw].set_index("scan")
+    for tc, scan in zip((130.0, 150.0, 170.0), scans):
+        assert abs(rows.loc[scan, "tc"] - tc) <= step, (tc, rows.loc[scan, "tc"])
+        assert rows.loc[scan, "kind"] == "order_parameter" and rows.loc[scan, "n_voxels"] > 0
+    # the same table through a plain tiled client, with what it was made from
+    table = client[rel][node.path_parts[-1]]
+    pd.testing.assert_frame_equal(table.read()[list(COMPARISON_COLUMNS)].reset_index(drop=True),
+                                  frame.reset_index(drop=True), check_dtype=False)
+    assert table.metadata["model"]["path"] == fitted.path and table.metadata["scans"] == scans
+    with pytest.raises(ValueError, match="at least two scans"):
+        compare_scans(client, fitted.path, scans[:1], root=rel)
+    # the CLI: the same table (the scans' results exist: nothing is recomputed)
+    monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
+    capsys.readouterr()
+    argv = ["compare", "--tiled-uri", tiled_server.uri, "--model", fitted.path, "--root", rel, "--json", "--quiet"]
+    assert cli.main(argv + [a for scan in scans for a in ("--scan", scan)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["path"] == tiled_io.node_path(node)
+    assert [r["tc"] is None for r in doc["rows"]] == frame["tc"].isna().tolist()
+    assert [r["tc"] for r in doc["rows"] if r["tc"] is not None] == pytest.approx(frame["tc"].dropna().tolist())
+    fixed = process_scan(client, paths[130.0], xtec_flows.ClusterParams(n_components=3), root=rel)
+    with pytest.raises(ValueError, match="needs a classes='auto' model"):
+        compare_scans(client, fixed.path, scans, root=rel)

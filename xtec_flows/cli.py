@@ -266,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace an earlier xtec-flows result in OUTPUT")
     a.add_argument("--no-plots", action="store_true", help="skip qmap.png, trajectories.png and view.html")
 
+    m = sub.add_parser("compare", help="compare a series of Tiled scans (doping, pressure, field) through one "
+                       "classes='auto' model: a table of class fractions and Tc per scan, written to Tiled")
+    m.add_argument("--tiled-uri", required=True, help="Tiled server URI, e.g. http://127.0.0.1:8000")
+    m.add_argument("--api-key", help="Tiled API key (default: the TILED_API_KEY environment variable, preferred)")
+    m.add_argument("--model", required=True, help="path of a complete classes='auto' result node (xtec/<key>)")
+    m.add_argument("--scan", action="append", required=True,
+                   help="a scan uid or node path, once per scan, in series order (at least two)")
+    m.add_argument("--root", default="xtec", help="container for results and the table (default xtec)")
+    m.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+
     d = sub.add_parser("demo", help="end to end on this machine: Tiled + Prefect + serve + a simulated scan")
     d.add_argument("--workdir", default="demo-output", help="directory for the servers' data and the maps")
     d.add_argument("--shape", type=_int_tuple, default=(24, 64, 64, 64), help="T,L,K,H of the simulated scan")
@@ -523,6 +534,13 @@ def cmd_bic(args) -> dict:
 def _human(command: str, doc: dict) -> str:
     if command == "view":
         return "xtec-flows view: stopped"
+    if command == "compare":
+        lines = [f"comparison through {doc['model']} written to {doc['path']} on {doc['uri']}",
+                 f"{'scan':<40} {'class':>5} {'kind':<16} {'voxels':>8} {'fraction':>8} Tc"]
+        for r in doc["rows"]:
+            tc = "-" if r["tc"] is None else f"{r['tc']:.1f}" + ("" if r["tc_err"] is None else f" ± {r['tc_err']:.1f}")
+            lines.append(f"{r['scan']:<40} {r['label']:>5} {r['kind']:<16} {r['n_voxels']:>8} {r['fraction']:>8.3f} {tc}")
+        return "\n".join(lines)
     if command == "serve":
         return "xtec-flows serve: stopped"
     if command == "demo":
@@ -662,6 +680,16 @@ def cmd_apply(args) -> dict:
     return cmd_cluster(args)
 
 
+def cmd_compare(args) -> dict:
+    from . import tiled as tiled_io
+    from .tiled.compare import compare_scans
+
+    client = tiled_io.connect(args.tiled_uri, args.api_key)
+    frame, node = compare_scans(client, args.model, args.scan, root=args.root, progress=not args.quiet)
+    return {"uri": tiled_io.redact_uri(args.tiled_uri), "model": args.model, "path": tiled_io.node_path(node),
+            "rows": tiled_io.json_safe(frame.astype(object).where(frame.notna(), None).to_dict(orient="records"))}
+
+
 def cmd_view(args) -> dict:
     import uvicorn
 
@@ -714,7 +742,7 @@ def main(argv=None) -> int:
     for chatty in ("httpx", "httpcore", "numexpr"):  # one line per request is noise at INFO
         logging.getLogger(chatty).setLevel(logging.WARNING)
     commands = {"synth": cmd_synth, "cluster": cmd_cluster, "bic": cmd_bic, "results": cmd_results, "view": cmd_view,
-                "apply": cmd_apply,
+                "apply": cmd_apply, "compare": cmd_compare,
                 "import": cmd_import, "serve": cmd_serve, "demo": cmd_demo}
     try:
         with warnings.catch_warnings():

@@ -12,6 +12,7 @@ Modules, in the order data flows through them:
 - :mod:`.series`   importing a series (e.g. from NeXus) as an array node
 - :mod:`.process`  one scan end to end: read -> cluster -> write (imports the engine)
 - :mod:`.watch`    which scans need clustering, and a watcher that notices them
+- :mod:`.compare`  a series of scans labelled by one stored model, tabulated (imports the engine)
 
 The names below are the package's public API (``from xtec_flows import tiled as tiled_io``);
 :mod:`.process` and :mod:`.watch` are imported by name, since they pull in the engine.
