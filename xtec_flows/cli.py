@@ -77,6 +77,20 @@ def _add_tiled_options(p: argparse.ArgumentParser, required: bool = False) -> No
     p.add_argument("--api-key", help="Tiled API key (default: the TILED_API_KEY environment variable, preferred)")
 
 
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """Where a result goes: a directory (-o) for file inputs, or back to Tiled for a Tiled scan."""
+    p.add_argument("-o", "--output", help="output directory (created); required for file inputs")
+    _add_tiled_options(p)
+    p.add_argument("--scan", help="Tiled: bluesky scan uid or node path (the result goes back to Tiled)")
+    p.add_argument("--root", default="xtec", help="Tiled: container for derived results (default xtec)")
+    p.add_argument("--volume-field", help="Tiled: name of the volume in the run's primary stream (detected if unique)")
+    p.add_argument("--temperature-field", help="Tiled: temperature column of the run (detected if unique)")
+    p.add_argument("--read-mode", choices=("auto", "http", "direct"), default="auto",
+                   help="Tiled: read the scan's zarr/HDF5 files directly when this host can open them and they "
+                        "match what Tiled serves ('auto', default), always through the server ('http'), or "
+                        "files only ('direct': an error if not possible)")
+
+
 def _add_engine_options(p: argparse.ArgumentParser, several_inputs: bool = False) -> None:
     _add_input_options(p, several_inputs)
     _add_parameter_options(p)
@@ -166,16 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cluster a temperature series (file, or a Tiled scan with --tiled-uri/--scan) and write the results",
     )
     _add_engine_options(c, several_inputs=True)
-    c.add_argument("-o", "--output", help="output directory (created); required for file inputs")
-    _add_tiled_options(c)
-    c.add_argument("--scan", help="Tiled: bluesky scan uid or node path to cluster (results go back to Tiled)")
-    c.add_argument("--root", default="xtec", help="Tiled: container for derived results (default xtec)")
-    c.add_argument("--volume-field", help="Tiled: name of the volume in the run's primary stream (detected if unique)")
-    c.add_argument("--temperature-field", help="Tiled: temperature column of the run (detected if unique)")
-    c.add_argument("--read-mode", choices=("auto", "http", "direct"), default="auto",
-                   help="Tiled: read the scan's zarr/HDF5 files directly when this host can open them and they "
-                        "match what Tiled serves ('auto', default), always through the server ('http'), or "
-                        "files only ('direct': an error if not possible)")
+    _add_output_options(c)
     _add_n_components(c)
     _add_class_options(c)
     c.add_argument("--overwrite", action="store_true", help="replace an earlier xtec-flows result in OUTPUT")
@@ -255,14 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(xtec/<key>, see `xtec-flows results`)")
     _add_input_options(a, several_inputs=True)
     _add_run_options(a)
-    a.add_argument("-o", "--output", help="output directory (created); required for file inputs")
-    _add_tiled_options(a)
-    a.add_argument("--scan", help="Tiled: bluesky scan uid or node path to label (the result goes back to Tiled)")
-    a.add_argument("--root", default="xtec", help="Tiled: container for derived results (default xtec)")
-    a.add_argument("--volume-field", help="Tiled: name of the volume in the run's primary stream (detected if unique)")
-    a.add_argument("--temperature-field", help="Tiled: temperature column of the run (detected if unique)")
-    a.add_argument("--read-mode", choices=("auto", "http", "direct"), default="auto",
-                   help="Tiled: read the scan's files directly when possible (auto), always over HTTP, or files only")
+    _add_output_options(a)
     a.add_argument("--overwrite", action="store_true", help="replace an earlier xtec-flows result in OUTPUT")
     a.add_argument("--no-plots", action="store_true", help="skip qmap.png, trajectories.png and view.html")
 
