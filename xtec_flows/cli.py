@@ -79,13 +79,15 @@ def _add_tiled_options(p: argparse.ArgumentParser, required: bool = False) -> No
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     """Where a result goes: a directory (-o) for file inputs, or back to Tiled for a Tiled scan."""
+    from .tiled.direct import READ_MODES
+
     p.add_argument("-o", "--output", help="output directory (created); required for file inputs")
     _add_tiled_options(p)
     p.add_argument("--scan", help="Tiled: bluesky scan uid or node path (the result goes back to Tiled)")
     p.add_argument("--root", default="xtec", help="Tiled: container for derived results (default xtec)")
     p.add_argument("--volume-field", help="Tiled: name of the volume in the run's primary stream (detected if unique)")
     p.add_argument("--temperature-field", help="Tiled: temperature column of the run (detected if unique)")
-    p.add_argument("--read-mode", choices=("auto", "http", "direct"), default="auto",
+    p.add_argument("--read-mode", choices=READ_MODES, default="auto",
                    help="Tiled: read the scan's zarr/HDF5 files directly when this host can open them and they "
                         "match what Tiled serves ('auto', default), always through the server ('http'), or "
                         "files only ('direct': an error if not possible)")

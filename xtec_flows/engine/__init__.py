@@ -51,7 +51,7 @@ from ..numerics.smoothing import SmoothingKernel
 from .class_discovery import discover_classes
 from .fit import FitOutput, features, fit_trajectories
 from .labels import write_labels
-from .model import StoredModel, label_with_model, peak_rows
+from .model import StoredModel, label_with_model
 from .params import CLASS_DISCOVERY_FIELDS, CLASS_MODES, NONFINITE_POLICIES, ClusterParams
 from .result import ClusterResult
 from .store import DEFAULT_LIMITS, StreamingLimits, as_dask
@@ -194,7 +194,7 @@ def run(
                                n_init=max(params.n_init, params.stability_runs + 1), keep_restarts=True)
         traj.timings["fit"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        row_raw = traj.raw if params.mode != "peaks" else peaks.peak_means(traj.raw, traj.peak_ids, traj.n_peaks)[0]
+        row_raw = _row_raw(traj, params)
         discovery = discover_classes(
             traj.temperatures, X, row_raw, fit.row_labels, fit.params.means, n_components=k, restarts=fit.restarts,
             stability_runs=params.stability_runs, random_state=params.random_state, reg_covar=params.reg_covar,
@@ -207,42 +207,9 @@ def run(
         traj.timings["classes"] = time.perf_counter() - t1
     del X
     report("fit", 0.8)
-    t0 = time.perf_counter()
-    attrs = {zarr_io.PRODUCER_KEY: __version__, "params": params.to_dict()}
-    components = None
-    if discovery is None:
-        labels = write_labels(traj, fit.sample_labels, labels_store, attrs=attrs)
-    else:
-        labels = write_labels(traj, discovery.class_labels(fit.sample_labels), labels_store,
-                              attrs={**attrs, "content": "classes"})
-        components = write_labels(traj, fit.sample_labels, components_store, attrs={**attrs, "content": "components"})
-    traj.timings["labels"] = time.perf_counter() - t0
-    report("labels", 0.85)
-    return ClusterResult(
-        labels=labels,
-        temperatures=traj.temperatures,
-        means=fit.params.means,
-        variances=fit.params.variances,
-        weights=fit.params.weights,
-        counts=fit.counts,
-        log_likelihood=fit.log_likelihood,
-        bic=fit.bic,
-        n_iter=fit.n_iter,
-        converged=fit.converged,
-        log_cutoff=traj.cutoff.log_cutoff,
-        threshold_success=traj.cutoff.success,
-        histogram_edges=traj.histogram.edges,
-        histogram_counts=traj.histogram.counts,
-        n_valid=traj.n_valid,
-        n_thresholded=traj.n_samples,
-        n_samples=traj.n_peaks if params.mode == "peaks" else traj.n_samples,
-        n_peaks=traj.n_peaks,
-        params=params,
-        timings=traj.timings,
-        n_reads=traj.n_reads,
-        components=components,
-        discovery=discovery,
-    )
+    return _labelled_result(traj, params, fit.sample_labels, discovery, fit.params, counts=fit.counts,
+                            log_likelihood=fit.log_likelihood, bic=fit.bic, n_iter=fit.n_iter, converged=fit.converged,
+                            labels_store=labels_store, components_store=components_store, report=report)
 
 
 def apply(
@@ -272,33 +239,50 @@ def apply(
     t0 = time.perf_counter()
     X = features(traj, params)
     peak_ids = traj.peak_ids if params.mode == "peaks" else None
-    row_raw = traj.raw if peak_ids is None else peak_rows(traj.raw, traj.peak_ids, traj.n_peaks)
-    labelled = label_with_model(model, X, traj.temperatures, row_raw, peak_ids)
+    labelled = label_with_model(model, X, traj.temperatures, _row_raw(traj, params), peak_ids)
     traj.raw = None
-    del X, row_raw
+    del X
     traj.timings["fit"] = time.perf_counter() - t0
     report("fit", 0.8)
+    return _labelled_result(traj, params, labelled.sample_labels, labelled.discovery, model.mixture,
+                            counts=labelled.counts, log_likelihood=labelled.log_likelihood, bic=labelled.bic, n_iter=0,
+                            converged=True, labels_store=labels_store, components_store=components_store,
+                            report=report, model=model.provenance())
+
+
+def _row_raw(traj: Trajectories, params: ClusterParams):
+    """(n_rows, T) raw intensities of the rows the mixture saw: voxels, or peak means in mode "peaks"."""
+    return traj.raw if params.mode != "peaks" else peaks.peak_means(traj.raw, traj.peak_ids, traj.n_peaks)[0]
+
+
+def _labelled_result(traj: Trajectories, params: ClusterParams, sample_labels, discovery, mixture, *, counts,
+                     log_likelihood, bic, n_iter, converged, labels_store, components_store, report,
+                     model: dict | None = None) -> ClusterResult:
+    """Write the labels (class labels and components with classes) and assemble the result.
+
+    sample_labels : (n_samples,) int8 component of every thresholded voxel; mixture : the
+    MixtureParams the labels come from (fitted, or a stored model's)."""
     t0 = time.perf_counter()
-    attrs = {zarr_io.PRODUCER_KEY: __version__, "params": params.to_dict(), "model": model.provenance()}
+    attrs = {zarr_io.PRODUCER_KEY: __version__, "params": params.to_dict()}
+    if model is not None:
+        attrs["model"] = model
     components = None
-    if labelled.discovery is None:
-        labels = write_labels(traj, labelled.sample_labels, labels_store, attrs=attrs)
+    if discovery is None:
+        labels = write_labels(traj, sample_labels, labels_store, attrs=attrs)
     else:
-        labels = write_labels(traj, labelled.discovery.class_labels(labelled.sample_labels), labels_store,
+        labels = write_labels(traj, discovery.class_labels(sample_labels), labels_store,
                               attrs={**attrs, "content": "classes"})
-        components = write_labels(traj, labelled.sample_labels, components_store,
-                                  attrs={**attrs, "content": "components"})
+        components = write_labels(traj, sample_labels, components_store, attrs={**attrs, "content": "components"})
     traj.timings["labels"] = time.perf_counter() - t0
     report("labels", 0.85)
-    mixture = model.mixture
     return ClusterResult(
         labels=labels, temperatures=traj.temperatures, means=mixture.means, variances=mixture.variances,
-        weights=mixture.weights, counts=labelled.counts, log_likelihood=labelled.log_likelihood, bic=labelled.bic,
-        n_iter=0, converged=True, log_cutoff=traj.cutoff.log_cutoff, threshold_success=traj.cutoff.success,
+        weights=mixture.weights, counts=counts, log_likelihood=log_likelihood, bic=bic, n_iter=n_iter,
+        converged=converged, log_cutoff=traj.cutoff.log_cutoff, threshold_success=traj.cutoff.success,
         histogram_edges=traj.histogram.edges, histogram_counts=traj.histogram.counts, n_valid=traj.n_valid,
         n_thresholded=traj.n_samples, n_samples=traj.n_peaks if params.mode == "peaks" else traj.n_samples,
         n_peaks=traj.n_peaks, params=params, timings=traj.timings, n_reads=traj.n_reads, components=components,
-        discovery=labelled.discovery, model=model.provenance(),
+        discovery=discovery, model=model,
     )
 
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..numerics import classes as curves
-from ..numerics import peaks
 from ..numerics.mixture import MixtureParams, bic, e_step
 from .class_discovery import ClassDiscovery, component_class_of, fit_classes
 from .params import ClusterParams
@@ -173,8 +172,3 @@ def label_with_model(model: StoredModel, X: np.ndarray, temperatures: np.ndarray
     n = max(X.shape[0], 1)
     return Labelling(row_labels, sample_labels, counts, total, bic(total, n, k, X.shape[1]) if n > 1 else math.nan,
                      discovery)
-
-
-def peak_rows(raw: np.ndarray, peak_ids: np.ndarray, n_peaks: int) -> np.ndarray:
-    """(n_peaks, T) mean raw trajectory of every peak: the rows a peaks-mode model labels."""
-    return peaks.peak_means(raw, peak_ids, n_peaks)[0]

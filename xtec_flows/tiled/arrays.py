@@ -9,6 +9,11 @@ from ..chunking import block_regions, regular_chunks
 from .client import MAX_REQUEST_BYTES
 
 
+def node_dtype(node) -> np.dtype:
+    """The numpy dtype of a Tiled array client node."""
+    return np.dtype(node.dtype.to_numpy_dtype() if hasattr(node.dtype, "to_numpy_dtype") else node.dtype)
+
+
 def _region_reader(node, region):
     return np.asarray(node.read(slice=region))
 
@@ -35,7 +40,7 @@ def lazy_array(node, spatial_chunk: int | None = None, read_mode: str = "auto",
     check_read_mode(read_mode)
 
     shape = tuple(int(s) for s in node.shape)
-    dtype = np.dtype(node.dtype.to_numpy_dtype() if hasattr(node.dtype, "to_numpy_dtype") else node.dtype)
+    dtype = node_dtype(node)
     ndim = len(shape)
     if spatial_chunk is None:
         per_voxel = shape[0] * dtype.itemsize
@@ -64,7 +69,7 @@ def lazy_array_spatial(node):
     import dask
     import dask.array as da
 
-    dtype = np.dtype(node.dtype.to_numpy_dtype() if hasattr(node.dtype, "to_numpy_dtype") else node.dtype)
+    dtype = node_dtype(node)
     chunks = tuple(tuple(int(c) for c in ch) for ch in node.chunks)
     blocks = np.empty(tuple(len(c) for c in chunks), dtype=object)
     for idx in np.ndindex(*blocks.shape):

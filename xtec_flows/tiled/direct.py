@@ -37,7 +37,7 @@ or that this host cannot read, is logged as a warning. The checks run again in e
 file that changes after the graph was built is caught too: with ``read_mode="auto"`` that
 block is then read over HTTP (with a warning), with ``"direct"`` the task raises.
 
-No import from the rest of xtec-flows: only numpy, dask, zarr, h5py and the tiled client.
+Only numpy, dask, zarr, h5py and the tiled client, besides this package's :func:`.client.node_path`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from .client import node_path
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +77,6 @@ def check_read_mode(read_mode: str) -> str:
             f"'http': always through the Tiled server, 'direct': files only); got {read_mode!r}"
         )
     return read_mode
-
-
-def _node_label(node) -> str:
-    parts = [p for p in getattr(node, "path_parts", []) if p]
-    return "/" + "/".join(parts)
 
 
 def _native(dtype) -> np.dtype:
@@ -237,7 +234,7 @@ def _why_not(node) -> tuple[DirectSource | None, str | StructureMismatch, bool]:
 
     The reason is a :class:`StructureMismatch` (not raised) when the file does not match.
     """
-    label = _node_label(node)
+    label = node_path(node)
     if getattr(node, "structure_family", None) != "array":
         return None, f"{label} is not an array node", False
     try:
@@ -320,7 +317,7 @@ def direct_source(node) -> DirectSource | None:
     """
     src, reason, warn = _why_not(node)
     if src is None:
-        (log.warning if warn else log.debug)("reading %s over HTTP: %s", _node_label(node), reason)
+        (log.warning if warn else log.debug)("reading %s over HTTP: %s", node_path(node), reason)
     return src
 
 
@@ -431,7 +428,7 @@ def direct_array(node, chunks, read_mode: str = "auto"):
             raise DirectReadUnavailable(
                 f"read_mode='direct' cannot be honoured: {reason}. Use read_mode='auto' to fall back to HTTP"
             )
-        (log.warning if warn else log.debug)("reading %s over HTTP: %s", _node_label(node), reason)
+        (log.warning if warn else log.debug)("reading %s over HTTP: %s", node_path(node), reason)
         return None
     import dask.array as da
     from dask.base import tokenize

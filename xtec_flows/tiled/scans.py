@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .arrays import lazy_array
+from .arrays import lazy_array, node_dtype
 from .client import connect, node_path, redact_uri, walk
 from .errors import ScanNotReady
 from .layouts import RunStream, as_run_node, open_stream
@@ -60,7 +60,7 @@ def _is_run(node) -> bool:
 def _check_volume_node(vnode, temps) -> None:
     """A volume node must be a numeric (T, *spatial) array with one temperature per slice."""
     shape = tuple(vnode.shape)
-    dtype = np.dtype(vnode.dtype.to_numpy_dtype() if hasattr(vnode.dtype, "to_numpy_dtype") else vnode.dtype)
+    dtype = node_dtype(vnode)
     if len(shape) not in (3, 4):
         raise ValueError(
             f"{node_path(vnode)} has shape {shape}: a temperature series must be a 3-D (T, K, H) or "
@@ -73,12 +73,6 @@ def _check_volume_node(vnode, temps) -> None:
             f"{node_path(vnode)} has {shape[0]} volumes but {len(temps)} temperatures; "
             "give exactly one temperature per volume"
         )
-
-
-def _base(node):
-    """The run container a caller's object stands for: databroker objects (a v1 ``Header``) are
-    turned into their Tiled node; Tiled nodes pass through (layouts reads their real children)."""
-    return as_run_node(node)
 
 
 def _temperatures_from_internal(stream: RunStream, field_name: str | None, start: dict) -> tuple[np.ndarray, str]:
@@ -168,7 +162,7 @@ def open_scan(source, scan=None, *, volume_field: str | None = None, temperature
     if isinstance(source, str):
         client = connect(source, api_key)
     else:
-        client = _base(source)
+        client = as_run_node(source)  # a databroker v1 Header becomes its Tiled node
     node = walk(client, scan) if scan is not None else client
     uri = redact_uri(node.uri)
     if _is_run(node):

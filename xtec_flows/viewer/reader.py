@@ -68,6 +68,11 @@ class TiledReader:
     def __init__(self, http, root: str = "xtec"):
         self.http = http
         self.root = root.strip("/")
+        # Structures of the label and scan volumes read slice by slice: their shape and dtype are
+        # the scan's (a replaced result is written with the same shape), so a slice costs one
+        # request, not two. Missing nodes are not kept (a running result's labels appear later),
+        # nor the small per-class arrays, whose number of rows a new result may change.
+        self._volumes: dict[str, ArrayInfo] = {}
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -101,6 +106,13 @@ class TiledReader:
         s = attrs["structure"]
         return ArrayInfo(path, tuple(s["shape"]), _numpy_dtype(s["data_type"]), tuple(s.get("dims") or ()),
                          attrs.get("metadata") or {})
+
+    def volume_info(self, path: str, what: str) -> ArrayInfo:
+        """:meth:`array_info` of a label or scan volume, remembered once found."""
+        known = self._volumes.get(path)
+        if known is None:
+            known = self._volumes[path] = self.array_info(path, what)
+        return known
 
     def read(self, info: ArrayInfo, index: tuple | None = None) -> np.ndarray:
         """``info``'s array (or ``array[index]``, index of ints and ``slice(None)``), as numpy."""
@@ -165,24 +177,24 @@ class TiledReader:
 
     def labels_slice(self, key: str, axis: int, index: int) -> np.ndarray:
         """Labels on one plane: int8 of the labels' shape without ``axis``."""
-        info = self.array_info(f"{self.root}/{key}/labels", f"the labels of /{self.root}/{key}")
+        info = self.volume_info(f"{self.root}/{key}/labels", f"the labels of /{self.root}/{key}")
         return self.read(info, plane_index(info.shape, axis, index))
 
     def intensity_slice(self, volume_path: str, axis: int, index: int) -> np.ndarray:
         """log10 of the scan's intensity averaged over temperature on one plane (float32; NaN where
         the mean is not positive, drawn as black)."""
-        info = self.array_info(volume_path, f"the scan volume {volume_path}")
+        info = self.volume_info(volume_path, f"the scan volume {volume_path}")
         plane = self.read(info, (slice(None),) + plane_index(info.shape[1:], axis, index))
         return log_mean(plane)
 
     def trajectory(self, volume_path: str, voxel: tuple) -> np.ndarray:
         """The scan's intensity at one voxel at every temperature: float64 (T,)."""
-        info = self.array_info(volume_path, f"the scan volume {volume_path}")
+        info = self.volume_info(volume_path, f"the scan volume {volume_path}")
         check_voxel(info.shape[1:], voxel)
         return self.read(info, (slice(None),) + tuple(voxel)).astype(np.float64)
 
     def label_at(self, key: str, voxel: tuple) -> int:
-        info = self.array_info(f"{self.root}/{key}/labels", f"the labels of /{self.root}/{key}")
+        info = self.volume_info(f"{self.root}/{key}/labels", f"the labels of /{self.root}/{key}")
         check_voxel(info.shape, voxel)
         return int(self.read(info, tuple(voxel)).reshape(()))
 
