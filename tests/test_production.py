@@ -45,8 +45,33 @@ def _scan(prod, seed, shape=SHAPE, **kw):
 def _complete(prod, uid, timeout=180):
     client = prod.plugin()
     # once a second: each poll is a few requests, and Tiled is the stack's busiest process
-    wait_until(lambda: result_status(client, uid) == "complete", timeout, interval=1.0,
-               what=f"complete result for {uid}")
+    try:
+        wait_until(lambda: result_status(client, uid) == "complete", timeout, interval=1.0,
+                   what=f"complete result for {uid}")
+    except TimeoutError as error:
+        raise TimeoutError(f"{error}; {_diagnosis(prod, uid)}") from None
+
+
+def _diagnosis(prod, uid) -> str:
+    """What the stack shows of a scan that did not complete: its result's status and metadata,
+    its flow runs' states, and the tail of each process's log (for the CI log)."""
+    from xtec_flows.tiled.results import find_results
+
+    nodes = find_results(prod.plugin(), uid, status=None)
+    lines = [f"result nodes: {[dict(n.metadata or {}) for n in nodes]}",
+             f"flow runs: {[(r['name'], r['state_type'], r.get('state_name')) for r in runs_for_scan(prod.prefect.api_url, uid)]}"]
+    import httpx
+
+    run_ids = [r["id"] for r in runs_for_scan(prod.prefect.api_url, uid)]
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        logs = http.post(f"{prod.prefect.api_url}/logs/filter",
+                         json={"logs": {"flow_run_id": {"any_": run_ids}}, "limit": 200}).json()
+    lines.append("--- flow run logs ---\n" + "\n".join(f"{entry.get('level')} {entry.get('message')}"
+                                                      for entry in logs if isinstance(entry, dict)))
+    for proc in [prod.serve, prod.tiled, *prod.workers]:
+        tail = proc.log_path.read_text(errors="replace").splitlines()[-40:]
+        lines.append(f"--- {proc.name} log tail ---\n" + "\n".join(tail))
+    return "\n".join(lines)
 
 
 def _runs(prod, uid, n=1, timeout=120):

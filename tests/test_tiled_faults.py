@@ -367,3 +367,37 @@ def test_results_read_back_in_a_separate_process(shared_server):
     assert doc["unique"] == values.tolist() and doc["unique_counts"] == counts.tolist()
     assert set(doc["unique"]) <= {-1, 0, 1, 2} and len([v for v in doc["unique"] if v >= 0]) == 3
     assert doc["counts"] == [int((expected == k).sum()) for k in range(3)]
+
+
+def test_storage_left_by_a_rolled_back_write_does_not_poison_the_result_key(tmp_path):
+    """A dropped catalog connection between tiled's ``init_storage`` and its commit leaves an array
+    directory no node owns; before the guard (xtec_flows/tiled/server.py) every later write at that
+    path failed with 500 and the scan never completed. Here the embedded default (a real ``tiled
+    serve config``) starts with that leftover where the result's labels and means go."""
+    from tiled.client import from_uri
+
+    from xtec_flows.demo.services import TiledService
+    from xtec_flows.tiled.server import storage_directory
+    from xtec_flows.tiled.spec import result_key
+    from tiled_support import run_temperature_scan
+
+    srv = TiledService(tmp_path / "tiled", API_KEY).start()
+    try:
+        client = from_uri(srv.uri, api_key=API_KEY)
+        uid = run_temperature_scan(client.create_container("raw"), TEMPS, spatial_shape=SHAPE, seed=4)
+        key = result_key(uid, PARAMS.to_dict())
+        import zarr
+
+        leftovers = [storage_directory((tmp_path / "tiled" / "data").resolve().as_uri(), ["xtec", key, name])
+                     for name in ("labels", "means")]
+        for directory in leftovers:
+            zarr.create_array(zarr.storage.LocalStore(str(directory)), shape=(3,), chunks=(3,), dtype="f8")
+        outcome = process_scan(client, f"raw/{uid}", PARAMS, root="xtec")
+        node = client["xtec"][outcome.key]
+        assert outcome.key == key and node.metadata["status"] == "complete"
+        expected = xtec_flows.cluster(scan_volumes(TEMPS, SHAPE, seed=4), TEMPS, n_components=3, n_init=1)
+        np.testing.assert_array_equal(node["labels"].read(), np.asarray(expected.labels))
+        assert node["means"].read().shape == (3, len(TEMPS))
+        assert "rolled back" in srv.log_path.read_text()
+    finally:
+        srv.stop()

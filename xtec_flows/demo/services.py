@@ -214,7 +214,7 @@ class TiledService(ManagedProcess):
             "# The API key comes from TILED_SINGLE_USER_API_KEY in the environment.",
             "trees:",
             "  - path: /",
-            "    tree: catalog",
+            "    tree: xtec_flows.tiled.server:catalog",  # tiled's catalog, guarded (tiled/server.py)
             "    args:",
             f"      uri: sqlite:///{d / 'catalog.db'}",
             f"      writable_storage: [\"{d / 'data'}\", \"duckdb:///{d / 'tables.duckdb'}\"]",
