@@ -135,3 +135,37 @@ def test_kmeans_plusplus_spreads_centres():
     centres = mx.kmeans_plusplus(X, 4, np.random.default_rng(0))
     nearest_truth = {int(truth[np.argmin(((X - c) ** 2).sum(1))]) for c in centres}
     assert len(nearest_truth) == 4
+
+
+def test_seeding_subsample_belongs_to_the_rows_not_their_order():
+    """With more rows than the seeding subsample, the fit keyed by row identity (a voxel's flat
+    index) is the same fit whatever order and blocking the rows come in: numpy in one order,
+    numpy shuffled, dask in row blocks of two sizes. Labels identical (as a permutation of the
+    rows), log-likelihood equal to 1e-9 relative."""
+    import dask.array as da
+
+    X, _ = blobs(seed=5, n=12_000, T=8, K=3, spread=0.6)
+    keys = np.arange(X.shape[0], dtype=np.int64) * 7 + 3  # voxel-like, not the row positions
+    kw = dict(n_init=2, random_state=11, init_sample_size=2_000, block_size=1_000)
+    ref = mx.fit_mixture(X, 3, sample_keys=keys, **kw)
+    perm = np.random.default_rng(0).permutation(X.shape[0])
+    runs = {
+        "shuffled": (mx.fit_mixture(X[perm], 3, sample_keys=keys[perm], **kw), perm),
+        "dask 997": (mx.fit_mixture(da.from_array(X[perm], chunks=(997, -1)), 3,
+                                    sample_keys=da.from_array(keys[perm], chunks=997), **kw), perm),
+        "dask 4096": (mx.fit_mixture(da.from_array(X, chunks=(4096, -1)), 3, sample_keys=keys, **kw),
+                      np.arange(X.shape[0])),
+    }
+    for name, (fit, order) in runs.items():
+        np.testing.assert_array_equal(fit.labels, ref.labels[order], err_msg=name)
+        assert fit.log_likelihood == pytest.approx(ref.log_likelihood, rel=1e-9), name
+        np.testing.assert_allclose(fit.params.means, ref.params.means, rtol=1e-7, atol=1e-9, err_msg=name)
+    rank = mx.subsample_rank(keys, 42)
+    assert rank.min() >= 0.0 and rank.max() < 1.0 and np.unique(rank).size == rank.size
+    assert abs(rank.mean() - 0.5) < 0.01  # uniform
+
+
+def test_sample_keys_must_match_the_rows():
+    X, _ = blobs(n=500)
+    with pytest.raises(ValueError, match="one key per row"):
+        mx.fit_mixture(X, 3, sample_keys=np.arange(499))

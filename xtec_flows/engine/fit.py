@@ -105,6 +105,9 @@ def fit_trajectories(
         smoother=smoother,
         init_sample_size=params.init_sample_size,
         keep_restarts=keep_restarts,
+        # Voxels are rows by their flat index, so the seeding subsample is the same voxels
+        # however the rows are ordered (peaks: by peak number, already chunk-independent).
+        sample_keys=None if params.mode == "peaks" else traj.flat,
     )
     labels = fit.labels
     counts = fit.counts

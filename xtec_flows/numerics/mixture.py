@@ -322,7 +322,7 @@ def canonical_order(params: MixtureParams, counts: np.ndarray | None = None) -> 
 class _Blocks:
     """Row blocks of a trajectories array, numpy or dask, with a parallel map."""
 
-    def __init__(self, X, block_size: int, n_threads: int | None):
+    def __init__(self, X, block_size: int, n_threads: int | None, sample_keys=None):
         self.is_dask = hasattr(X, "dask") and hasattr(X, "to_delayed")
         if self.is_dask:
             if len(X.chunks[1]) != 1:
@@ -337,6 +337,7 @@ class _Blocks:
             starts = np.arange(0, X.shape[0], block_size).tolist() + [X.shape[0]]
             self.blocks = [X[a:b] for a, b in zip(starts[:-1], starts[1:])]
         self.slices = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+        self.key_blocks = _key_blocks(sample_keys, self.slices, X.shape[0], self.is_dask, X)
         self.n_samples = int(starts[-1])
         self.n_features = int(X.shape[1])
         self.X = X
@@ -371,20 +372,77 @@ class _Blocks:
             total = total + p
         return total
 
-    def sample(self, size: int, rng: np.random.Generator) -> np.ndarray:
-        """A uniform random subset of rows (size, T) for seeding."""
+    def sample(self, size: int, seed: int) -> np.ndarray:
+        """A uniform random subset of at most ``size`` rows, (m, T) float64, for seeding.
+
+        Which rows, and their order, depend only on the rows' keys and ``seed``, never on how the
+        rows are ordered or blocked (see :func:`subsample_rank`): the ``size`` rows of smallest
+        hash, in key order. So a chunked trajectory store that holds the rows in block order
+        seeds exactly as the in-memory path that holds them sorted by voxel.
+        """
         if size >= self.n_samples:
-            idx = np.arange(self.n_samples)
+            parts = self.map(_all_rows, self.key_blocks)
         else:
-            idx = np.sort(rng.choice(self.n_samples, size=size, replace=False))
-        if self.is_dask:
-            return np.asarray(self.X[idx].compute(), dtype=np.float64)
-        return self.X[idx].astype(np.float64)
+            # Keep each block's rows below a hash cut that lets through a few more than ``size``
+            # rows in all (binomial: +10 sigma), then the ``size`` smallest; one pass, almost surely.
+            cut = min(1.0, (size + 10.0 * math.sqrt(size) + 64.0) / self.n_samples)
+            while True:
+                parts = self.map(_rows_below, self.key_blocks, [seed] * len(self.blocks), [cut] * len(self.blocks))
+                if sum(p[0].size for p in parts) >= size or cut >= 1.0:
+                    break
+                cut = min(1.0, 2.0 * cut)
+        keys = np.concatenate([p[0] for p in parts])
+        rows = np.concatenate([p[2] for p in parts])
+        if size < self.n_samples:
+            ranks = np.concatenate([p[1] for p in parts])
+            chosen = np.argpartition(ranks, size - 1)[:size] if ranks.size > size else np.arange(ranks.size)
+            keys, rows = keys[chosen], rows[chosen]
+        return rows[np.argsort(keys, kind="stable")].astype(np.float64)
 
     def close(self):
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+def subsample_rank(keys: np.ndarray, seed: int) -> np.ndarray:
+    """(n,) float64 in [0, 1): a fixed pseudo-random rank of each row key under ``seed``
+    (splitmix64 of key XOR seed). Rows are chosen for seeding by their rank, so the choice
+    belongs to the rows themselves (voxel indices), not to their position in an array."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(keys).astype(np.uint64) ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _key_blocks(sample_keys, slices, n_samples: int, is_dask: bool, X) -> list:
+    """Per row block, the rows' keys: ``sample_keys`` (numpy or dask, (n,) integers) cut as the
+    rows are, or the row indices when there are none."""
+    if sample_keys is None:
+        return [np.arange(s.start, s.stop, dtype=np.int64) for s in slices]
+    if tuple(np.shape(sample_keys)) != (n_samples,):
+        raise ValueError(f"sample_keys must have one key per row, shape ({n_samples},); got {np.shape(sample_keys)}")
+    if is_dask:
+        import dask.array as da
+
+        keys = da.asarray(sample_keys).rechunk((X.chunks[0],))
+        return list(keys.to_delayed().ravel())
+    keys = np.asarray(sample_keys)
+    return [keys[s] for s in slices]
+
+
+def _all_rows(X: np.ndarray, keys: np.ndarray):
+    return np.asarray(keys), None, np.asarray(X, dtype=np.float32)
+
+
+def _rows_below(X: np.ndarray, keys: np.ndarray, seed: int, cut: float):
+    """(keys, ranks, rows) of this block's rows ranked below ``cut``."""
+    rank = subsample_rank(keys, seed)
+    keep = rank < cut
+    return np.asarray(keys)[keep], rank[keep], np.asarray(X, dtype=np.float32)[keep]
 
 
 def _em_in_memory(X: np.ndarray, params: MixtureParams, reg_covar: float, tol: float, max_iter: int):
@@ -400,7 +458,8 @@ def _em_in_memory(X: np.ndarray, params: MixtureParams, reg_covar: float, tol: f
     return params, ll
 
 
-def _initial_params(blocks, n_components, n_init, rng, reg_covar, tol, max_iter, sample_size, subsample_fits=None):
+def _initial_params(blocks, n_components, n_init, rng, reg_covar, tol, max_iter, sample_size, subsample_fits=None,
+                    sample_seed: int = 0):
     """Starting parameters for the full-data EM, one set per restart that is worth a full fit.
 
     Seeds come from k-means++ on a random subsample of at most ``sample_size``
@@ -411,7 +470,7 @@ def _initial_params(blocks, n_components, n_init, rng, reg_covar, tol, max_iter,
     few passes over the data. When the subsample is the whole data set, each
     restart is a full fit of its own.
     """
-    sample = blocks.sample(sample_size, rng)
+    sample = blocks.sample(sample_size, sample_seed)
     if sample.shape[0] >= blocks.n_samples:
         for _ in range(n_init):
             centres = kmeans_plusplus(sample, n_components, rng)
@@ -478,6 +537,7 @@ def fit_mixture(
     block_size: int = 8192,
     n_threads: int | None = None,
     keep_restarts: bool = False,
+    sample_keys=None,
 ) -> MixtureFit:
     """Fit a diagonal Gaussian mixture by EM.
 
@@ -492,6 +552,10 @@ def fit_mixture(
         responsibilities at once, so with a smoother the E-step keeps them.
     init_sample_size : int
         k-means++ seeds are drawn from at most this many random rows.
+    sample_keys : None or (n_samples,) integer array (numpy or dask)
+        What identifies each row, e.g. its voxel's flat index: the seeding subsample is the
+        rows of smallest :func:`subsample_rank` of their keys, so the fit does not depend on
+        the order of the rows. Default: the row indices.
 
     Returns
     -------
@@ -506,21 +570,24 @@ def fit_mixture(
         return _fit_mixture(
             X, n_components, reg_covar=reg_covar, tol=tol, max_iter=max_iter, n_init=n_init,
             random_state=random_state, smoother=smoother, init_sample_size=init_sample_size,
-            block_size=block_size, n_threads=n_threads, keep_restarts=keep_restarts,
+            block_size=block_size, n_threads=n_threads, keep_restarts=keep_restarts, sample_keys=sample_keys,
         )
 
 
 def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_state, smoother,
-                 init_sample_size, block_size, n_threads, keep_restarts=False) -> MixtureFit:
+                 init_sample_size, block_size, n_threads, keep_restarts=False, sample_keys=None) -> MixtureFit:
     rng = np.random.default_rng(random_state)
-    blocks = _Blocks(X, block_size, n_threads)
+    # The subsample's hash seed comes from random_state apart from ``rng``, so choosing the
+    # subsample consumes nothing of the stream k-means++ draws from.
+    sample_seed = int(np.random.SeedSequence(random_state).generate_state(1, np.uint64)[0])
+    blocks = _Blocks(X, block_size, n_threads, sample_keys)
     n, n_features = blocks.n_samples, blocks.n_features
     try:
         best = None
         subsample_fits = [] if keep_restarts else None
         full_fits = []
         for restart, params in enumerate(_initial_params(blocks, n_components, n_init, rng, reg_covar, tol, max_iter,
-                                                         init_sample_size, subsample_fits)):
+                                                         init_sample_size, subsample_fits, sample_seed)):
             history: list[float] = []
             converged = False
             n_iter = 0
