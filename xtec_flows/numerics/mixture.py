@@ -337,7 +337,7 @@ class _Blocks:
             starts = np.arange(0, X.shape[0], block_size).tolist() + [X.shape[0]]
             self.blocks = [X[a:b] for a, b in zip(starts[:-1], starts[1:])]
         self.slices = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
-        self.key_blocks = _key_blocks(sample_keys, self.slices, X.shape[0], self.is_dask, X)
+        self.key_blocks = _key_blocks(sample_keys, self.slices, X, self.is_dask)
         self.n_samples = int(starts[-1])
         self.n_features = int(X.shape[1])
         self.X = X
@@ -418,11 +418,12 @@ def subsample_rank(keys: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def _key_blocks(sample_keys, slices, n_samples: int, is_dask: bool, X) -> list:
+def _key_blocks(sample_keys, slices, X, is_dask: bool) -> list:
     """Per row block, the rows' keys: ``sample_keys`` (numpy or dask, (n,) integers) cut as the
     rows are, or the row indices when there are none."""
     if sample_keys is None:
         return [np.arange(s.start, s.stop, dtype=np.int64) for s in slices]
+    n_samples = X.shape[0]
     if tuple(np.shape(sample_keys)) != (n_samples,):
         raise ValueError(f"sample_keys must have one key per row, shape ({n_samples},); got {np.shape(sample_keys)}")
     if is_dask:

@@ -27,8 +27,6 @@ from urllib.parse import quote_plus, urljoin
 
 log = logging.getLogger(__name__)
 
-ZARR_MIMETYPE = "application/x-zarr"
-
 
 def storage_directory(storage_uri: str, path_parts: list[str]):
     """The local directory tiled's zarr adapter gives a node at ``path_parts`` under file
@@ -61,6 +59,7 @@ def _guarded_zarr_adapter():
 def install_storage_guard() -> None:
     """Make new zarr arrays go through :class:`OrphanSafeZarrArrayAdapter` in this process."""
     from tiled.catalog.adapter import STORAGE_ADAPTERS_BY_MIMETYPE
+    from tiled.mimetypes import ZARR_MIMETYPE
 
     STORAGE_ADAPTERS_BY_MIMETYPE.set(ZARR_MIMETYPE, _guarded_zarr_adapter)
 
