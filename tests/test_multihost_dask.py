@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -126,7 +127,11 @@ def test_workers_without_a_shared_temp_dir_give_the_local_labels(cluster, volume
     local = xtec_flows.cluster(counted(tmp_path / "local.log"), temps, **kwargs)
     with distributed.Client(address, timeout=30) as client, distributed.get_task_stream(client) as stream:
         remote = xtec_flows.cluster(counted(tmp_path / "remote.log"), temps, **kwargs)
-        held = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+        # Releases travel to the scheduler asynchronously: allow them a few seconds.
+        deadline = time.monotonic() + 10
+        while (held := client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))) and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
     # The cluster reads the input as often as the local run: later passes use the persisted
     # statistic, never the input again (they once re-read every block in each pass).
     reads = {name: sorted((tmp_path / f"{name}.log").read_text().splitlines()) for name in ("local", "remote")}

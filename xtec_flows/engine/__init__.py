@@ -11,13 +11,16 @@ The 4-D input (T, *spatial) is streamed block by block through dask, normally on
    otherwise a cut estimated on a sample of blocks, lowered by a margin);
 2. *threshold*: the histogram of log <I>_T is built from the scratch array by
    cheap passes (or from memory), and the final cut found;
-3. *trajectories*: the kept trajectories are filtered to the final cut and
-   sorted by flat voxel index, so every later step is independent of the
-   chunking. Only if the final cut is below the provisional one is the input
-   read a second time.
+3. *trajectories*: the kept trajectories are filtered to the final cut. Small
+   inputs' rows are sorted by flat voxel index in memory; larger inputs' rows stay
+   where the first pass wrote them, one row block per spatial block, on local disk
+   or in the workers' memory (:mod:`.trajectory_store`). Only if the final cut is
+   below the provisional one is the input read a second time.
 
-The fit then runs on the gathered trajectories (EM as a reduction over row
-blocks), and labels are written block by block into a chunked int8 zarr array.
+The fit then runs where the rows are (EM as a reduction of per-block sufficient
+statistics; the seeding subsample is chosen by voxel index, so the answer does not
+depend on the row order), and labels are written block by block into a chunked
+int8 zarr array. XTEC-s, peaks and class discovery bring the rows into memory first.
 dask's default scheduler is used, so an active ``distributed.Client`` takes the
 block tasks; otherwise the local threaded scheduler does.
 
@@ -28,6 +31,7 @@ The stages, one module each, in the order data flows through them:
 - :mod:`.first_pass`    statistics pass + provisional cut (kernels: :mod:`xtec_flows.numerics.blocks`)
 - :mod:`.histogram`     exact quartiles and the chunked threshold histogram
 - :mod:`.components`    chunked connected components (mode "peaks")
+- :mod:`.trajectory_store`  kept rows in blocks where they were read (disk or workers)
 - :mod:`.trajectories`  the passes above, in order: :class:`Trajectories`
 - :mod:`.fit`           features and the mixture fit
 - :mod:`.class_discovery`  classes="auto": components grouped into physical classes
@@ -178,8 +182,18 @@ def run(
         check_class_discovery_input(volume, temperatures, params.ordering)
     traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress,
                                limits=limits or DEFAULT_LIMITS)
+    try:
+        return _fit_and_label(traj, params, labels_store, components_store, report)
+    finally:
+        traj.close()
+
+
+def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, components_store, report) -> ClusterResult:
     report("read", 0.6)
     t0 = time.perf_counter()
+    if params.classes is not None or params.mode == "s":
+        # Class discovery needs every row's raw trajectory at once, XTEC-s every voxel's neighbours.
+        traj.to_memory()
     X = features(traj, params)
     discovery = None
     if params.classes is None:
@@ -234,7 +248,7 @@ def apply(
     n_t = validation.check_volume(volume)[0]
     model.check_temperatures(validation.check_temperatures(temperatures, n_t, params.ordering))
     traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress,
-                               limits=limits or DEFAULT_LIMITS)
+                               limits=limits or DEFAULT_LIMITS).to_memory()
     report("read", 0.6)
     t0 = time.perf_counter()
     X = features(traj, params)
@@ -331,7 +345,8 @@ def select_n_components(volume, temperatures, k_values=range(2, 11), *, criterio
     if not k_values:
         raise ValueError("k_values is empty; give at least one number of components, e.g. 2..10")
     params = ClusterParams(n_components=max(k_values), **kwargs)
-    traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress)
+    traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch,
+                               progress=progress).to_memory()
     X = features(traj, params)
     table = []
     for k in sorted(set(k_values)):

@@ -68,9 +68,14 @@ def _rescale_float32(raw: np.ndarray, method: str, rows: int = 1 << 18) -> np.nd
     return out
 
 
-def features(traj: Trajectories, params: ClusterParams) -> np.ndarray:
+def features(traj: Trajectories, params: ClusterParams):
     """What the mixture sees: rescaled trajectories (n_samples, T), or rescaled
-    peak averages (n_peaks, T) in mode "peaks"; float32."""
+    peak averages (n_peaks, T) in mode "peaks"; float32. A dask array, read block by block
+    from the scratch, when the trajectories are chunked (rows in block order)."""
+    if traj.chunked is not None:
+        if params.mode == "peaks":
+            raise ValueError("mode 'peaks' needs the trajectories in memory: call traj.to_memory() first")
+        return traj.chunked.features(params.rescale)
     if params.mode == "peaks":
         means, _sizes = peaks.peak_means(traj.raw, traj.peak_ids, traj.n_peaks)
         return rescale(means, params.rescale).astype(np.float32)
@@ -93,6 +98,8 @@ def fit_trajectories(
         )
     smoother = None
     if params.mode == "s":
+        if traj.chunked is not None:
+            raise ValueError("XTEC-s smooths over every voxel at once: call traj.to_memory() before the features")
         smoother = LabelSmoother(traj.coords, traj.spatial_shape, params.smoothing)
     fit = fit_mixture(
         X,
@@ -107,7 +114,7 @@ def fit_trajectories(
         keep_restarts=keep_restarts,
         # Voxels are rows by their flat index, so the seeding subsample is the same voxels
         # however the rows are ordered (peaks: by peak number, already chunk-independent).
-        sample_keys=None if params.mode == "peaks" else traj.flat,
+        sample_keys=None if params.mode == "peaks" else traj.row_keys,
     )
     labels = fit.labels
     counts = fit.counts

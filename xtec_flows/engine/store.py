@@ -35,12 +35,16 @@ class StreamingLimits:
     provisional_margin_bins : larger inputs keep the trajectories above a provisional cut
         estimated on a sample of blocks, this many (sample-histogram) bins below it; a final
         cut below that reads the input a second time
+    candidate_factor : when the kept trajectories go to disk (the trajectory store), keep at
+        least this many times the fraction of voxels the sampled cut keeps, so a sample that
+        misjudged the volume does not cost a second read (0: no more than the margin)
     """
 
     block_voxels: int = 64**3
     scratch_in_memory_bytes: int = 1 << 30
     cache_all_bytes: int = 512 << 20
     provisional_margin_bins: float = 4.0
+    candidate_factor: float = 2.0
 
 
 DEFAULT_LIMITS = StreamingLimits()
@@ -131,7 +135,7 @@ def _assemble(parts: list, regions: list, grid: tuple, dtype) -> da.Array:
 
 
 def intermediate(make_block, args_per_block: list, regions: list, shape: tuple, chunks: tuple, store, name: str,
-                  dtype, progress: bool = False):
+                  dtype, progress: bool = False, keep_on_workers=None):
     """Run one task per block that yields a block of an intermediate array and a summary.
 
     ``make_block(*args, target, region)`` returns (block or None, summary): it
@@ -143,6 +147,10 @@ def intermediate(make_block, args_per_block: list, regions: list, shape: tuple, 
     Returns (summaries in the order of ``regions``, the intermediate as a dask
     array of ``shape`` chunked by ``chunks``, and the array to index directly:
     the zarr array, or the persisted dask array itself).
+
+    ``keep_on_workers(summary) -> (small summary, rest)``, distributed only: the ``rest`` of
+    each block's summary is persisted where the block ran instead of sent here, and comes
+    back as ``summary["rows"]``, a persisted dask object (the trajectory store's rows).
     """
     if store is not None:
         target = zarr_io.scratch_array(store, name, shape, chunks, dtype)
@@ -157,9 +165,18 @@ def intermediate(make_block, args_per_block: list, regions: list, shape: tuple, 
         # from what was persisted. Persisting the assembled array (its summaries apart) left later
         # passes over it without the persisted blocks: each pass read the whole input again
         # (tests/test_multihost_dask.py counts the reads).
-        blocks, summaries = dask.persist([t[0] for t in tasks], [t[1] for t in tasks])
+        summaries = [t[1] for t in tasks]
+        rests = None
+        if keep_on_workers is not None:
+            split = [dask.delayed(keep_on_workers, nout=2)(t) for t in summaries]
+            summaries, rests = [p[0] for p in split], [p[1] for p in split]
+        blocks, summaries, rests = dask.persist([t[0] for t in tasks], summaries, rests)
     array = _assemble(blocks, regions, tuple(math.ceil(n / c) for n, c in zip(shape, chunks)), dtype)
-    return list(dask.compute(*summaries)), array, array
+    summaries = list(dask.compute(*summaries))
+    if rests is not None:
+        for summary, rest in zip(summaries, rests):
+            summary["rows"] = rest
+    return summaries, array, array
 
 
 def progress_bar(enabled: bool):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,17 +23,26 @@ from .components import chunked_components
 from .first_pass import block_first_pass, provisional_cut
 from .histogram import histogram_chunked
 from .params import ClusterParams
-from .store import DEFAULT_LIMITS, StreamingLimits, as_dask, compute, intermediate, scratch_store, values_at
+from .store import (DEFAULT_LIMITS, StreamingLimits, as_dask, compute, distributed_client_active, intermediate,
+                    scratch_store, values_at)
+from .trajectory_store import ChunkedTrajectories, ScratchRows, open_candidate_group, split_rows
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Trajectories:
-    """Output of the two streaming passes: what the fit needs, in memory.
+    """Output of the streaming passes: what the fit needs.
+
+    In memory (``chunked`` None):
 
     flat : (n_samples,) int64, C-order flat index of each thresholded voxel, ascending
     raw : (n_samples, T) float32, their intensities
+
+    Or, for inputs larger than ``StreamingLimits.cache_all_bytes``, left where the first pass
+    wrote them: ``chunked`` (:class:`~.trajectory_store.ChunkedTrajectories`, rows in block
+    order), ``flat`` and ``raw`` None until :meth:`to_memory`. Call :meth:`close` when done.
+
     peak_ids : (n_samples,) int32, peak of each voxel (1..n_peaks), mode "peaks" only
     histogram : threshold histogram of log(<I>_T)
     cutoff : the threshold result
@@ -48,10 +61,30 @@ class Trajectories:
     n_peaks: int = 0
     n_reads: int = 1
     timings: dict = field(default_factory=dict)
+    chunked: ChunkedTrajectories | None = None
 
     @property
     def n_samples(self) -> int:
-        return int(self.flat.size)
+        return self.chunked.n_samples if self.chunked is not None else int(self.flat.size)
+
+    @property
+    def row_keys(self):
+        """(n_samples,) int64 flat index of each row, numpy or (chunked) dask: what identifies a row."""
+        return self.chunked.flat() if self.chunked is not None else self.flat
+
+    def to_memory(self) -> "Trajectories":
+        """Bring chunked rows into memory, sorted by voxel (the in-memory layout), and remove
+        their scratch; for the steps that need every row at once (XTEC-s, peaks, classes)."""
+        if self.chunked is not None:
+            self.flat, self.raw = self.chunked.to_memory()
+            self.close()
+        return self
+
+    def close(self) -> None:
+        """Remove the chunked rows' scratch, if any (idempotent)."""
+        if self.chunked is not None:
+            self.chunked.close()
+            self.chunked = None
 
     @property
     def coords(self) -> np.ndarray:
@@ -77,6 +110,12 @@ def gather_trajectories(
     trajectories are filtered to the final cut. Only if the final cut falls
     below the provisional one is the input read a second time.
 
+    Inputs up to ``limits.cache_all_bytes`` come back in memory. Larger ones keep a generous
+    candidate set where each block was read (a scratch zarr group on local disk, or the
+    workers' memory under a distributed Client without ``scratch``): the result's ``chunked``
+    presents the rows above the final cut block by block, and nothing of them is held here
+    until :meth:`Trajectories.to_memory`. The caller closes the result (:meth:`Trajectories.close`).
+
     Parameters
     ----------
     volume : numpy, zarr or dask array of shape (T, *spatial), 1, 2 or 3 spatial dims
@@ -98,88 +137,132 @@ def gather_trajectories(
     regular = tuple(c[0] for c in spatial_chunks)
     regions = list(block_regions(spatial_chunks))
     store, tmp = scratch_store(4 * math.prod(spatial_shape), scratch, limits)
-    try:
-        t0 = time.perf_counter()
-        provisional, fine_edges = provisional_cut(x, params, regions, limits)
-        xb = x.to_delayed().reshape(x.numblocks[1:])
-        first, stat_d, _ = intermediate(
-            block_first_pass,
-            [(xb[idx], offset, spatial_shape, params.mask, provisional, fine_edges) for idx, offset, _ in regions],
-            regions, spatial_shape, regular, store, "statistic", np.float32, progress=progress,
-        )
-        n_bad = sum(p["n_bad"] for p in first)
-        if n_bad and params.nonfinite == "raise":
-            where = np.unravel_index(int(da.argmax(~da.isfinite(stat_d).ravel()).compute()), spatial_shape)
-            raise ValueError(
-                f"volume holds NaN or Inf in {n_bad} voxel trajectories (first at spatial index "
-                f"{tuple(int(i) for i in where)}); clean the data, or pass nonfinite='mask' "
-                "(CLI: --mask-nonfinite) to leave those voxels unclustered"
-            )
-        n_valid = sum(p["n_valid"] for p in first)
-        if n_valid == 0:
-            raise ValueError(
-                "volume has no voxel with positive mean intensity (all zero, negative or masked); "
-                "check that the right dataset was given and that it is not empty"
-            )
-        lo = min(p["lo"] for p in first)
-        hi = max(p["hi"] for p in first)
-        whole_blocks = provisional == -math.inf
-        if whole_blocks:
-            cached_log = np.concatenate([log_valid(p["stat"]) for p in first])
-        else:
-            cached_log = np.concatenate([p.pop("log") for p in first])
-            kept = [(p.pop("flat"), p.pop("traj"), None) for p in first]
-        timings["statistics"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        if whole_blocks:
-            # Every valid voxel is in memory: the histogram comes straight from the values.
-            hist = threshold.histogram_of(cached_log) if cached_log.size >= 2 else histogram_chunked(
-                stat_d, n_valid, lo, hi, None, None)
-        else:
-            fine = sum(p["fine"] for p in first) if fine_edges is not None else None
-            if fine is None:
-                fine_edges = np.linspace(lo, hi, 4097)
-                fine = sum(compute(*[dask.delayed(block_counts)(b, fine_edges) for b in stat_d.to_delayed().ravel()]))
-            hist = histogram_chunked(stat_d, n_valid, lo, hi, fine_edges, fine)
-        cutoff = threshold.find_cutoff(hist, params.threshold)
-        timings["threshold"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        if whole_blocks:
-            gathered = []
-            for p, (_, offset, _) in zip(first, regions):
-                gathered.append(gather_block(p.pop("block"), p.pop("stat"), offset, spatial_shape, cutoff.log_cutoff))
-            flat, raw, _ = sort_by_voxel(gathered, shape[0])
-            n_reads = 1
-        elif cutoff.log_cutoff >= provisional:
-            flat, raw, _ = sort_by_voxel(kept, shape[0], keep=cached_log > cutoff.log_cutoff)
-            n_reads = 1
-        else:
-            del kept
-            log.info("final cut below the provisional one: reading the trajectories again")
-            sb = stat_d.to_delayed()
-            tasks = [
-                dask.delayed(gather_block)(xb[idx], sb[idx], offset, spatial_shape, cutoff.log_cutoff)
-                for idx, offset, _ in regions
-            ]
-            flat, raw, _ = sort_by_voxel(list(compute(*tasks, progress=progress)), shape[0])
-            n_reads = 2
-        del cached_log, first
-        timings["trajectories"] = time.perf_counter() - t0
-
-        peak_ids = None
-        n_peaks = 0
-        if params.mode == "peaks" and flat.size:
+    candidates = directory = chunked = None
+    # The passes run on a thread pool of our own, not dask's shared one, so that on failure or
+    # Ctrl-C the tasks still writing scratch can be waited for before the scratch is removed
+    # (else a block written after the removal leaves a directory behind).
+    pool = None if distributed_client_active() else ThreadPoolExecutor(
+        dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    passes = dask.config.set(pool=pool) if pool is not None else contextlib.nullcontext()
+    with passes:
+        try:
             t0 = time.perf_counter()
-            mapping, n_peaks, prov_arr = chunked_components(stat_d, store, spatial_shape, regular, cutoff.log_cutoff)
-            coords = np.unravel_index(flat, spatial_shape)
-            peak_ids = mapping[values_at(prov_arr, coords)]
-            timings["components"] = time.perf_counter() - t0
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    if flat.size == 0:
+            # Kept rows stay where they were read, in blocks (trajectory_store): on local disk, or
+            # under a distributed Client without a shared scratch directory in the workers' memory.
+            large = x.nbytes > limits.cache_all_bytes
+            on_disk = store is not None and large
+            provisional, fine_edges = provisional_cut(x, params, regions, limits, on_disk=on_disk)
+            on_workers = store is None and large and provisional != -math.inf
+            if on_disk and provisional != -math.inf:
+                candidates, directory = open_candidate_group(scratch)
+            xb = x.to_delayed().reshape(x.numblocks[1:])
+            first, stat_d, _ = intermediate(
+                block_first_pass,
+                [(xb[idx], offset, spatial_shape, params.mask, provisional, fine_edges, candidates, i)
+                 for i, (idx, offset, _) in enumerate(regions)],
+                regions, spatial_shape, regular, store, "statistic", np.float32, progress=progress,
+                keep_on_workers=split_rows if on_workers else None,
+            )
+            n_bad = sum(p["n_bad"] for p in first)
+            if n_bad and params.nonfinite == "raise":
+                where = np.unravel_index(int(da.argmax(~da.isfinite(stat_d).ravel()).compute()), spatial_shape)
+                raise ValueError(
+                    f"volume holds NaN or Inf in {n_bad} voxel trajectories (first at spatial index "
+                    f"{tuple(int(i) for i in where)}); clean the data, or pass nonfinite='mask' "
+                    "(CLI: --mask-nonfinite) to leave those voxels unclustered"
+                )
+            n_valid = sum(p["n_valid"] for p in first)
+            if n_valid == 0:
+                raise ValueError(
+                    "volume has no voxel with positive mean intensity (all zero, negative or masked); "
+                    "check that the right dataset was given and that it is not empty"
+                )
+            lo = min(p["lo"] for p in first)
+            hi = max(p["hi"] for p in first)
+            whole_blocks = provisional == -math.inf
+            if whole_blocks:
+                cached_log = np.concatenate([log_valid(p["stat"]) for p in first])
+            elif candidates is not None or on_workers:
+                cached_log = None
+            else:
+                cached_log = np.concatenate([p.pop("log") for p in first])
+                kept = [(p.pop("flat"), p.pop("traj"), None) for p in first]
+            timings["statistics"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            if whole_blocks:
+                # Every valid voxel is in memory: the histogram comes straight from the values.
+                hist = threshold.histogram_of(cached_log) if cached_log.size >= 2 else histogram_chunked(
+                    stat_d, n_valid, lo, hi, None, None)
+            else:
+                fine = sum(p["fine"] for p in first) if fine_edges is not None else None
+                if fine is None:
+                    fine_edges = np.linspace(lo, hi, 4097)
+                    fine = sum(compute(*[dask.delayed(block_counts)(b, fine_edges) for b in stat_d.to_delayed().ravel()]))
+                hist = histogram_chunked(stat_d, n_valid, lo, hi, fine_edges, fine)
+            cutoff = threshold.find_cutoff(hist, params.threshold)
+            timings["threshold"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            if whole_blocks:
+                gathered = []
+                for p, (_, offset, _) in zip(first, regions):
+                    gathered.append(gather_block(p.pop("block"), p.pop("stat"), offset, spatial_shape, cutoff.log_cutoff))
+                flat, raw, _ = sort_by_voxel(gathered, shape[0])
+                n_reads = 1
+            elif (candidates is not None or on_workers) and (cutoff.log_cutoff >= provisional or provisional < lo):
+                sources = {b: (ScratchRows(candidates, b) if candidates is not None else p["rows"])
+                           for b, p in enumerate(first) if p["n_candidates"]}
+                chunked = ChunkedTrajectories.after_cut(sources, cutoff.log_cutoff, shape[0], directory)
+                flat = raw = None
+                n_reads = 1
+            elif cutoff.log_cutoff >= provisional:
+                flat, raw, _ = sort_by_voxel(kept, shape[0], keep=cached_log > cutoff.log_cutoff)
+                n_reads = 1
+            else:
+                kept = None
+                if directory is not None:
+                    shutil.rmtree(directory, ignore_errors=True)
+                log.info("final cut below the provisional one: reading the trajectories again")
+                sb = stat_d.to_delayed()
+                tasks = [
+                    dask.delayed(gather_block)(xb[idx], sb[idx], offset, spatial_shape, cutoff.log_cutoff)
+                    for idx, offset, _ in regions
+                ]
+                flat, raw, _ = sort_by_voxel(list(compute(*tasks, progress=progress)), shape[0])
+                n_reads = 2
+            del cached_log, first
+            timings["trajectories"] = time.perf_counter() - t0
+
+            if chunked is not None and params.mode == "peaks":
+                # Peak ids and peak means need every row at once (see the issue on chunked peaks).
+                flat, raw = chunked.to_memory()
+                chunked.close()
+                chunked = None
+            peak_ids = None
+            n_peaks = 0
+            if params.mode == "peaks" and flat.size:
+                t0 = time.perf_counter()
+                mapping, n_peaks, prov_arr = chunked_components(stat_d, store, spatial_shape, regular, cutoff.log_cutoff)
+                coords = np.unravel_index(flat, spatial_shape)
+                peak_ids = mapping[values_at(prov_arr, coords)]
+                timings["components"] = time.perf_counter() - t0
+        except BaseException:
+            # Failure or Ctrl-C: no scratch left behind.
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if tmp is not None:
+                tmp.cleanup()
+    n_samples = chunked.n_samples if chunked is not None else flat.size
+    if n_samples == 0:
+        if chunked is not None:
+            chunked.close()
         raise ValueError(
             f"no voxel passed the threshold ({params.threshold!r}, cut at <I>_T > "
             f"{math.exp(cutoff.log_cutoff) if math.isfinite(cutoff.log_cutoff) else 0:.4g}); "
@@ -199,6 +282,7 @@ def gather_trajectories(
         n_peaks=n_peaks,
         n_reads=n_reads,
         timings=timings,
+        chunked=chunked,
     )
 
 

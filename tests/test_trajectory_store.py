@@ -1,0 +1,118 @@
+"""Trajectories left in chunks on local disk (engine.trajectory_store): the fit and the labels
+work on them where they are, give the in-memory path's answers, and leave no scratch behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+
+import xtec_flows
+from xtec_flows.engine import ClusterParams, StreamingLimits, gather_trajectories
+from xtec_flows.engine.fit import features
+from xtec_flows.numerics.smoothing import SmoothingKernel
+from xtec_flows.synthetic import make_volume
+
+# Any input counts as large: the first pass keeps its rows on disk instead of in memory.
+CHUNKED = StreamingLimits(cache_all_bytes=0)
+
+
+@pytest.fixture(scope="module")
+def volume():
+    return make_volume((16, 32, 32, 32), seed=5)
+
+
+def _scratch_dirs(root: Path) -> list:
+    return sorted(root.glob("xtec-flows-trajectories-*"))
+
+
+def test_large_inputs_keep_rows_on_disk_in_block_order(volume, tmp_path):
+    vol, temps, _ = volume
+    in_memory = gather_trajectories(vol, temps, ClusterParams())
+    chunked = gather_trajectories(vol, temps, ClusterParams(), chunks=(16, 16, 16), limits=CHUNKED, scratch=tmp_path)
+    try:
+        assert in_memory.chunked is None and chunked.chunked is not None
+        assert chunked.flat is None and chunked.raw is None  # nothing of the rows in this process
+        assert len(_scratch_dirs(tmp_path)) == 1
+        assert chunked.n_samples == in_memory.n_samples
+        X = features(chunked, ClusterParams())
+        assert isinstance(X, da.Array)
+        assert X.chunks[0] == tuple(int(n) for n in chunked.chunked.counts)  # one row block per spatial block
+        # the same voxels and values, in block order instead of C order
+        flat = chunked.row_keys.compute()
+        order = np.argsort(flat)
+        np.testing.assert_array_equal(flat[order], in_memory.flat)
+        np.testing.assert_array_equal(X.compute()[order], features(in_memory, ClusterParams()))
+    finally:
+        chunked.close()
+    assert _scratch_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize("chunks", [(32, 32, 32), (16, 16, 16), (4, 6, 9)])
+def test_chunked_em_equals_in_memory_em(volume, chunks):
+    vol, temps, _ = volume
+    # one restart: the equality is per restart, and many small blocks cost a task each per E-step
+    ref = xtec_flows.cluster(vol, temps, n_components=4, n_init=1)
+    other = xtec_flows.cluster(vol, temps, n_components=4, n_init=1, chunks=chunks, limits=CHUNKED)
+    np.testing.assert_array_equal(other.labels[...], ref.labels[...])
+    assert other.log_likelihood == pytest.approx(ref.log_likelihood, rel=1e-9)
+    np.testing.assert_allclose(other.means, ref.means, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(other.counts, ref.counts)
+    assert other.n_reads == 1
+
+
+@pytest.mark.parametrize("kwargs", [
+    # chunks (4, 6, 9) are smaller than the smoothing support (radius 3)
+    dict(mode="s", n_components=3, smoothing=SmoothingKernel("local", 3.0)),
+    dict(mode="peaks", n_components=3),
+    dict(classes="auto", max_components=6, stability_runs=2),
+], ids=["xtec-s", "peaks", "classes"])
+def test_steps_that_need_every_row_bring_chunked_rows_into_memory(volume, kwargs):
+    vol, temps, _ = volume
+    ref = xtec_flows.cluster(vol, temps, **kwargs)
+    other = xtec_flows.cluster(vol, temps, chunks=(4, 6, 9), limits=CHUNKED, **kwargs)
+    np.testing.assert_array_equal(other.labels[...], ref.labels[...])
+    assert other.log_likelihood == pytest.approx(ref.log_likelihood, rel=1e-9)
+
+
+def test_scratch_removed_after_success_failure_and_interrupt(volume, tmp_path, monkeypatch):
+    vol, temps, _ = volume
+    xtec_flows.cluster(vol, temps, n_components=3, limits=CHUNKED, scratch=tmp_path)
+    assert _scratch_dirs(tmp_path) == []
+
+    # failure in the fit: more components than voxels above an explicit, very high cut
+    with pytest.raises(ValueError, match="larger than the number"):
+        xtec_flows.cluster(vol, temps, n_components=50, threshold=float(vol.mean(axis=0).max()) * 0.999,
+                           limits=CHUNKED, scratch=tmp_path)
+    assert _scratch_dirs(tmp_path) == []
+
+    # Ctrl-C in the middle of the EM, and in the middle of the first pass
+    import xtec_flows.engine.fit as fit_module
+    import xtec_flows.engine.first_pass as first_pass_module
+
+    def interrupted(*args, **kwargs):
+        assert len(_scratch_dirs(tmp_path)) == 1  # the rows are there while the fit runs
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(fit_module, "fit_mixture", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            xtec_flows.cluster(vol, temps, n_components=3, limits=CHUNKED, scratch=tmp_path)
+    assert _scratch_dirs(tmp_path) == []
+
+    written = []
+    real_write = first_pass_module.write_candidates
+
+    def write_then_interrupt(group, block, *rows):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        written.append(block)
+        return real_write(group, block, *rows)
+
+    with monkeypatch.context() as m:
+        m.setattr(first_pass_module, "write_candidates", write_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            xtec_flows.cluster(vol, temps, n_components=3, chunks=(10, 10, 10), limits=CHUNKED, scratch=tmp_path)
+    assert written and _scratch_dirs(tmp_path) == []

@@ -1,0 +1,164 @@
+"""The thresholded voxels' trajectories where the first pass left them: row blocks on local disk.
+
+The first read of the input keeps, per spatial block, the trajectories of the voxels above a
+provisional cut. Rather than send them to the calling process (0.1 KB per kept voxel at 24
+temperatures, memory that grows with the data), each block task writes its rows into a scratch
+zarr group, one array triple per block (under a distributed Client without a shared scratch
+directory, the same triple stays in the memory of the worker that read the block)::
+
+    b<i>/traj  (n_i, T) float32   raw intensities
+    b<i>/flat  (n_i,)   int64     C-order flat index of each voxel, ascending within the block
+    b<i>/log   (n_i,)   float64   log <I>_T, compared with the final cut on every read
+
+``i`` is the block's position in :func:`xtec_flows.chunking.block_regions` order. After the
+threshold, :class:`ChunkedTrajectories` presents the rows above the final cut as dask arrays
+with one row chunk per non-empty spatial block, so the mixture fit reads them block by block
+(each EM iteration a reduction of per-block sufficient statistics, see
+:func:`xtec_flows.numerics.mixture.fit_mixture`) and the labels are written block by block
+from the same row layout. Memory is a few blocks, whatever the number of kept voxels.
+
+The group lives in a temporary directory (under the run's ``scratch`` directory when one is
+given) that :meth:`ChunkedTrajectories.close` removes; the engine closes it after success,
+failure and KeyboardInterrupt alike.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from ..numerics.rescale import rescale
+
+_FIELDS = {"traj": np.float32, "flat": np.int64, "log": np.float64}
+
+
+def open_candidate_group(scratch=None) -> tuple[zarr.Group, str]:
+    """A new, empty scratch group on local disk; returns (group, its directory)."""
+    directory = tempfile.mkdtemp(prefix="xtec-flows-trajectories-", dir=None if scratch is None else str(scratch))
+    return zarr.open_group(zarr.storage.LocalStore(directory), mode="w"), directory
+
+
+def write_candidates(group: zarr.Group, block: int, flat: np.ndarray, traj: np.ndarray, log: np.ndarray) -> int:
+    """Store one block's candidate rows (flat (n,), traj (n, T), log (n,)); returns n."""
+    n = int(flat.size)
+    if n == 0:
+        return 0
+    for name, values in (("flat", flat), ("traj", traj), ("log", log)):
+        values = np.ascontiguousarray(values, dtype=_FIELDS[name])
+        # Uncompressed, one chunk per block: written once, read once per EM iteration.
+        arr = zarr.create_array(store=group.store, name=f"b{block}/{name}", shape=values.shape,
+                                chunks=values.shape, dtype=values.dtype, compressors=None, overwrite=True)
+        arr[...] = values
+    return n
+
+
+class ScratchRows:
+    """One block's candidate rows in a scratch group: ``rows["traj"]`` reads ``b<i>/traj``."""
+
+    def __init__(self, group: zarr.Group, block: int):
+        self.group, self.block = group, block
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.group[f"b{self.block}/{name}"][...]
+
+
+def split_rows(summary: dict) -> tuple[dict, dict]:
+    """(the first pass's block summary without its rows, plus ``n_candidates``; the rows
+    {"flat", "traj", "log"}): the rows stay where the task ran (worker memory)."""
+    rows = {name: summary.pop(name) for name in _FIELDS}
+    summary["n_candidates"] = int(rows["flat"].size)
+    return summary, rows
+
+
+def _kept_count(rows, log_cutoff: float) -> int:
+    return int(np.count_nonzero(rows["log"] > log_cutoff))
+
+
+def kept_rows(rows, name: str, log_cutoff: float) -> np.ndarray:
+    """Field ``name`` of one block's rows above the cut (``rows``: ScratchRows or the dict)."""
+    return rows[name][rows["log"] > log_cutoff]
+
+
+def _kept_features(rows, log_cutoff: float, method: str) -> np.ndarray:
+    return rescale(kept_rows(rows, "traj", log_cutoff), method).astype(np.float32)
+
+
+@dataclass
+class ChunkedTrajectories:
+    """The rows above ``log_cutoff``, in row blocks, one per spatial block, where they were written.
+
+    sources : per spatial block with candidates, its rows: a :class:`ScratchRows` (scratch zarr
+        group on disk) or a persisted dask object holding the dict {"flat", "traj", "log"} in a
+        distributed worker's memory
+    blocks : indices (block_regions order) of the spatial blocks with at least one kept row
+    counts : (len(blocks),) kept rows of each of them; rows are in block order, and ascending
+        flat index within a block
+    directory : the scratch directory to remove, or None (worker memory)
+    """
+
+    sources: dict
+    log_cutoff: float
+    n_temperatures: int
+    directory: str | None = None
+    blocks: list = field(default_factory=list)
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @classmethod
+    def after_cut(cls, sources: dict, log_cutoff: float, n_temperatures: int,
+                  directory: str | None = None) -> "ChunkedTrajectories":
+        """Count the rows above the final cut in every block of ``sources`` ({block: rows}, blocks
+        with candidates only); reads only ``log``, where the rows are."""
+        order = sorted(sources)
+        counts = dask.compute(*[dask.delayed(_kept_count)(sources[b], log_cutoff) for b in order])
+        kept = [(b, n) for b, n in zip(order, counts) if n]
+        return cls({b: sources[b] for b, _ in kept}, float(log_cutoff), int(n_temperatures), directory,
+                   [b for b, _ in kept], np.asarray([n for _, n in kept], dtype=np.int64))
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def row_starts(self) -> np.ndarray:
+        """(len(blocks) + 1,) first row of each block, and the total."""
+        return np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+
+    def _stack(self, func, extra: tuple, shape_of, dtype) -> da.Array:
+        parts = [da.from_delayed(dask.delayed(func)(self.sources[b], *extra), shape_of(int(n)), dtype=dtype)
+                 for b, n in zip(self.blocks, self.counts)]
+        if not parts:
+            return da.zeros(shape_of(0), dtype=dtype)
+        return da.concatenate(parts, axis=0)
+
+    def features(self, method: str) -> da.Array:
+        """(n_samples, T) float32 rescaled trajectories, one row chunk per block, read lazily."""
+        return self._stack(_kept_features, (self.log_cutoff, method), lambda n: (n, self.n_temperatures),
+                           np.float32)
+
+    def raw(self) -> da.Array:
+        """(n_samples, T) float32 raw intensities, lazily."""
+        return self._stack(kept_rows, ("traj", self.log_cutoff), lambda n: (n, self.n_temperatures), np.float32)
+
+    def flat(self) -> da.Array:
+        """(n_samples,) int64 flat voxel indices, lazily."""
+        return self._stack(kept_rows, ("flat", self.log_cutoff), lambda n: (n,), np.int64)
+
+    def to_memory(self) -> tuple[np.ndarray, np.ndarray]:
+        """(flat (n,), raw (n, T)) of every kept row, sorted by flat index, as numpy: the
+        in-memory layout of :class:`~xtec_flows.engine.trajectories.Trajectories`. Block order
+        is not C order across blocks, so the rows are sorted here."""
+        flat, raw = dask.compute(self.flat(), self.raw())
+        order = np.argsort(flat, kind="stable")
+        return flat[order], raw[order]
+
+    def close(self) -> None:
+        """Remove the scratch directory, or let the workers release the rows (idempotent)."""
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        self.sources = {}
