@@ -25,7 +25,7 @@ def block_first_pass(block, offset, shape, mask_type, provisional, fine_edges, c
     dict with the counts and range of valid log-means, the number of
     non-finite trajectories, a fine histogram of the log-means (if
     ``fine_edges`` is given) and the trajectories, flat indices and log-means
-    of the voxels above ``provisional``). With a ``candidates`` group (see
+    of the voxels above ``provisional``). With a ``candidates`` scratch directory (see
     :mod:`.trajectory_store`) those rows are written there as block ``block_index``
     and the dict carries only their number, ``n_candidates``.
     """

@@ -44,7 +44,7 @@ class StreamingLimits:
     scratch_in_memory_bytes: int = 1 << 30
     cache_all_bytes: int = 512 << 20
     provisional_margin_bins: float = 4.0
-    candidate_factor: float = 2.0
+    candidate_factor: float = 1.5
 
 
 DEFAULT_LIMITS = StreamingLimits()

@@ -25,7 +25,7 @@ from .histogram import histogram_chunked
 from .params import ClusterParams
 from .store import (DEFAULT_LIMITS, StreamingLimits, as_dask, compute, distributed_client_active, intermediate,
                     scratch_store, values_at)
-from .trajectory_store import ChunkedTrajectories, ScratchRows, open_candidate_group, split_rows
+from .trajectory_store import ChunkedTrajectories, ScratchRows, open_candidate_directory, split_rows
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def gather_trajectories(
     regular = tuple(c[0] for c in spatial_chunks)
     regions = list(block_regions(spatial_chunks))
     store, tmp = scratch_store(4 * math.prod(spatial_shape), scratch, limits)
-    candidates = directory = chunked = None
+    directory = chunked = None
     # The passes run on a thread pool of our own, not dask's shared one, so that on failure or
     # Ctrl-C the tasks still writing scratch can be waited for before the scratch is removed
     # (else a block written after the removal leaves a directory behind).
@@ -154,11 +154,11 @@ def gather_trajectories(
             provisional, fine_edges = provisional_cut(x, params, regions, limits, on_disk=on_disk)
             on_workers = store is None and large and provisional != -math.inf
             if on_disk and provisional != -math.inf:
-                candidates, directory = open_candidate_group(scratch)
+                directory = open_candidate_directory(scratch)
             xb = x.to_delayed().reshape(x.numblocks[1:])
             first, stat_d, _ = intermediate(
                 block_first_pass,
-                [(xb[idx], offset, spatial_shape, params.mask, provisional, fine_edges, candidates, i)
+                [(xb[idx], offset, spatial_shape, params.mask, provisional, fine_edges, directory, i)
                  for i, (idx, offset, _) in enumerate(regions)],
                 regions, spatial_shape, regular, store, "statistic", np.float32, progress=progress,
                 keep_on_workers=split_rows if on_workers else None,
@@ -182,7 +182,7 @@ def gather_trajectories(
             whole_blocks = provisional == -math.inf
             if whole_blocks:
                 cached_log = np.concatenate([log_valid(p["stat"]) for p in first])
-            elif candidates is not None or on_workers:
+            elif directory is not None or on_workers:
                 cached_log = None
             else:
                 cached_log = np.concatenate([p.pop("log") for p in first])
@@ -210,8 +210,8 @@ def gather_trajectories(
                     gathered.append(gather_block(p.pop("block"), p.pop("stat"), offset, spatial_shape, cutoff.log_cutoff))
                 flat, raw, _ = sort_by_voxel(gathered, shape[0])
                 n_reads = 1
-            elif (candidates is not None or on_workers) and (cutoff.log_cutoff >= provisional or provisional < lo):
-                sources = {b: (ScratchRows(candidates, b) if candidates is not None else p["rows"])
+            elif (directory is not None or on_workers) and (cutoff.log_cutoff >= provisional or provisional < lo):
+                sources = {b: (ScratchRows(directory, b) if directory is not None else p["rows"])
                            for b, p in enumerate(first) if p["n_candidates"]}
                 chunked = ChunkedTrajectories.after_cut(sources, cutoff.log_cutoff, shape[0], directory)
                 flat = raw = None

@@ -178,11 +178,21 @@ def stats_from_responsibilities(X: np.ndarray, resp: np.ndarray, log_likelihood:
     return _stats_augmented(augment(X), np.ascontiguousarray(resp.T), log_likelihood)
 
 
+E_STEP_SLAB_ROWS = 16384
+"""Rows per fused E-step: larger row blocks (a chunked store's spatial block can hold 10^5 rows)
+are cut into slabs this size, whose float64 temporaries stay in cache (8k-16k rows is twice as
+fast per row as 64k here)."""
+
+
 def e_step_stats(X: np.ndarray, params: MixtureParams) -> SufficientStats:
     """Fused E-step and statistics of one block: responsibilities are dropped after use."""
-    XX = augment(X)
-    resp, log_norm = _e_step_augmented(XX, params)
-    return _stats_augmented(XX, resp, log_norm.sum())
+    total = None
+    for start in range(0, max(X.shape[0], 1), E_STEP_SLAB_ROWS):
+        XX = augment(X[start : start + E_STEP_SLAB_ROWS])
+        resp, log_norm = _e_step_augmented(XX, params)
+        part = _stats_augmented(XX, resp, log_norm.sum())
+        total = part if total is None else total + part
+    return total
 
 
 def m_step(stats: SufficientStats, reg_covar: float) -> MixtureParams:
