@@ -167,7 +167,8 @@ def test_the_flow_labels_a_scan_with_a_stored_model(tiled_server, tmp_path, monk
     fitted = process_scan(client, path_a, xtec_flows.ClusterParams(n_components=3))
     monkeypatch.setenv("TILED_API_KEY", tiled_server.api_key)
     monkeypatch.setenv(MAPS_DIR_ENV, str(tmp_path / "maps"))
-    with prefect_test_harness():
+    # A 2-core CI machine under load can need more than the default 30 s to migrate and start it.
+    with prefect_test_harness(server_startup_timeout=180):
         out = cluster_scan(tiled_server.uri, path_b, model_path=fitted.path)
     node = tiled_server.client()["xtec"][out["key"]]
     assert node.metadata["model"]["path"] == fitted.path and node.metadata["status"] == "complete"
