@@ -69,8 +69,6 @@ def _write_chunked(traj: Trajectories, sample_labels: np.ndarray, arr: zarr.Arra
 
 def _label_block(rows, log_cutoff: float, labels: np.ndarray, offset, region, spatial_shape) -> np.ndarray:
     """The int8 label block of one spatial block (−1 where no row), from its kept rows' voxels."""
-    from .trajectory_store import kept_rows
-
     flat = kept_rows(rows, "flat", log_cutoff)
     local = np.stack(np.unravel_index(flat, spatial_shape), axis=1) - np.asarray(offset)
     out = np.full(tuple(r.stop - r.start for r in region), -1, dtype=np.int8)

@@ -111,7 +111,7 @@ def gather_trajectories(
     below the provisional one is the input read a second time.
 
     Inputs up to ``limits.cache_all_bytes`` come back in memory. Larger ones keep a generous
-    candidate set where each block was read (a scratch zarr group on local disk, or the
+    candidate set where each block was read (.npy row blocks in a scratch directory on local disk, or the
     workers' memory under a distributed Client without ``scratch``): the result's ``chunked``
     presents the rows above the final cut block by block, and nothing of them is held here
     until :meth:`Trajectories.to_memory`. The caller closes the result (:meth:`Trajectories.close`).
