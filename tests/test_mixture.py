@@ -9,6 +9,7 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture
 
 from xtec_flows.numerics import mixture as mx
+from xtec_flows.numerics.subsample import subsample_rank
 
 
 def blobs(seed=0, n=3000, T=8, K=3, spread=0.3):
@@ -160,7 +161,7 @@ def test_seeding_subsample_belongs_to_the_rows_not_their_order():
         np.testing.assert_array_equal(fit.labels, ref.labels[order], err_msg=name)
         assert fit.log_likelihood == pytest.approx(ref.log_likelihood, rel=1e-9), name
         np.testing.assert_allclose(fit.params.means, ref.params.means, rtol=1e-7, atol=1e-9, err_msg=name)
-    rank = mx.subsample_rank(keys, 42)
+    rank = subsample_rank(keys, 42)
     assert rank.min() >= 0.0 and rank.max() < 1.0 and np.unique(rank).size == rank.size
     assert abs(rank.mean() - 0.5) < 0.01  # uniform
 
@@ -169,3 +170,27 @@ def test_sample_keys_must_match_the_rows():
     X, _ = blobs(n=500)
     with pytest.raises(ValueError, match="one key per row"):
         mx.fit_mixture(X, 3, sample_keys=np.arange(499))
+
+
+def test_subsample_is_chosen_by_key_whatever_the_order_and_blocks():
+    import dask.array as da
+
+    from xtec_flows.numerics.subsample import sample_rows
+
+    rng = np.random.default_rng(3)
+    keys = rng.choice(10**7, size=5000, replace=False)
+    X = rng.normal(size=(5000, 4)).astype(np.float32)
+    extra = np.arange(5000) * 10
+    pos, (rows, other) = sample_rows([X, extra], keys, 700, seed=11)
+    assert pos.size == 700 and np.all(np.diff(keys[pos]) > 0)  # key order
+    np.testing.assert_array_equal(rows, X[pos])
+    np.testing.assert_array_equal(other, extra[pos])
+    perm = rng.permutation(5000)
+    for chunk in (5000, 613, 97):
+        p2, (r2, o2) = sample_rows([da.from_array(X[perm], chunks=(chunk, -1)), da.from_array(extra[perm], chunks=chunk)],
+                                   da.from_array(keys[perm], chunks=chunk), 700, seed=11)
+        np.testing.assert_array_equal(perm[p2], pos)  # positions index the permuted rows
+        np.testing.assert_array_equal(r2, rows)
+        np.testing.assert_array_equal(o2, other)
+    everything, _ = sample_rows([X], keys, 10**6, seed=11)
+    np.testing.assert_array_equal(keys[everything], np.sort(keys))

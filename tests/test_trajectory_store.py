@@ -12,6 +12,7 @@ import pytest
 import xtec_flows
 from xtec_flows.engine import ClusterParams, StreamingLimits, gather_trajectories
 from xtec_flows.engine.fit import features
+from xtec_flows.engine.trajectories import Trajectories
 from xtec_flows.numerics.smoothing import SmoothingKernel
 from xtec_flows.synthetic import make_volume
 
@@ -67,14 +68,37 @@ def test_chunked_em_equals_in_memory_em(volume, chunks):
     # chunks (4, 6, 9) are smaller than the smoothing support (radius 3)
     dict(mode="s", n_components=3, smoothing=SmoothingKernel("local", 3.0)),
     dict(mode="peaks", n_components=3),
-    dict(classes="auto", max_components=6, stability_runs=2),
-], ids=["xtec-s", "peaks", "classes"])
+], ids=["xtec-s", "peaks"])
 def test_steps_that_need_every_row_bring_chunked_rows_into_memory(volume, kwargs):
     vol, temps, _ = volume
     ref = xtec_flows.cluster(vol, temps, **kwargs)
     other = xtec_flows.cluster(vol, temps, chunks=(4, 6, 9), limits=CHUNKED, **kwargs)
     np.testing.assert_array_equal(other.labels[...], ref.labels[...])
     assert other.log_likelihood == pytest.approx(ref.log_likelihood, rel=1e-9)
+
+
+def test_class_discovery_runs_on_chunked_rows_and_finds_the_in_memory_classes(volume, monkeypatch):
+    vol, temps, _ = volume
+    kwargs = dict(classes="auto", max_components=6, stability_runs=2)
+    ref = xtec_flows.cluster(vol, temps, **kwargs)
+
+    def refuse(self):
+        raise AssertionError("class discovery brought the chunked rows into memory")
+
+    monkeypatch.setattr(Trajectories, "to_memory", refuse)
+    other = xtec_flows.cluster(vol, temps, chunks=(4, 6, 9), limits=CHUNKED, **kwargs)
+    np.testing.assert_array_equal(other.labels[...], ref.labels[...])
+    np.testing.assert_array_equal(other.components[...], ref.components[...])
+    assert other.log_likelihood == pytest.approx(ref.log_likelihood, rel=1e-9)
+    mine, theirs = other.discovery.to_dict(), ref.discovery.to_dict()
+    assert mine["component_class"] == theirs["component_class"]
+    assert mine["stability"]["sample"] == theirs["stability"]["sample"] == ref.n_thresholded
+    np.testing.assert_allclose(mine["stability"]["ari"], theirs["stability"]["ari"], rtol=1e-9)
+    for a, b in zip(mine["classes"], theirs["classes"]):
+        assert (a["kind"], a["n_voxels"], a["components"]) == (b["kind"], b["n_voxels"], b["components"])
+        np.testing.assert_allclose(a["mean_raw"], b["mean_raw"], rtol=1e-9)
+        np.testing.assert_allclose(a["fit_curve"], b["fit_curve"], rtol=1e-6, atol=1e-9)
+        assert a["stability"] == pytest.approx(b["stability"], rel=1e-9)
 
 
 def test_scratch_removed_after_success_failure_and_interrupt(volume, tmp_path, monkeypatch):

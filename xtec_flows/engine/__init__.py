@@ -191,8 +191,8 @@ def run(
 def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, components_store, report) -> ClusterResult:
     report("read", 0.6)
     t0 = time.perf_counter()
-    if params.classes is not None or params.mode == "s":
-        # Class discovery needs every row's raw trajectory at once, XTEC-s every voxel's neighbours.
+    if params.mode in ("s", "peaks"):
+        # XTEC-s smooths over every voxel's neighbours at once, peaks are connected across blocks.
         traj.to_memory()
     X = features(traj, params)
     discovery = None
@@ -213,6 +213,7 @@ def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, comp
             traj.temperatures, X, row_raw, fit.row_labels, fit.params.means, n_components=k, restarts=fit.restarts,
             stability_runs=params.stability_runs, random_state=params.random_state, reg_covar=params.reg_covar,
             tol=params.tol, max_iter=params.max_iter, init_sample_size=params.init_sample_size,
+            row_keys=None if params.mode == "peaks" else traj.row_keys,
         )
         if params.mode == "peaks":
             discovery.count_peak_voxels(fit.sample_labels)
@@ -266,6 +267,8 @@ def apply(
 
 def _row_raw(traj: Trajectories, params: ClusterParams):
     """(n_rows, T) raw intensities of the rows the mixture saw: voxels, or peak means in mode "peaks"."""
+    if traj.chunked is not None:
+        return traj.chunked.raw()
     return traj.raw if params.mode != "peaks" else peaks.peak_means(traj.raw, traj.peak_ids, traj.n_peaks)[0]
 
 

@@ -1,7 +1,7 @@
 """Class discovery: more mixture components than physics, grouped into classes by temperature dependence.
 
-Runs after the mixture fit (``classes="auto"``), on what the fit already has in
-memory: the components' labels and the raw trajectories. Steps:
+Runs after the mixture fit (``classes="auto"``), on the components' labels and the raw
+trajectories, in memory or block by block where the trajectory store keeps them. Steps:
 
 1. per-component moments of the relative trajectories I / <I>_T (one pass over the rows);
 2. a curve model per component (:func:`numerics.classes.fit_curve`), with a common
@@ -31,6 +31,7 @@ import numpy as np
 from ..numerics import classes as curves
 from ..numerics import stability as agreement
 from ..numerics.classes import ClassKind, ComponentMoments
+from ..numerics.subsample import hash_seed, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ MIN_COMMON_FACTOR = 0.01
 """A common temperature factor within 1 % of 1 at every temperature is counting noise: left uncorrected."""
 STABILITY_SAMPLE = 60_000
 """Rows of the subsample on which stability refits run (all rows when there are fewer)."""
+STABILITY_STREAM = 0x5EED
+"""Stream number of the stability subsample's rank seed, apart from the mixture's seeding subsample."""
 
 
 @dataclass
@@ -133,6 +136,24 @@ class ClassDiscovery:
             "temperature_factor": [float(v) for v in self.temperature_factor],
             "stability": self.stability,
         }
+
+
+def component_moments(row_raw, row_labels: np.ndarray, n_components: int) -> ComponentMoments:
+    """:func:`numerics.classes.component_moments` of in-memory rows, or, for a dask array of
+    rows, summed over its row blocks (each block read where it is, once): (K, T) sums travel,
+    never the rows."""
+    if not (hasattr(row_raw, "dask") and hasattr(row_raw, "to_delayed")):
+        return curves.component_moments(row_raw, row_labels, n_components)
+    import dask
+
+    row_raw = row_raw.rechunk({1: -1})
+    starts = np.cumsum((0,) + tuple(row_raw.chunks[0]))
+    tasks = [dask.delayed(curves.component_moments)(block, row_labels[a:b], n_components)
+             for block, a, b in zip(row_raw.to_delayed().ravel(), starts[:-1], starts[1:])]
+    total = curves.component_moments(np.empty((0, row_raw.shape[1])), np.empty(0, np.int8), n_components)
+    for part in dask.compute(*tasks):
+        total = total + part
+    return total
 
 
 def common_temperature_factor(moments: ComponentMoments, fits: list) -> np.ndarray:
@@ -286,15 +307,20 @@ def discover_classes(
     tol: float = 1e-4,
     max_iter: int = 300,
     init_sample_size: int = 20_000,
+    row_keys=None,
 ) -> ClassDiscovery:
     """Classes from a fitted mixture, with their stability over refits.
 
     Parameters
     ----------
     temperatures : ndarray of shape (T,)
-    X : ndarray of shape (n_rows, T), the features the mixture was fitted on (rescaled)
-    row_raw : ndarray of shape (n_rows, T), raw intensities of the same rows
+    X : ndarray or dask array of shape (n_rows, T), the features the mixture was fitted on
+        (rescaled); dask (chunked trajectories): read block by block, never held whole
+    row_raw : ndarray or dask array of shape (n_rows, T), raw intensities of the same rows
+        (dask: the same row chunks as ``X``)
     row_labels : ndarray of shape (n_rows,), the fitted component of each row
+    row_keys : None or (n_rows,) integers, numpy or dask: what identifies each row (a voxel's
+        flat index), from which the stability subsample is chosen; None: the row index
     component_means : ndarray of shape (K, T), the mixture's means (rescaled units)
     restarts : the mixture fit's restarts, (MixtureParams, mean log L), from
         ``fit_mixture(keep_restarts=True)``; all but the best serve as refits
@@ -318,16 +344,14 @@ def discover_classes(
     # Small matrix products only (K x T curves, grids of a few thousand points): a
     # multi-threaded BLAS costs more in start-up than it saves (0.4 vs 1.2 ms per grid search).
     with threadpool_limits(limits=1, user_api="blas"):
-        moments = curves.component_moments(row_raw, row_labels, n_components)
+        moments = component_moments(row_raw, row_labels, n_components)
         discovery = group_into_classes(temperatures, moments, component_means)
         if stability_runs <= 0:
             measure_stability(discovery, np.empty(0, np.int8), [])
             return discovery
-        n_rows = X.shape[0]
-        rng = np.random.default_rng(None if random_state is None else [int(random_state), 0x5EED])
-        sample = np.arange(n_rows) if n_rows <= STABILITY_SAMPLE else np.sort(
-            rng.choice(n_rows, size=STABILITY_SAMPLE, replace=False))
-        Xs, raw_s = X[sample], row_raw[sample]
+        # Rows chosen by key, as the seeding subsample is: the same voxels in memory or in blocks.
+        sample, (Xs, raw_s) = sample_rows([X, row_raw], row_keys, STABILITY_SAMPLE,
+                                          hash_seed(random_state, STABILITY_STREAM))
         reference = discovery.class_labels(row_labels[sample])
         refits = []
 

@@ -647,6 +647,10 @@ class ComponentMoments:
     relative_sum: np.ndarray
     relative_sq_sum: np.ndarray
 
+    def __add__(self, other: "ComponentMoments") -> "ComponentMoments":
+        return ComponentMoments(self.counts + other.counts, self.raw_sum + other.raw_sum,
+                                self.relative_sum + other.relative_sum, self.relative_sq_sum + other.relative_sq_sum)
+
     def merged(self, groups: list) -> "ComponentMoments":
         """Moments of unions of components: ``groups`` is a list of component-index lists."""
         pick = lambda a: np.stack([a[g].sum(axis=0) for g in groups])  # noqa: E731

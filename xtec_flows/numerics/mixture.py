@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import logsumexp
 
+from .subsample import hash_seed, sample_rows
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -347,7 +349,10 @@ class _Blocks:
             starts = np.arange(0, X.shape[0], block_size).tolist() + [X.shape[0]]
             self.blocks = [X[a:b] for a, b in zip(starts[:-1], starts[1:])]
         self.slices = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
-        self.key_blocks = _key_blocks(sample_keys, self.slices, X, self.is_dask)
+        if sample_keys is not None and tuple(np.shape(sample_keys)) != (int(starts[-1]),):
+            raise ValueError(f"sample_keys must have one key per row, shape ({int(starts[-1])},); "
+                             f"got {np.shape(sample_keys)}")
+        self.sample_keys = sample_keys
         self.n_samples = int(starts[-1])
         self.n_features = int(X.shape[1])
         self.X = X
@@ -383,77 +388,16 @@ class _Blocks:
         return total
 
     def sample(self, size: int, seed: int) -> np.ndarray:
-        """A uniform random subset of at most ``size`` rows, (m, T) float64, for seeding.
-
-        Which rows, and their order, depend only on the rows' keys and ``seed``, never on how the
-        rows are ordered or blocked (see :func:`subsample_rank`): the ``size`` rows of smallest
-        hash, in key order. So a chunked trajectory store that holds the rows in block order
-        seeds exactly as the in-memory path that holds them sorted by voxel.
-        """
-        if size >= self.n_samples:
-            parts = self.map(_all_rows, self.key_blocks)
-        else:
-            # Keep each block's rows below a hash cut that lets through a few more than ``size``
-            # rows in all (binomial: +10 sigma), then the ``size`` smallest; one pass, almost surely.
-            cut = min(1.0, (size + 10.0 * math.sqrt(size) + 64.0) / self.n_samples)
-            while True:
-                parts = self.map(_rows_below, self.key_blocks, [seed] * len(self.blocks), [cut] * len(self.blocks))
-                if sum(p[0].size for p in parts) >= size or cut >= 1.0:
-                    break
-                cut = min(1.0, 2.0 * cut)
-        keys = np.concatenate([p[0] for p in parts])
-        rows = np.concatenate([p[2] for p in parts])
-        if size < self.n_samples:
-            ranks = np.concatenate([p[1] for p in parts])
-            chosen = np.argpartition(ranks, size - 1)[:size] if ranks.size > size else np.arange(ranks.size)
-            keys, rows = keys[chosen], rows[chosen]
-        return rows[np.argsort(keys, kind="stable")].astype(np.float64)
+        """A uniform random subset of at most ``size`` rows, (m, T) float64, for seeding: the
+        rows of smallest rank by key, in key order (:func:`.subsample.sample_rows`), so a chunked
+        trajectory store that holds the rows in block order seeds exactly as the in-memory path
+        that holds them sorted by voxel."""
+        return sample_rows([self.X], self.sample_keys, size, seed)[1][0].astype(np.float64)
 
     def close(self):
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-
-
-def subsample_rank(keys: np.ndarray, seed: int) -> np.ndarray:
-    """(n,) float64 in [0, 1): a fixed pseudo-random rank of each row key under ``seed``
-    (splitmix64 of key XOR seed). Rows are chosen for seeding by their rank, so the choice
-    belongs to the rows themselves (voxel indices), not to their position in an array."""
-    with np.errstate(over="ignore"):
-        z = np.asarray(keys).astype(np.uint64) ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def _key_blocks(sample_keys, slices, X, is_dask: bool) -> list:
-    """Per row block, the rows' keys: ``sample_keys`` (numpy or dask, (n,) integers) cut as the
-    rows are, or the row indices when there are none."""
-    if sample_keys is None:
-        return [np.arange(s.start, s.stop, dtype=np.int64) for s in slices]
-    n_samples = X.shape[0]
-    if tuple(np.shape(sample_keys)) != (n_samples,):
-        raise ValueError(f"sample_keys must have one key per row, shape ({n_samples},); got {np.shape(sample_keys)}")
-    if is_dask:
-        import dask.array as da
-
-        keys = da.asarray(sample_keys).rechunk((X.chunks[0],))
-        return list(keys.to_delayed().ravel())
-    keys = np.asarray(sample_keys)
-    return [keys[s] for s in slices]
-
-
-def _all_rows(X: np.ndarray, keys: np.ndarray):
-    return np.asarray(keys), None, np.asarray(X, dtype=np.float32)
-
-
-def _rows_below(X: np.ndarray, keys: np.ndarray, seed: int, cut: float):
-    """(keys, ranks, rows) of this block's rows ranked below ``cut``."""
-    rank = subsample_rank(keys, seed)
-    keep = rank < cut
-    return np.asarray(keys)[keep], rank[keep], np.asarray(X, dtype=np.float32)[keep]
 
 
 def _em_in_memory(X: np.ndarray, params: MixtureParams, reg_covar: float, tol: float, max_iter: int):
@@ -565,7 +509,7 @@ def fit_mixture(
         k-means++ seeds are drawn from at most this many random rows.
     sample_keys : None or (n_samples,) integer array (numpy or dask)
         What identifies each row, e.g. its voxel's flat index: the seeding subsample is the
-        rows of smallest :func:`subsample_rank` of their keys, so the fit does not depend on
+        rows of smallest :func:`.subsample.subsample_rank` of their keys, so the fit does not depend on
         the order of the rows. Default: the row indices.
 
     Returns
@@ -590,7 +534,7 @@ def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_st
     rng = np.random.default_rng(random_state)
     # The subsample's hash seed comes from random_state apart from ``rng``, so choosing the
     # subsample consumes nothing of the stream k-means++ draws from.
-    sample_seed = int(np.random.SeedSequence(random_state).generate_state(1, np.uint64)[0])
+    sample_seed = hash_seed(random_state)
     blocks = _Blocks(X, block_size, n_threads, sample_keys)
     n, n_features = blocks.n_samples, blocks.n_features
     try:
