@@ -140,3 +140,27 @@ def test_scratch_removed_after_success_failure_and_interrupt(volume, tmp_path, m
         with pytest.raises(KeyboardInterrupt):
             xtec_flows.cluster(vol, temps, n_components=3, chunks=(10, 10, 10), limits=CHUNKED, scratch=tmp_path)
     assert written and _scratch_dirs(tmp_path) == []
+
+
+def test_a_stored_model_labels_chunked_rows_where_they_are(volume, monkeypatch):
+    import json
+
+    from xtec_flows.engine import StoredModel, apply
+
+    vol, temps, _ = volume
+    fitted = xtec_flows.cluster(vol, temps, classes="auto", max_components=6, stability_runs=0)
+    model = StoredModel.from_summary(json.loads(json.dumps(fitted.to_dict())), {"kind": "file", "path": "r.json"})
+    ref = apply(vol, temps, model)
+
+    def refuse(self):
+        raise AssertionError("apply brought the chunked rows into memory")
+
+    monkeypatch.setattr(Trajectories, "to_memory", refuse)
+    other = apply(vol, temps, model, chunks=(4, 6, 9), limits=CHUNKED)
+    np.testing.assert_array_equal(other.labels[...], ref.labels[...])
+    np.testing.assert_array_equal(other.labels[...], fitted.labels[...])
+    np.testing.assert_array_equal(other.components[...], ref.components[...])
+    assert other.log_likelihood == pytest.approx(ref.log_likelihood, rel=1e-9)
+    assert [c["n_voxels"] for c in other.classes] == [c["n_voxels"] for c in ref.classes]
+    np.testing.assert_allclose([c["tc"] or 0.0 for c in other.classes], [c["tc"] or 0.0 for c in ref.classes],
+                               rtol=1e-6)

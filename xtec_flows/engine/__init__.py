@@ -249,9 +249,19 @@ def apply(
     n_t = validation.check_volume(volume)[0]
     model.check_temperatures(validation.check_temperatures(temperatures, n_t, params.ordering))
     traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress,
-                               limits=limits or DEFAULT_LIMITS).to_memory()
+                               limits=limits or DEFAULT_LIMITS)
+    try:
+        return _label_by_model(traj, model, params, labels_store, components_store, report)
+    finally:
+        traj.close()
+
+
+def _label_by_model(traj: Trajectories, model: StoredModel, params: ClusterParams, labels_store, components_store,
+                    report) -> ClusterResult:
     report("read", 0.6)
     t0 = time.perf_counter()
+    if params.mode == "peaks":
+        traj.to_memory()  # peaks are connected across blocks
     X = features(traj, params)
     peak_ids = traj.peak_ids if params.mode == "peaks" else None
     labelled = label_with_model(model, X, traj.temperatures, _row_raw(traj, params), peak_ids)

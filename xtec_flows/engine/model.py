@@ -24,7 +24,7 @@ import numpy as np
 
 from ..numerics import classes as curves
 from ..numerics.mixture import MixtureParams, bic, e_step
-from .class_discovery import ClassDiscovery, component_class_of, fit_classes
+from .class_discovery import ClassDiscovery, component_class_of, component_moments, fit_classes
 from .params import ClusterParams
 
 
@@ -139,26 +139,46 @@ class Labelling:
     discovery: ClassDiscovery | None = None
 
 
+def _assign_block(X: np.ndarray, mixture, rows: int) -> tuple[np.ndarray, float]:
+    """(labels (n,) int8, total log-likelihood) of in-memory rows, a slab at a time."""
+    labels = np.empty(X.shape[0], dtype=np.int8)
+    total = 0.0
+    for start in range(0, X.shape[0], rows):
+        resp, log_norm = e_step(np.asarray(X[start:start + rows]), mixture)
+        labels[start:start + rows] = np.argmax(resp, axis=1)
+        total += float(log_norm.sum())
+    return labels, total
+
+
+def _assign(X, mixture, rows: int) -> tuple[np.ndarray, float]:
+    """:func:`_assign_block` of in-memory rows, or of a dask array's row blocks where they are
+    (chunked trajectories): only the int8 labels come back."""
+    if not (hasattr(X, "dask") and hasattr(X, "to_delayed")):
+        return _assign_block(X, mixture, rows)
+    import dask
+
+    parts = dask.compute(*[dask.delayed(_assign_block)(block, mixture, rows)
+                           for block in X.rechunk({1: -1}).to_delayed().ravel()])
+    labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int8)
+    return labels, float(sum(p[1] for p in parts))
+
+
 def label_with_model(model: StoredModel, X: np.ndarray, temperatures: np.ndarray, row_raw: np.ndarray,
                      peak_ids: np.ndarray | None = None, rows: int = 1 << 16) -> Labelling:
     """Label features with a stored mixture, a slab of rows at a time (only (rows, K) at once).
 
-    X : (n_rows, T) float32 features (rescaled as the model's params say); row_raw : (n_rows, T)
-    raw intensities of the same rows (for the class fits); peak_ids : (n_samples,) peak of every
+    X : (n_rows, T) float32 features (rescaled as the model's params say), numpy or dask (chunked
+    trajectories, read block by block); row_raw : (n_rows, T) raw intensities of the same rows
+    (for the class fits), numpy or dask with the same row chunks; peak_ids : (n_samples,) peak of every
     voxel in mode "peaks" (rows are peaks), else None.
     """
     k = model.mixture.weights.size
-    row_labels = np.empty(X.shape[0], dtype=np.int8)
-    total = 0.0
-    for start in range(0, X.shape[0], rows):
-        resp, log_norm = e_step(X[start:start + rows], model.mixture)
-        row_labels[start:start + rows] = np.argmax(resp, axis=1)
-        total += float(log_norm.sum())
+    row_labels, total = _assign(X, model.mixture, rows)
     sample_labels = row_labels if peak_ids is None else row_labels[peak_ids - 1]
     counts = np.bincount(sample_labels, minlength=k)
     discovery = None
     if model.component_class is not None:
-        moments = curves.component_moments(row_raw, row_labels, k)
+        moments = component_moments(row_raw, row_labels, k)
         groups = [curves.ComponentGroup(curves.ClassKind(kind), [int(c) for c in np.nonzero(model.component_class
                                                                                             == label)[0]], trend)
                   for label, (kind, trend) in enumerate(zip(model.class_kinds, model.class_trends))]
