@@ -64,17 +64,36 @@ def test_chunked_em_equals_in_memory_em(volume, chunks):
     assert other.n_reads == 1
 
 
-@pytest.mark.parametrize("kwargs", [
-    # chunks (4, 6, 9) are smaller than the smoothing support (radius 3)
-    dict(mode="s", n_components=3, smoothing=SmoothingKernel("local", 3.0)),
-    dict(mode="peaks", n_components=3),
-], ids=["xtec-s", "peaks"])
-def test_steps_that_need_every_row_bring_chunked_rows_into_memory(volume, kwargs):
+def test_peak_averaging_brings_chunked_rows_into_memory(volume):
+    # Peaks are connected components across blocks: their voxels are gathered first.
     vol, temps, _ = volume
-    ref = xtec_flows.cluster(vol, temps, **kwargs)
-    other = xtec_flows.cluster(vol, temps, chunks=(4, 6, 9), limits=CHUNKED, **kwargs)
+    ref = xtec_flows.cluster(vol, temps, mode="peaks", n_components=3)
+    other = xtec_flows.cluster(vol, temps, chunks=(4, 6, 9), limits=CHUNKED, mode="peaks", n_components=3)
     np.testing.assert_array_equal(other.labels[...], ref.labels[...])
     assert other.log_likelihood == pytest.approx(ref.log_likelihood, rel=1e-9)
+
+
+@pytest.mark.parametrize("chunks, kernel", [
+    ((16, 16, 16), SmoothingKernel("local", 1.0)),
+    # blocks thinner than the support (radius 3 > 4/2): neighbours of neighbours are exchanged
+    ((4, 6, 9), SmoothingKernel("local", 1.5, weights="gaussian", iterations=2)),
+    ((12, 16, 9), SmoothingKernel("periodic", 0.2, unit_cell=(16, 16, 16))),
+], ids=["local", "local-thin-blocks", "periodic"])
+def test_xtec_s_smooths_chunked_rows_where_they_are(volume, monkeypatch, chunks, kernel):
+    vol, temps, _ = volume
+    kwargs = dict(mode="s", n_components=3, n_init=1, smoothing=kernel)
+    ref = xtec_flows.cluster(vol, temps, **kwargs)
+
+    def refuse(self):
+        raise AssertionError("XTEC-s brought the chunked rows into memory")
+
+    monkeypatch.setattr(Trajectories, "to_memory", refuse)
+    other = xtec_flows.cluster(vol, temps, chunks=chunks, limits=CHUNKED, **kwargs)
+    assert np.count_nonzero(ref.counts) == 3  # the smoothing left every cluster populated: a real comparison
+    np.testing.assert_array_equal(other.labels[...], ref.labels[...])
+    assert other.log_likelihood == pytest.approx(ref.log_likelihood, rel=1e-9)
+    np.testing.assert_allclose(other.means, ref.means, rtol=1e-6, atol=1e-9)
+    assert other.n_iter == ref.n_iter
 
 
 def test_class_discovery_runs_on_chunked_rows_and_finds_the_in_memory_classes(volume, monkeypatch):

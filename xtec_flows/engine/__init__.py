@@ -20,7 +20,8 @@ The 4-D input (T, *spatial) is streamed block by block through dask, normally on
 The fit then runs where the rows are (EM as a reduction of per-block sufficient
 statistics; the seeding subsample is chosen by voxel index, so the answer does not
 depend on the row order), and labels are written block by block into a chunked
-int8 zarr array. XTEC-s, peaks and class discovery bring the rows into memory first.
+int8 zarr array. XTEC-s (:mod:`..numerics.smoothing_blocks`), class discovery and
+``apply`` work on the row blocks too; only mode "peaks" brings the rows into memory.
 dask's default scheduler is used, so an active ``distributed.Client`` takes the
 block tasks; otherwise the local threaded scheduler does.
 
@@ -191,9 +192,8 @@ def run(
 def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, components_store, report) -> ClusterResult:
     report("read", 0.6)
     t0 = time.perf_counter()
-    if params.mode in ("s", "peaks"):
-        # XTEC-s smooths over every voxel's neighbours at once, peaks are connected across blocks.
-        traj.to_memory()
+    if params.mode == "peaks":
+        traj.to_memory()  # peaks are connected across blocks
     X = features(traj, params)
     discovery = None
     if params.classes is None:

@@ -11,6 +11,7 @@ from ..numerics import peaks
 from ..numerics.mixture import MixtureFit, MixtureParams, fit_mixture
 from ..numerics.rescale import rescale
 from ..numerics.smoothing import LabelSmoother
+from ..numerics.smoothing_blocks import BlockSmoother
 from .params import ClusterParams
 from .trajectories import Trajectories
 
@@ -97,9 +98,11 @@ def fit_trajectories(
             "lower n_components or the threshold"
         )
     smoother = None
-    if params.mode == "s":
-        if traj.chunked is not None:
-            raise ValueError("XTEC-s smooths over every voxel at once: call traj.to_memory() before the features")
+    if params.mode == "s" and traj.chunked is not None:
+        # Row blocks are spatial blocks: each is smoothed from its neighbours' rows, where they are.
+        smoother = BlockSmoother(traj.row_keys, traj.spatial_shape, traj.spatial_chunks, traj.chunked.blocks,
+                                 params.smoothing)
+    elif params.mode == "s":
         smoother = LabelSmoother(traj.coords, traj.spatial_shape, params.smoothing)
     fit = fit_mixture(
         X,

@@ -473,6 +473,46 @@ class MixtureFit:
     stability checks at no extra cost."""
 
 
+def _smoothed_blocks(blocks: "_Blocks", params: MixtureParams, smoother) -> tuple[list, list]:
+    """Delayed smoothed responsibilities (n_i, K) and log-likelihood sums, per row block, of dask
+    row blocks: the E-step and the smoothing (``smoother.smooth``, a :class:`.smoothing_blocks.BlockSmoother`)
+    run where the blocks are; nothing is computed yet."""
+    import dask
+
+    if not hasattr(smoother, "smooth"):
+        raise TypeError("row blocks (a dask array) are smoothed by a smoothing_blocks.BlockSmoother; "
+                        f"got {type(smoother).__name__}")
+    steps = [dask.delayed(e_step, nout=2)(b, params) for b in blocks.blocks]
+    log_likelihoods = [dask.delayed(np.sum)(log_norm) for _, log_norm in steps]
+    return smoother.smooth([resp for resp, _ in steps]), log_likelihoods
+
+
+def _smoothed_step_blocks(blocks: "_Blocks", params: MixtureParams, smoother) -> tuple[SufficientStats, float]:
+    """One XTEC-s step over dask row blocks: only the K x T statistics come back."""
+    import dask
+
+    smoothed, log_likelihoods = _smoothed_blocks(blocks, params, smoother)
+    parts, lls = dask.compute([dask.delayed(stats_from_responsibilities)(b, r)
+                               for b, r in zip(blocks.blocks, smoothed)], log_likelihoods)
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total, float(sum(lls))
+
+
+def _smoothed_labels_blocks(blocks: "_Blocks", params: MixtureParams, smoother) -> tuple[np.ndarray, float]:
+    """Labels (n,) int8 from the smoothed responsibilities of dask row blocks, and the total log L."""
+    import dask
+
+    smoothed, log_likelihoods = _smoothed_blocks(blocks, params, smoother)
+    labels, lls = dask.compute([dask.delayed(_argmax_int8)(r) for r in smoothed], log_likelihoods)
+    return (np.concatenate(labels) if labels else np.empty(0, np.int8)), float(sum(lls))
+
+
+def _argmax_int8(resp: np.ndarray) -> np.ndarray:
+    return np.argmax(resp, axis=1).astype(np.int8)
+
+
 def _final_assignment(X, params: MixtureParams):
     resp_t, log_norm = _e_step_augmented(augment(X), params)
     return np.argmax(resp_t, axis=0).astype(np.int8), float(log_norm.sum())
@@ -505,6 +545,9 @@ def fit_mixture(
         ``smoother(resp) -> resp`` applied between E and M steps (XTEC-s label
         smoothing), with ``resp`` of shape (n_samples, K). Needs all
         responsibilities at once, so with a smoother the E-step keeps them.
+        For dask ``X`` whose row blocks are spatial blocks, a
+        :class:`.smoothing_blocks.BlockSmoother`: each block is smoothed from its
+        neighbours' rows, and only K x T statistics come back.
     init_sample_size : int
         k-means++ seeds are drawn from at most this many random rows.
     sample_keys : None or (n_samples,) integer array (numpy or dask)
@@ -552,6 +595,8 @@ def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_st
                 if smoother is None:
                     stats = blocks.reduce(e_step_stats, args)
                     ll = stats.log_likelihood
+                elif blocks.is_dask:
+                    stats, ll = _smoothed_step_blocks(blocks, params, smoother)
                 else:
                     parts = blocks.map(e_step, args)
                     resp = smoother(np.concatenate([p[0] for p in parts]))
@@ -567,6 +612,8 @@ def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_st
                 parts = blocks.map(_final_assignment, [params] * len(blocks.blocks))
                 labels = np.concatenate([p[0] for p in parts])
                 total_ll = float(sum(p[1] for p in parts))
+            elif blocks.is_dask:
+                labels, total_ll = _smoothed_labels_blocks(blocks, params, smoother)
             else:
                 # XTEC-s labels come from the smoothed responsibilities.
                 parts = blocks.map(e_step, [params] * len(blocks.blocks))
