@@ -11,7 +11,7 @@ import numpy as np
 
 from ..numerics import threshold
 from ..numerics.blocks import block_hist, values_in_bins
-from .store import compute
+from .store import compute, tree_sum
 
 
 def exact_quartiles(stat_d: da.Array, n: int, fine_edges: np.ndarray, fine_counts: np.ndarray):
@@ -40,7 +40,11 @@ def histogram_chunked(stat_d, n_valid, lo, hi, fine_edges, fine_counts):
     if n_valid >= 2 and hi > lo:
         q25, q75 = exact_quartiles(stat_d, n_valid, fine_edges, fine_counts)
     edges, bin_size = threshold.histogram_edges(lo, hi, q25, q75, n_valid)
-    parts = compute(*[dask.delayed(block_hist)(b, edges) for b in stat_d.to_delayed().ravel()])
-    return threshold.LogMeanHistogram(
-        edges, sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts), float(bin_size)
-    )
+    # Summed as a tree: each block's (3, n_bins) partial is added as soon as it is made.
+    (total,) = compute(tree_sum([dask.delayed(_stacked_hist)(b, edges) for b in stat_d.to_delayed().ravel()]))
+    return threshold.LogMeanHistogram(edges, total[0].astype(np.int64), total[1], total[2], float(bin_size))
+
+
+def _stacked_hist(stat, edges) -> np.ndarray:
+    """(3, n_bins) float64: a block's counts, sums and sums of squares (counts exact below 2**53)."""
+    return np.stack([np.asarray(a, dtype=np.float64) for a in block_hist(stat, edges)])

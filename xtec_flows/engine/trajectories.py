@@ -24,7 +24,7 @@ from .first_pass import block_first_pass, provisional_cut
 from .histogram import histogram_chunked
 from .params import ClusterParams
 from .store import (DEFAULT_LIMITS, StreamingLimits, as_dask, compute, distributed_client_active, intermediate,
-                    scratch_store, values_at)
+                    scratch_store, tree_sum, values_at)
 from .trajectory_store import ChunkedTrajectories, ScratchRows, open_candidate_directory, split_rows
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,8 @@ def gather_trajectories(
                 fine = sum(p["fine"] for p in first) if fine_edges is not None else None
                 if fine is None:
                     fine_edges = np.linspace(lo, hi, 4097)
-                    fine = sum(compute(*[dask.delayed(block_counts)(b, fine_edges) for b in stat_d.to_delayed().ravel()]))
+                    (fine,) = compute(tree_sum([dask.delayed(block_counts)(b, fine_edges)
+                                                for b in stat_d.to_delayed().ravel()]))
                 hist = histogram_chunked(stat_d, n_valid, lo, hi, fine_edges, fine)
             cutoff = threshold.find_cutoff(hist, params.threshold)
             timings["threshold"] = time.perf_counter() - t0
