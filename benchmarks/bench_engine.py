@@ -26,6 +26,10 @@ Sections (``--only a,b,...``; default: speed,fit,smoothing,peaks,quality,memory)
              generator settings (GRID_SETTINGS) and seeds; RESULTS.md section 13 (only with --only grid)
   realdata   classes="auto" and K=4 on the real 17-BM in-situ powder series (ordered by time);
              RESULTS.md section 14 (only with --only realdata)
+  scaling    peak RSS and time against one plain read at 24x256^3 .. 24x768^3 (43 GB), each volume
+             generated, measured in subprocesses and deleted; RESULTS.md section 17 (only with --only scaling)
+  workers    a distributed LocalCluster (1 and 2 workers x 1 thread, --workers-memory-limit each) against
+             the threaded run on --workers-sizes; RESULTS.md section 18 (only with --only workers)
 
 Examples::
 
@@ -37,6 +41,8 @@ Examples::
     python benchmarks/bench_engine.py --only grid --grid-seeds 5
     python benchmarks/bench_engine.py --only grid --grid-settings default,crystal --grid-seeds 2
     python benchmarks/bench_engine.py --only realdata
+    python benchmarks/bench_engine.py --only scaling --workdir /tmp/bench
+    python benchmarks/bench_engine.py --only workers --workers-sizes "24,384;24,512"
 
 Progress goes to stderr, tables to stdout.
 """
@@ -69,7 +75,8 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("speed", "fit", "smoothing", "peaks", "quality", "memory", "large", "tiled", "grid", "realdata", "scaling")
+SECTIONS = ("speed", "fit", "smoothing", "peaks", "quality", "memory", "large", "tiled", "grid", "realdata", "scaling",
+            "workers")
 DEFAULT_SECTIONS = ("speed", "fit", "smoothing", "peaks", "quality", "memory")
 TITLES = {
     "speed": "1. Speed: XTEC-d end to end",
@@ -82,7 +89,8 @@ TITLES = {
     "tiled": "8. Tiled I/O and process_scan",
     "grid": "13. Class discovery across generator settings",
     "realdata": "14. Real data: in-situ powder diffraction series (17-BM)",
-    "scaling": "15. Memory against volume size: trajectories on disk",
+    "scaling": "17. Memory against volume size: trajectories on disk",
+    "workers": "18. A Dask cluster: trajectories in the workers' memory",
 }
 K = 4
 T0 = time.perf_counter()
@@ -873,13 +881,24 @@ def child_main(args) -> None:
         t0 = time.perf_counter()
         plain_read(arr)
         out = {"time": time.perf_counter() - t0}
-    elif args.child == "cluster":
+    elif args.child in ("cluster", "cluster-workers"):
         from xtec_flows.engine import cluster
 
-        t0 = time.perf_counter()
-        res = cluster(arr, temps, mode="d", n_components=K, progress=True)
+        labels_store = zarr.storage.LocalStore(args.child_labels) if args.child_labels else None
+        with contextlib.ExitStack() as stack:
+            if args.child == "cluster-workers":
+                from distributed import Client, LocalCluster
+
+                local = stack.enter_context(LocalCluster(
+                    n_workers=args.child_workers, threads_per_worker=1, memory_limit=args.child_memory_limit,
+                    processes=True, dashboard_address=None))
+                stack.enter_context(Client(local))
+            t0 = time.perf_counter()  # the cluster's start-up is not the engine's time
+            res = cluster(arr, temps, mode="d", n_components=K, progress=args.child == "cluster",
+                          labels_store=labels_store)
+            elapsed = time.perf_counter() - t0
         out = {
-            "time": time.perf_counter() - t0,
+            "time": elapsed,
             "timings": res.timings,
             "n_thresholded": res.n_thresholded,
             "n_iter": res.n_iter,
@@ -894,12 +913,14 @@ def child_main(args) -> None:
     Path(args.child_out).write_text(json.dumps(out))
 
 
-def run_child(ctx: Context, job: str, path: Path) -> dict:
-    """Run one job in a fresh interpreter; peak RSS from the child's getrusage and from psutil polling."""
+def run_child(ctx: Context, job: str, path: Path, *extra: str) -> dict:
+    """Run one job in a fresh interpreter; peak RSS from the child's own high-water mark and from
+    psutil polling (the child and its children, e.g. a LocalCluster's workers: ``polled_rss``)."""
     import psutil
 
     out_file = ctx.workdir / f"child_{job}_{os.getpid()}_{time.monotonic_ns()}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", job, "--child-path", str(path), "--child-out", str(out_file)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", job, "--child-path", str(path), "--child-out",
+           str(out_file), *extra]
     log(f"  subprocess: {job} ({shlex.join(cmd[2:])})")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
@@ -1010,6 +1031,89 @@ def section_scaling(ctx: Context) -> str:
         "",
         table(["volume", "raw", "thresholded voxels", "plain read", "xtec-flows", "ratio", "input reads",
                "peak RSS", "breakdown"], rows),
+        "",
+        table(["target", "value", "status"], checks),
+    ]
+    return "\n".join(md)
+
+
+def _labels_equal(a: Path, b: Path) -> bool:
+    """Two label arrays on disk hold the same values (compared a chunk of planes at a time)."""
+    import zarr
+
+    x, y = zarr.open_array(zarr.storage.LocalStore(a), mode="r"), zarr.open_array(zarr.storage.LocalStore(b), mode="r")
+    if x.shape != y.shape:
+        return False
+    step = x.chunks[0]
+    return all(np.array_equal(x[i : i + step], y[i : i + step]) for i in range(0, x.shape[0], step))
+
+
+def section_workers(ctx: Context) -> str:
+    """The engine under a distributed LocalCluster (processes, 1 thread each): kept rows in the
+    workers' memory (no shared scratch given), labels written from the workers' blocks. (b) 2 workers
+    with a memory limit each on a volume whose kept rows exceed one worker's limit: it completes, the
+    client stays small, the labels are the one-machine run's; (c) 2 workers against 1 on the same data."""
+    rows, checks = [], []
+    limit = ctx.args.workers_memory_limit
+    from dask.utils import parse_bytes
+
+    from xtec_flows.engine.store import DEFAULT_LIMITS
+
+    limit_bytes = parse_bytes(limit)
+    for shape in ctx.args.workers_shapes:
+        path, arr, temps, _ = ctx.zarr_volume(shape, seed=0)
+        labels_dir = ctx.workdir / f"labels_{shape_str(shape)}"
+        shutil.rmtree(labels_dir, ignore_errors=True)
+        labels_dir.mkdir()
+        log(f"workers {shape_str(shape)}: one machine (threads), then LocalCluster 1 and 2 workers x {limit}")
+        runs = {"threads": run_child(ctx, "cluster", path, "--child-labels", str(labels_dir / "threads"))}
+        n_kept = runs["threads"]["n_thresholded"]
+        kept_bytes = 4 * shape[0] * n_kept
+        # What the workers hold: candidates (1.5x the kept rows: trajectory, flat index, log-mean)
+        # and the kept rows' float32 features.
+        store_bytes = int(n_kept * (DEFAULT_LIMITS.candidate_factor * (4 * shape[0] + 16) + 4 * shape[0]))
+        # One worker only where the store fits in its limit: beyond, it would measure spilling.
+        counts = (1, 2) if store_bytes < 0.6 * limit_bytes else (2,)
+        for n in counts:
+            runs[n] = run_child(ctx, "cluster-workers", path, "--child-labels", str(labels_dir / f"w{n}"),
+                                "--child-workers", str(n), "--child-memory-limit", limit)
+        names = {"threads": "threads (one process, 2 threads)", 1: f"LocalCluster 1 worker × 1 thread, {limit}",
+                 2: f"LocalCluster 2 workers × 1 thread, {limit}"}
+        same = {}
+        for key, r in runs.items():
+            same[key] = "-" if key == "threads" else (
+                "yes" if _labels_equal(labels_dir / "threads", labels_dir / f"w{key}") else "NO")
+            rows.append([shape_str(shape), names[key], fmt_bytes(kept_bytes), fmt_bytes(store_bytes),
+                         fmt_t(r["time"]), fmt_bytes(r["peak_rss"]), fmt_bytes(r["polled_rss"]), same[key],
+                         f"{r['n_iter']} iterations; " + ", ".join(f"{k} {fmt_t(v)}" for k, v in r["timings"].items())])
+        if 1 in runs:
+            speedup = runs[1]["time"] / runs[2]["time"]
+            checks.append([f"{shape_str(shape)}: 2 workers vs 1 ≥ 1.6×", fmt_x(speedup), verdict(speedup >= 1.6)])
+        else:
+            checks.append([f"{shape_str(shape)}: held by the workers exceeds one worker's limit ({limit})",
+                           fmt_bytes(store_bytes), verdict(store_bytes > limit_bytes)])
+        checks.append([f"{shape_str(shape)}: client peak RSS ≤ 1 GiB (2 workers)", fmt_bytes(runs[2]["peak_rss"]),
+                       verdict(runs[2]["peak_rss"] <= 1 << 30)])
+        worker_same = [v for k, v in same.items() if k != "threads"]
+        checks.append([f"{shape_str(shape)}: labels equal the one-machine run's", ", ".join(worker_same),
+                       verdict(all(v == "yes" for v in worker_same))])
+        if not ctx.args.keep:
+            shutil.rmtree(labels_dir, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
+            ctx._zarr.pop((tuple(shape), 0), None)
+    md = [
+        "`distributed.LocalCluster(n_workers, threads_per_worker=1, memory_limit, processes=True)` and a `Client` "
+        "in a fresh subprocess (the cluster's start-up is not timed); XTEC-d K=4, no `scratch`, so the kept rows "
+        "are persisted in the workers' memory (spilled by the workers past their limit) and the label blocks are "
+        "made there. 'client peak RSS' is the subprocess's own high-water mark (VmHWM); 'all processes' is psutil's "
+        "polled sum over the client and its workers. 'kept rows' is T × 4 B per thresholded voxel (the raw "
+        "trajectories); 'held by workers' adds what the store keeps beside them: candidates "
+        f"{DEFAULT_LIMITS.candidate_factor}× the kept rows (trajectory, flat index, log-mean) and the float32 features. "
+        "One worker is run only where that fits in 60 % of its limit (else the run would measure spilling). "
+        "The one-machine run is the threaded default (rows on local disk above 512 MB).",
+        "",
+        table(["volume", "run", "kept rows", "held by workers", "time", "client peak RSS", "all processes",
+               "labels = one machine", "breakdown"], rows),
         "",
         table(["target", "value", "status"], checks),
     ]
@@ -1856,6 +1960,7 @@ SECTION_FUNCS = {
     "grid": section_grid,
     "realdata": section_realdata,
     "scaling": section_scaling,
+    "workers": section_workers,
 }
 
 
@@ -1949,6 +2054,9 @@ def parse_args(argv=None):
     p.add_argument("--memory-size", default="24,384", help="memory section volume (default 24,384)")
     p.add_argument("--scaling-sizes", default="24,256;24,384;24,512;24,768",
                    help="scaling section volumes, ';'-separated (default 24,256;24,384;24,512;24,768)")
+    p.add_argument("--workers-sizes", default="24,384",
+                   help="workers section volumes, ';'-separated (default 24,384)")
+    p.add_argument("--workers-memory-limit", default="3GB", help="workers section: memory limit per worker (default 3GB)")
     p.add_argument("--large-size", default="24,512", help="large section volume (default 24,512)")
     p.add_argument("--tiled-size", default=None, help="tiled section volume (default 24,128; quick 24,64)")
     p.add_argument("--smoothing-sizes", default=None, help="local-kernel voxel counts (default 20000,50000; quick 5000)")
@@ -1966,6 +2074,9 @@ def parse_args(argv=None):
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-path", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-labels", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-workers", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--child-memory-limit", default="3GB", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return args
@@ -1990,6 +2101,7 @@ def parse_args(argv=None):
     args.memory_shape = parse_shape(args.memory_size)
     args.large_shape = parse_shape(args.large_size)
     args.scaling_shapes = [parse_shape(v) for v in args.scaling_sizes.split(";")]
+    args.workers_shapes = [parse_shape(v) for v in args.workers_sizes.split(";")]
     args.tiled_shape = parse_shape(args.tiled_size or ("24,64" if q else "24,128"))
     ints = lambda s: [int(float(x)) for x in s.split(",") if x.strip()]  # noqa: E731
     args.smoothing_sizes = ints(args.smoothing_sizes or ("5000" if q else "20000,50000"))
