@@ -29,10 +29,12 @@ import numpy as np
 from .smoothing import SmoothingKernel
 
 
-def local_coords(flat: np.ndarray, spatial_shape: tuple, offset: tuple) -> np.ndarray:
-    """(n, ndim) int32 grid indices of flat voxel indices relative to a block's ``offset``."""
+def local_coords(flat: np.ndarray, spatial_shape: tuple, offset: tuple, block_shape: tuple) -> np.ndarray:
+    """(n, ndim) grid indices of flat voxel indices relative to a block's ``offset``: int16 for
+    blocks under 2**15 voxels along every axis (6 bytes per row are what a run holds), else int32."""
     coords = np.stack(np.unravel_index(np.asarray(flat, dtype=np.int64), spatial_shape), axis=1)
-    return (coords - np.asarray(offset, dtype=np.int64)).astype(np.int32)
+    dtype = np.int16 if max(block_shape, default=0) < (1 << 15) else np.int32
+    return (coords - np.asarray(offset, dtype=np.int64)).astype(dtype)
 
 
 def smooth_local_block(own: int, resp: list, coords: list, shifts: list, core_shape: tuple, radius: int,
@@ -96,8 +98,9 @@ def unfold_block(convolved: np.ndarray, cell_index: np.ndarray) -> np.ndarray:
 
 
 def _cell_index(coords: np.ndarray, offset: tuple, cell: tuple) -> np.ndarray:
+    """(n,) int32 position in the unit cell of every row (a cell has far fewer than 2**31 voxels)."""
     g = np.asarray(coords, dtype=np.int64) + np.asarray(offset, dtype=np.int64)
-    return np.ravel_multi_index((g % np.asarray(cell)).T, cell)
+    return np.ravel_multi_index((g % np.asarray(cell)).T, cell).astype(np.int32)
 
 
 def _sum(parts) -> np.ndarray:
@@ -119,8 +122,9 @@ class BlockSmoother:
         spatial block each row block holds (rows of one spatial block only)
     kernel : SmoothingKernel
 
-    The rows' block-relative coordinates are computed once and persisted (int32, 3 per row:
-    in this process on the threaded scheduler, on the workers under a distributed Client).
+    The rows' block-relative coordinates are computed once and persisted (int16, 3 per row, and
+    for a periodic kernel an int32 cell position: in this process on the threaded scheduler, on
+    the workers under a distributed Client).
     """
 
     def __init__(self, row_keys, spatial_shape: tuple, spatial_chunks: tuple, blocks: list,
@@ -139,8 +143,8 @@ class BlockSmoother:
         keys = row_keys.rechunk((row_keys.chunks[0],)).to_delayed().ravel()
         if len(keys) != len(self.blocks):
             raise ValueError(f"row_keys has {len(keys)} row blocks for {len(self.blocks)} spatial blocks")
-        self.coords = list(dask.persist(*[dask.delayed(local_coords)(k, self.spatial_shape, o)
-                                          for k, o in zip(keys, self.offsets)]))
+        self.coords = list(dask.persist(*[dask.delayed(local_coords)(k, self.spatial_shape, o, b)
+                                          for k, o, b in zip(keys, self.offsets, self.shapes)]))
         if kernel.kind == "local":
             self._offsets, self._weights = kernel.local_offsets(len(self.spatial_shape))
             self.radius = int(np.abs(self._offsets).max()) if self._offsets.size else 0
