@@ -183,3 +183,19 @@ def test_a_stored_model_labels_chunked_rows_where_they_are(volume, monkeypatch):
     assert [c["n_voxels"] for c in other.classes] == [c["n_voxels"] for c in ref.classes]
     np.testing.assert_allclose([c["tc"] or 0.0 for c in other.classes], [c["tc"] or 0.0 for c in ref.classes],
                                rtol=1e-6)
+
+
+def test_the_bic_sweep_scores_chunked_rows_where_they_are(volume, monkeypatch):
+    vol, temps, _ = volume
+    ref = xtec_flows.select_n_components(vol, temps, [2, 3, 4], criterion="icl", n_init=1)
+
+    def refuse(self):
+        raise AssertionError("select_n_components brought the chunked rows into memory")
+
+    monkeypatch.setattr(Trajectories, "to_memory", refuse)
+    other = xtec_flows.select_n_components(vol, temps, [2, 3, 4], criterion="icl", n_init=1, chunks=(16, 16, 16),
+                                           limits=CHUNKED)
+    for a, b in zip(other, ref):
+        assert (a["n_components"], a["best"], a["n_iter"]) == (b["n_components"], b["best"], b["n_iter"])
+        for key in ("bic", "icl", "entropy", "log_likelihood"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9), key

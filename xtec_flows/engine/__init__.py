@@ -338,7 +338,7 @@ SELECTION_CRITERIA = ("bic", "icl", "elbow")
 
 
 def select_n_components(volume, temperatures, k_values=range(2, 11), *, criterion: str = "bic", chunks=None,
-                        scratch=None, progress=False, **kwargs) -> list[dict]:
+                        scratch=None, progress=False, limits: StreamingLimits | None = None, **kwargs) -> list[dict]:
     """Sweep K and report BIC and ICL (lower is better); the volume is read only twice.
 
     criterion : "bic" (lowest BIC), "icl" (lowest ICL = BIC + 2 x assignment entropy,
@@ -358,17 +358,23 @@ def select_n_components(volume, temperatures, k_values=range(2, 11), *, criterio
     if not k_values:
         raise ValueError("k_values is empty; give at least one number of components, e.g. 2..10")
     params = ClusterParams(n_components=max(k_values), **kwargs)
-    traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch,
-                               progress=progress).to_memory()
-    X = features(traj, params)
-    table = []
-    for k in sorted(set(k_values)):
-        fit = fit_trajectories(traj, params, n_components=k, X=X)
-        entropy = assignment_entropy(X, fit.params)
-        table.append(
-            {"n_components": k, "bic": fit.bic, "icl": icl(fit.bic, entropy), "entropy": entropy,
-             "log_likelihood": fit.log_likelihood, "n_iter": fit.n_iter, "converged": fit.converged}
-        )
+    traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress,
+                               limits=limits or DEFAULT_LIMITS)
+    try:
+        if params.mode == "peaks":
+            traj.to_memory()  # peaks are connected across blocks
+        # Chunked rows (inputs above 512 MB) are fitted and scored block by block where they are.
+        X = features(traj, params)
+        table = []
+        for k in sorted(set(k_values)):
+            fit = fit_trajectories(traj, params, n_components=k, X=X)
+            entropy = assignment_entropy(X, fit.params)
+            table.append(
+                {"n_components": k, "bic": fit.bic, "icl": icl(fit.bic, entropy), "entropy": entropy,
+                 "log_likelihood": fit.log_likelihood, "n_iter": fit.n_iter, "converged": fit.converged}
+            )
+    finally:
+        traj.close()
     if criterion == "elbow":
         chosen = elbow([r["n_components"] for r in table], [r["bic"] for r in table])
         best = next(r for r in table if r["n_components"] == chosen)

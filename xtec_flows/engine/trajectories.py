@@ -74,7 +74,7 @@ class Trajectories:
 
     def to_memory(self) -> "Trajectories":
         """Bring chunked rows into memory, sorted by voxel (the in-memory layout), and remove
-        their scratch; for the steps that need every row at once (peaks, select_n_components)."""
+        their scratch; for the step that needs every row at once (peaks: connected across blocks)."""
         if self.chunked is not None:
             self.flat, self.raw = self.chunked.to_memory()
             self.close()

@@ -226,7 +226,14 @@ def icl(bic_value: float, entropy: float) -> float:
 
 
 def assignment_entropy(X: np.ndarray, params: MixtureParams, block_size: int = 8192) -> float:
-    """-sum_i sum_k r_ik log r_ik over all samples, block by block; X of shape (n_samples, T)."""
+    """-sum_i sum_k r_ik log r_ik over all samples, block by block; X of shape (n_samples, T),
+    numpy, or dask (summed over its row blocks where they are)."""
+    if hasattr(X, "dask") and hasattr(X, "to_delayed"):
+        import dask
+
+        parts = dask.compute(*[dask.delayed(assignment_entropy)(b, params, block_size)
+                               for b in X.rechunk({1: -1}).to_delayed().ravel()])
+        return float(sum(parts))
     total = 0.0
     for start in range(0, X.shape[0], block_size):
         resp_t, _ = _e_step_augmented(augment(np.asarray(X[start : start + block_size])), params)
