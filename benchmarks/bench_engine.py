@@ -316,6 +316,12 @@ class Context:
             self._zarr[key] = (path, arr, temps, dt)
         return self._zarr[key]
 
+    def drop_volume(self, shape, seed=0) -> None:
+        """Delete a written volume (the next size may need its disk space)."""
+        entry = self._zarr.pop((tuple(shape), seed), None)
+        if entry is not None:
+            shutil.rmtree(entry[0], ignore_errors=True)
+
     def numpy_volume(self, shape, seed=0):
         """The same data in memory: (volume, temperatures, truth)."""
         key = (tuple(shape), seed)
@@ -419,13 +425,13 @@ def section_speed(ctx: Context) -> str:
         [
             f"**xtec-flows** `cluster(zarr, mode='d', n_components={K})` (n_init=3)",
             fmt_t(t_ours),
-            ", ".join(f"{k} {fmt_t(v)}" for k, v in tm.items()),
+            fmt_breakdown(tm),
             fmt_x(ratio_plain),
         ],
         ["xtec-flows `cluster(zarr, ..., n_init=1)` (diagnostic)", fmt_t(t_ours1),
-         ", ".join(f"{k} {fmt_t(v)}" for k, v in res1.timings.items()), fmt_x(t_ours1 / t_plain)],
+         fmt_breakdown(res1.timings), fmt_x(t_ours1 / t_plain)],
         ["xtec-flows `cluster(numpy)` (same data in memory)", fmt_t(t_ours_np),
-         ", ".join(f"{k} {fmt_t(v)}" for k, v in res_np.timings.items()), fmt_x(t_ours_np / t_plain)],
+         fmt_breakdown(res_np.timings), fmt_x(t_ours_np / t_plain)],
         [
             f"**reference** xtec 0.1.1 on the numpy volume (GMM K={K})",
             fmt_t(rt["total"]),
@@ -968,7 +974,7 @@ def out_of_core(ctx: Context, shape, rss_target: float | None, time_target: floa
         ["plain read (dask `from_zarr(...).sum()`)", fmt_t(plain["time"]), fmt_bytes(plain["peak_rss"]),
          fmt_bytes(plain["polled_rss"]), "-"],
         [f"**xtec-flows** `cluster(zarr, mode='d', n_components={K})`", fmt_t(ours["time"]), fmt_bytes(ours["peak_rss"]),
-         fmt_bytes(ours["polled_rss"]), ", ".join(f"{k} {fmt_t(v)}" for k, v in ours["timings"].items())],
+         fmt_bytes(ours["polled_rss"]), fmt_breakdown(ours["timings"])],
     ]
     checks = []
     if rss_target is not None:
@@ -1013,15 +1019,14 @@ def section_scaling(ctx: Context) -> str:
         ratio = ours["time"] / plain["time"]
         rows.append([shape_str(shape), fmt_bytes(vol_bytes), f"{ours['n_thresholded']:,}", fmt_t(plain["time"]),
                      fmt_t(ours["time"]), fmt_x(ratio), str(ours["n_reads"]), fmt_bytes(ours["peak_rss"]),
-                     ", ".join(f"{k} {fmt_t(v)}" for k, v in ours["timings"].items())])
+                     fmt_breakdown(ours["timings"])])
         if math.prod(shape[1:]) >= 768**3:
             checks.append([f"{shape_str(shape)}: peak RSS ≤ 2 GiB", fmt_bytes(ours["peak_rss"]),
                            verdict(ours["peak_rss"] <= 2 * (1 << 30))])
             checks.append([f"{shape_str(shape)}: ≤ 3× one plain read", fmt_x(ratio), verdict(ratio <= 3)])
         checks.append([f"{shape_str(shape)}: input read once", str(ours["n_reads"]), verdict(ours["n_reads"] == 1)])
         if not ctx.args.keep:
-            shutil.rmtree(path, ignore_errors=True)
-            ctx._zarr.pop((tuple(shape), 0), None)
+            ctx.drop_volume(shape)
     md = [
         "Synthetic volumes (`synthetic.write_zarr`, seed 0, zstd, chunks (T, 64, 64, 64)); XTEC-d K=4, defaults. "
         "Each run is a fresh subprocess; peak RSS is its own high-water mark (VmHWM). The thresholded voxels' "
@@ -1085,7 +1090,7 @@ def section_workers(ctx: Context) -> str:
                 "yes" if _labels_equal(labels_dir / "threads", labels_dir / f"w{key}") else "NO")
             rows.append([shape_str(shape), names[key], fmt_bytes(kept_bytes), fmt_bytes(store_bytes),
                          fmt_t(r["time"]), fmt_bytes(r["peak_rss"]), fmt_bytes(r["polled_rss"]), same[key],
-                         f"{r['n_iter']} iterations; " + ", ".join(f"{k} {fmt_t(v)}" for k, v in r["timings"].items())])
+                         f"{r['n_iter']} iterations; " + fmt_breakdown(r["timings"])])
         if 1 in runs:
             speedup = runs[1]["time"] / runs[2]["time"]
             checks.append([f"{shape_str(shape)}: 2 workers vs 1 ≥ 1.6×", fmt_x(speedup), verdict(speedup >= 1.6)])
@@ -1099,8 +1104,7 @@ def section_workers(ctx: Context) -> str:
                        verdict(all(v == "yes" for v in worker_same))])
         if not ctx.args.keep:
             shutil.rmtree(labels_dir, ignore_errors=True)
-            shutil.rmtree(path, ignore_errors=True)
-            ctx._zarr.pop((tuple(shape), 0), None)
+            ctx.drop_volume(shape)
     md = [
         "`distributed.LocalCluster(n_workers, threads_per_worker=1, memory_limit, processes=True)` and a `Client` "
         "in a fresh subprocess (the cluster's start-up is not timed); XTEC-d K=4, no `scratch`, so the kept rows "
@@ -1127,6 +1131,11 @@ def section_large(ctx: Context) -> str:
 # ---------------------------------------------------------------------------------------
 # 8. Tiled I/O and process_scan through a real Tiled server
 # ---------------------------------------------------------------------------------------
+
+
+def fmt_breakdown(timings: dict) -> str:
+    """An engine result's stage timings, "statistics 1.2 s, threshold ...", in run order."""
+    return ", ".join(f"{k} {fmt_t(v)}" for k, v in timings.items())
 
 
 def fmt_rate(nbytes: float, seconds: float | None) -> str:
@@ -1367,15 +1376,15 @@ def section_tiled(ctx: Context) -> str:
         t_write, _, nreq_write = rc.count(tiled_io.write_result, rnode, res_t, scan2)
         rows_e2e = [
             [f"local engine `cluster(zarr, mode='d', n_components={K})`", fmt_t(t_eng),
-             ", ".join(f"{k} {fmt_t(v)}" for k, v in res_local.timings.items()), f"{res_local.n_reads}",
+             fmt_breakdown(res_local.timings), f"{res_local.n_reads}",
              "1.00×", ", ".join(fmt_t(x) for x in eng_all)],
             [f"**`process_scan(client, '{nodes['chunked']}', ClusterParams(n_components={K}))`** (read → cluster → write "
              "result node)", fmt_t(t_e2e),
-             ", ".join(f"{k} {fmt_t(v)}" for k, v in tm.items())
+             fmt_breakdown(tm)
              + f"; outside the engine (open_scan, result container, `write_result`) {fmt_t(t_e2e - engine_part)}",
              f"{md.get('input_reads', '?')}", fmt_x(t_e2e / t_eng), ", ".join(fmt_t(x) for x in e2e) + f"; {nreq_e2e} each"],
             ["split: `open_scan` + `pipeline.run(scan.volume, ...)` (no writes)", fmt_t(t_o2 + t_run),
-             f"open_scan {fmt_t(t_o2)}, " + ", ".join(f"{k} {fmt_t(v)}" for k, v in res_t.timings.items()),
+             f"open_scan {fmt_t(t_o2)}, " + fmt_breakdown(res_t.timings),
              f"{res_t.n_reads}", fmt_x((t_o2 + t_run) / t_eng), "1 run"],
             ["split: `begin_result` (result container, status running) + `write_result` (labels, 7 small arrays, "
              "2 metadata updates)", fmt_t(t_begin + t_write),
