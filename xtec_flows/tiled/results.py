@@ -2,7 +2,9 @@
 
 Writing: a result container's ``status`` goes ``running`` (:func:`begin_result`) ->
 ``complete`` (:func:`write_result`, set last, after every array is written) or ``failed``
-(:func:`fail_result`, :func:`reject_scan`).
+(:func:`fail_result`, :func:`reject_scan`). While the scan is measured: ``provisional``
+(:func:`begin_provisional` then :func:`write_result`), replaced by the final result, or
+``aborted`` (:func:`mark_aborted`) when the scan ends without success.
 
 Reading: :func:`find_results`, :func:`load_result`, :func:`summarise`. Everything here is also
 reachable with plain ``tiled.client`` (see README)::
@@ -76,8 +78,10 @@ def begin_result(root_node, key: str, scan: TiledScan, params: dict):
         status = (old.metadata or {}).get("status")
         if status == Status.COMPLETE:
             return old, True
-        # A failed or abandoned ("running" left by a lost worker) try counts towards MAX_ATTEMPTS.
-        attempt = int((old.metadata or {}).get("attempt") or 1) + 1
+        # A failed or abandoned ("running" left by a lost worker) try counts towards MAX_ATTEMPTS;
+        # a provisional result (written while the scan ran) is no try of the final one.
+        if not (old.metadata or {}).get("provisional"):
+            attempt = int((old.metadata or {}).get("attempt") or 1) + 1
         log.info("replacing %s result %s (attempt %d)", status, key, attempt)
         old.delete(recursive=True, external_only=False)
     md = {
@@ -105,6 +109,49 @@ def begin_result(root_node, key: str, scan: TiledScan, params: dict):
             f"{(other.metadata or {}).get('status')!r}); try again when it has finished"
         ) from exc
     return node, False
+
+
+def begin_provisional(root_node, key: str, scan: TiledScan, params: dict, provisional: dict):
+    """Create a provisional result container (replacing the previous provisional one).
+
+    ``provisional`` holds the :data:`~.spec.PROVISIONAL_KEYS` entries. The container says
+    ``status: running`` and ``provisional: true`` until :func:`write_result` with
+    ``status=Status.PROVISIONAL`` has written every array. Returns the node, or None when the
+    key holds anything but a provisional or aborted result (the final one is being made, or
+    exists): a provisional result never replaces it.
+    """
+    from tiled.structures.core import Spec
+
+    old = find_result(root_node, key)
+    if old is not None:
+        md = old.metadata or {}
+        if not md.get("provisional") or md.get("status") not in (Status.PROVISIONAL, Status.ABORTED,
+                                                                  Status.RUNNING):
+            return None
+        old.delete(recursive=True, external_only=False)
+    md = {
+        "status": Status.RUNNING.value,
+        "provisional": True,
+        "created": utc_now(),
+        "source": scan.source_metadata(),
+        "parameters": params,
+        "engine_major": engine_major(),
+        "versions": _versions(),
+        **json_safe(provisional),
+    }
+    try:
+        return root_node.create_container(key, metadata=md, specs=[Spec(RESULT_SPEC, version=RESULT_SPEC_VERSION)])
+    except Exception as exc:
+        if http_status(exc) == 409:  # the final result was created meanwhile
+            return None
+        raise
+
+
+def mark_aborted(node, stop: dict) -> None:
+    """Mark a provisional result ``aborted``: its scan ended without success (``stop`` document)."""
+    node.update_metadata(metadata={"status": Status.ABORTED.value, "aborted": utc_now(),
+                                   "exit_status": stop.get("exit_status"),
+                                   "reason": redact_secrets(str(stop.get("reason") or ""))[:2000]})
 
 
 def reject_scan(root_node, key: str, source: dict, params: dict, error: BaseException):
@@ -228,8 +275,9 @@ def write_classes(node, classes: list, n_temperatures: int) -> None:
         node.write_array(values, key=spec.key, dims=list(spec.dims), metadata=spec.metadata())
 
 
-def write_result(node, result, scan: TiledScan, dims: list | None = None):
-    """Write every array of a ClusterResult into ``node``, then mark it complete (last).
+def write_result(node, result, scan: TiledScan, dims: list | None = None, status: Status = Status.COMPLETE):
+    """Write every array of a ClusterResult into ``node``, then set ``status`` (last): complete,
+    or provisional for a result of the temperatures a running scan has recorded so far.
 
     The layout is LABELS and RESULT_ARRAYS; a classes="auto" result (``result.classes`` not
     None) writes CLASS_LABELS instead of LABELS, adds CLASS_NODES and CLASS_METADATA_KEYS,
@@ -277,7 +325,8 @@ def write_result(node, result, scan: TiledScan, dims: list | None = None):
         metadata.update(content=CLASSES_CONTENT, **json_safe(extra))
     node.update_metadata(metadata=metadata)
     # Last: only now may anyone see it as complete.
-    node.update_metadata(metadata={"status": Status.COMPLETE.value, "completed": utc_now()})
+    stamp = "completed" if status == Status.COMPLETE else "updated"
+    node.update_metadata(metadata={"status": Status(status).value, stamp: utc_now()})
     return node
 
 

@@ -142,7 +142,7 @@ def check_run_complete(run) -> dict:
 
 
 def open_scan(source, scan=None, *, volume_field: str | None = None, temperature_field: str | None = None,
-              api_key: str | None = None, read_mode: str = "auto") -> TiledScan:
+              api_key: str | None = None, read_mode: str = "auto", partial: bool = False) -> TiledScan:
     """Resolve a temperature scan on a Tiled server.
 
     Parameters
@@ -154,6 +154,9 @@ def open_scan(source, scan=None, *, volume_field: str | None = None, temperature
         Bluesky start uid, or node path (``"raw/<uid>"``, ``"imports/sample_a"``).
     volume_field, temperature_field : names inside a bluesky run, detected when unambiguous.
     read_mode : "auto" | "http" | "direct", how the volume is read (see :mod:`xtec_flows.tiled.direct`)
+    partial : accept a bluesky run that is still running and return the temperatures it has
+        recorded so far (the first n events whose volume and temperature are both written);
+        a run that ended without success is refused all the same (provisional results)
 
     Returns
     -------
@@ -166,7 +169,8 @@ def open_scan(source, scan=None, *, volume_field: str | None = None, temperature
     node = walk(client, scan) if scan is not None else client
     uri = redact_uri(node.uri)
     if _is_run(node):
-        stop = check_run_complete(node)
+        running = partial and not (node.metadata or {}).get("stop")
+        stop = {} if running else check_run_complete(node)
         start = node.metadata["start"]
         try:
             stream = open_stream(node, "primary")
@@ -174,23 +178,28 @@ def open_scan(source, scan=None, *, volume_field: str | None = None, temperature
             raise ScanNotReady(exc.args[0]) from None
         vfield, vnode, frame_axis = _volume_field(stream, volume_field)
         temps, tfield = _temperatures_from_internal(stream, temperature_field, start)
+        if running:
+            # Events land in the table and the array one after the other: take what both hold.
+            n_recorded = min(len(temps), vnode.shape[0])
+            temps = temps[:n_recorded]
         n_events = (stop.get("num_events") or {}).get("primary")
         if n_events is not None and n_events != len(temps):
             raise ScanNotReady(
                 f"scan {start.get('uid')} has {n_events} events but {len(temps)} temperatures; it is incomplete"
             )
-        if vnode.shape[0] != len(temps):
+        if vnode.shape[0] != len(temps) and not running:
             raise ScanNotReady(
                 f"scan {start.get('uid')}: volume {vfield} has {vnode.shape[0]} slices but {len(temps)} temperatures"
             )
         if frame_axis:
             # (T, 1, L, K, H) -> (T, L, K, H): the lazy slice drops the axis before any read
-            volume = lazy_array(vnode, read_mode=read_mode)[:, 0]
+            volume = lazy_array(vnode, read_mode=read_mode)[:len(temps), 0]
             if volume.dtype.kind not in "iuf":
                 raise ValueError(f"{node_path(vnode)} holds {volume.dtype} data; a temperature series must be numeric")
         else:
-            _check_volume_node(vnode, temps)
-            volume = lazy_array(vnode, read_mode=read_mode)
+            if not running:
+                _check_volume_node(vnode, temps)
+            volume = lazy_array(vnode, read_mode=read_mode)[:len(temps)]
         return TiledScan(
             volume=volume,
             temperatures=temps,
@@ -200,7 +209,8 @@ def open_scan(source, scan=None, *, volume_field: str | None = None, temperature
             kind="bluesky-run",
             metadata={"volume_field": vfield, "temperature_field": tfield, "layout": stream.layout.value,
                       "stream": stream.path, "frame_axis_dropped": frame_axis,
-                      "sample": start.get("sample"), "plan_name": start.get("plan_name")},
+                      "sample": start.get("sample"), "plan_name": start.get("plan_name"),
+                      "running": running},
         )
     if getattr(node, "structure_family", None) == "container":
         arrays = [k for k in node if getattr(node[k], "structure_family", None) == "array"]

@@ -25,11 +25,17 @@ DEFAULT_ROOT = "xtec"
 
 class Status(str, enum.Enum):
     """A result container's ``status``: ``running`` -> ``complete`` (set last, after every
-    array is written) or ``failed`` (with ``retryable`` and ``error``)."""
+    array is written) or ``failed`` (with ``retryable`` and ``error``).
+
+    While a scan is still being measured its result may be ``provisional`` (clustered from the
+    temperatures recorded so far, :data:`PROVISIONAL_KEYS` say which), replaced by the final
+    result after the stop document, or ``aborted`` when the scan ended without success."""
 
     RUNNING = "running"
     COMPLETE = "complete"
     FAILED = "failed"
+    PROVISIONAL = "provisional"
+    ABORTED = "aborted"
 
     def __str__(self) -> str:
         return self.value
@@ -118,6 +124,11 @@ CLASS_TABLE_COLUMNS = (
 )
 #: Per-class (T,) lists of ``result.classes`` left out of the container's metadata (arrays hold them).
 CLASS_PER_TEMPERATURE = ("mean_raw", "mean_relative", "mean_rescaled", "fit_curve")
+#: Result-metadata keys a provisional result adds: how many temperatures (the first n of the
+#: scan) it covers, their values, the parameters it was clustered with (fewer temperatures than
+#: class discovery needs fall back to a fixed-K fit) and the alerts already sent for the scan.
+PROVISIONAL_KEYS = ("n_temperatures_covered", "temperatures_covered", "provisional_parameters", "alerts",
+                    "updated")
 #: Result-metadata keys a classes="auto" result adds (from ``ClusterResult.to_dict()``, plus "content").
 CLASS_METADATA_KEYS = ("n_classes", "classes", "component_class", "component_kinds", "temperature_factor",
                        "stability")

@@ -92,6 +92,18 @@ class ScanRule:
             return f"scan {uid} has not finished (no stop document)"
         if stop.get("exit_status") != "success":
             return f"scan {uid} ended with exit_status {stop.get('exit_status')!r}; only successful scans are clustered"
+        reason = self.check_start(start)
+        if reason is not None:
+            return reason
+        if data_keys is not None and self.required_fields:
+            missing = [f for f in self.required_fields if f not in set(data_keys)]
+            if missing:
+                return f"scan {uid} stream {self.stream!r} lacks required field(s) {missing}"
+        return None
+
+    def check_start(self, start: dict) -> str | None:
+        """Why a run's start document does not qualify (a message), or None (running scans too)."""
+        uid = start.get("uid", "?")
         if self.plan_names and start.get("plan_name") not in self.plan_names:
             return f"scan {uid} ran plan {start.get('plan_name')!r}, not one of {list(self.plan_names)}"
         if self.start_key:
@@ -100,10 +112,6 @@ class ScanRule:
                 return f"scan {uid} has no start-document key {self.start_key!r}"
             if self.start_value is not None and str(value) != str(self.start_value):
                 return f"scan {uid} has {self.start_key}={value!r}, not {self.start_value!r}"
-        if data_keys is not None and self.required_fields:
-            missing = [f for f in self.required_fields if f not in set(data_keys)]
-            if missing:
-                return f"scan {uid} stream {self.stream!r} lacks required field(s) {missing}"
         return None
 
     def to_dict(self) -> dict:

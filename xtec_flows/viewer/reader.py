@@ -17,12 +17,14 @@ from urllib.parse import quote
 
 import numpy as np
 
+from ..tiled.spec import Status
+
 log = logging.getLogger(__name__)
 
 #: Names of the spatial axes, outermost first, as the result's ``labels`` node stores them.
 SPATIAL_DIMS = ("L", "K", "H")
 #: Result statuses after which nothing changes any more (the page stops polling).
-FINAL_STATUSES = ("complete", "failed")
+FINAL_STATUSES = tuple(s.value for s in (Status.COMPLETE, Status.FAILED, Status.ABORTED))
 
 
 class ViewerError(Exception):
