@@ -205,6 +205,7 @@ def run_temperature_scan(
     fail_at: int | None = None,
     md: dict | None = None,
     batch_size: int | None = None,
+    after_point=None,
 ) -> str:
     """Run ``list_scan([detector], temperature_motor, temperatures)`` with TiledWriter(client).
 
@@ -219,7 +220,10 @@ def run_temperature_scan(
     ``fail_at=i`` makes the detector raise at point i: the run stops with exit_status "fail"
     and i events; the exception is swallowed (``fail_at=0``: no event, so no descriptor and
     no ``primary`` node at all; ``num_events == {}``). ``md`` goes into the start document.
-    ``batch_size`` is passed to TiledWriter (default: write everything at the stop document).
+    ``batch_size`` is passed to TiledWriter (default: write everything at the stop document;
+    1 writes each event as it is measured, as a live beamline does). ``after_point(i)`` is
+    called after point i's event has been emitted (and, with ``batch_size=1``, written): a
+    pause between temperatures, as a sample's thermal equilibration makes.
     Returns the run uid (the key of the run under ``client``).
     """
     import bluesky.plans as bp
@@ -248,11 +252,23 @@ def run_temperature_scan(
     def remember_start(name, doc):
         uids.append(doc["uid"])
 
+    per_step = None
+    if after_point is not None:
+        import itertools
+
+        import bluesky.plan_stubs as bps
+
+        points = itertools.count()
+
+        def per_step(detectors, step, pos_cache):
+            yield from bps.one_nd_step(detectors, step, pos_cache)
+            after_point(next(points))
+
     with _RE_LOCK:
         RE = _run_engine()
         tokens = [RE.subscribe(writer), RE.subscribe(remember_start, "start")]
         try:
-            RE(bp.list_scan([det], motor, list(temps), md=dict(md or {})))
+            RE(bp.list_scan([det], motor, list(temps), per_step=per_step, md=dict(md or {})))
         except ScanFailure:
             if fail_at is None:
                 raise

@@ -12,10 +12,11 @@ Modules, in the order data flows through them:
 - :mod:`.series`   importing a series (e.g. from NeXus) as an array node
 - :mod:`.process`  one scan end to end: read -> cluster -> write (imports the engine)
 - :mod:`.watch`    which scans need clustering, and a watcher that notices them
+- :mod:`.live`     provisional results for scans still running, and alerts when a class appears
 - :mod:`.compare`  a series of scans labelled by one stored model, tabulated (imports the engine)
 
 The names below are the package's public API (``from xtec_flows import tiled as tiled_io``);
-:mod:`.process` and :mod:`.watch` are imported by name, since they pull in the engine.
+:mod:`.process`, :mod:`.watch` and :mod:`.live` are imported by name, since they pull in the engine.
 """
 
 from .access import WRITE_SCOPES, check_key_scopes, check_write_access, derived_root, key_scopes
@@ -23,14 +24,15 @@ from .arrays import lazy_array, lazy_array_spatial
 from .client import MAX_REQUEST_BYTES, check_key, connect, node_path, redact_secrets, redact_uri, walk
 from .errors import (MAX_ATTEMPTS, AccessDenied, FailureKind, NodeNotFound, ResultBusy, ScanNotReady,
                      attempt_keys, failure_kind, http_status, is_retryable, is_transient_error)
-from .results import (LoadedResult, begin_result, class_scalars, class_table, fail_result, find_result,
-                      find_results, json_safe, latest_result, load_model, load_result, mark_superseded, reject_scan,
+from .results import (LoadedResult, begin_provisional, begin_result, class_scalars, class_table, fail_result, find_result,
+                      find_results, json_safe, latest_result, load_model, load_result, mark_aborted, mark_superseded, reject_scan,
                       summarise, utc_now, write_labels_array, write_result)
 from .scans import TiledScan, check_run_complete, open_scan
 from .series import write_series
 from .spec import (CLASS_CURVES, CLASS_LABELS, CLASS_METADATA_KEYS, CLASS_NODES, CLASS_TABLE,
                    CLASS_TABLE_COLUMNS, CLASSES_CONTENT, COMPONENTS, DEFAULT_ROOT, LABELS, RESULT_ARRAYS,
-                   RESULT_SPEC, RESULT_SPEC_VERSION, NodeSpec, Status, engine_major, result_key)
+                   PROVISIONAL_KEYS, RESULT_SPEC, RESULT_SPEC_VERSION, NodeSpec, Status, engine_major,
+                   result_key)
 
 __all__ = [
     "WRITE_SCOPES",
@@ -59,6 +61,7 @@ __all__ = [
     "is_retryable",
     "is_transient_error",
     "LoadedResult",
+    "begin_provisional",
     "begin_result",
     "class_scalars",
     "class_table",
@@ -69,6 +72,7 @@ __all__ = [
     "latest_result",
     "load_model",
     "load_result",
+    "mark_aborted",
     "mark_superseded",
     "reject_scan",
     "summarise",
@@ -90,6 +94,7 @@ __all__ = [
     "DEFAULT_ROOT",
     "LABELS",
     "RESULT_ARRAYS",
+    "PROVISIONAL_KEYS",
     "RESULT_SPEC",
     "RESULT_SPEC_VERSION",
     "NodeSpec",
