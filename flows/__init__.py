@@ -4,6 +4,8 @@
     reprocess.py      scheduled selection of scans to re-cluster (cron deployment)
     submit.py         start a cluster_scan run exactly once per (scan, parameters)
     serve.py          one process serving both deployments plus the Tiled scan watcher
+                      (and, with --live, the follower of running scans)
+    alerts.py         a class that signals a transition, as a Prefect event
 
 The numerics, Tiled I/O and the watcher logic live in ``xtec_flows``; nothing here touches
 an array. This folder installs as the package ``xtec_flows_prefect`` (pyproject.toml), so the

@@ -7,7 +7,10 @@
   its own subprocess;
 * runs a :class:`xtec_flows.tiled.watch.ScanWatcher` on the raw-runs container that submits each
   completed scan once (Prefect idempotency keys), catching up at start-up, after a lost
-  subscription and periodically.
+  subscription and periodically;
+* with ``live``, runs a :class:`xtec_flows.tiled.live.LiveFollower` that publishes provisional
+  results of scans still running and emits ``xtec.class.appeared`` events
+  (:mod:`xtec_flows_prefect.alerts`) when a transition shows.
 
 The Tiled API key reaches the flow runs only through the environment (TILED_API_KEY), never
 through flow parameters, so it is not stored in Prefect.
@@ -21,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from xtec_flows.tiled import watch
+from xtec_flows.tiled import live, watch
 from xtec_flows import tiled as tiled_io
 from xtec_flows.engine import ClusterParams
 
@@ -50,6 +53,8 @@ class ServeConfig:
     reconcile_seconds : watcher catch-up period; lookback_seconds: its window
     query_seconds : how often the runner polls Prefect for scheduled runs
     dask_address : existing Dask scheduler for the clustering (None: local threads)
+    live : follow running scans: provisional results after each temperature, class alerts
+    live_poll_seconds : how often the follower looks for new temperatures
     watch_only : only watch and submit; Prefect workers serve the deployments
         (deploy/prefect/prefect.yaml), so ``limit``, ``query_seconds`` and the reprocessing
         settings are theirs, not this process's
@@ -71,6 +76,8 @@ class ServeConfig:
     volume_field: str | None = None
     temperature_field: str | None = None
     watch_only: bool = False
+    live: bool = False
+    live_poll_seconds: float = 1.0
 
     def __post_init__(self):
         if "api_key=" in self.tiled_uri:
@@ -79,6 +86,8 @@ class ServeConfig:
         self.parameters = ClusterParams.from_dict(self.parameters).to_dict()
         if self.limit < 1:
             raise ValueError(f"limit (concurrent flow runs) must be >= 1; got {self.limit}")
+        if self.live_poll_seconds <= 0:
+            raise ValueError(f"live_poll_seconds must be positive; got {self.live_poll_seconds}")
         if self.reprocess_which not in ("outdated", "missing", "all"):
             raise ValueError(f"reprocess_which must be 'outdated', 'missing' or 'all'; got {self.reprocess_which!r}")
 
@@ -133,6 +142,35 @@ def make_watcher(cfg: ServeConfig, client=None) -> watch.ScanWatcher:
                        flow_parameters=cfg.flow_parameters())
     return watch.ScanWatcher(raw, results_root, cfg.parameters, submit, rule=cfg.rule,
                              reconcile_seconds=cfg.reconcile_seconds, lookback_seconds=cfg.lookback_seconds)
+
+
+def make_follower(cfg: ServeConfig, client=None) -> live.LiveFollower:
+    """The follower of running scans for ``cfg`` (provisional results, class alerts as Prefect events)."""
+    from xtec_flows_prefect.alerts import emit_class_alert
+
+    client = client if client is not None else tiled_io.connect(cfg.tiled_uri)
+    raw = tiled_io.walk(client, cfg.raw_path)
+    results_root = tiled_io.check_write_access(client, cfg.root)
+    uri = tiled_io.redact_uri(cfg.tiled_uri)
+    return live.LiveFollower(raw, results_root, ClusterParams.from_dict(cfg.parameters),
+                             notify=lambda alert: emit_class_alert(alert, uri), rule=cfg.rule,
+                             poll_seconds=cfg.live_poll_seconds)
+
+
+def start_follower(cfg: ServeConfig):
+    """Start the follower in a thread when ``cfg.live``; returns (follower, thread) or (None, None)."""
+    if not cfg.live:
+        return None, None
+    follower = make_follower(cfg)
+    thread = threading.Thread(target=follower.run, name="xtec-live-follower", daemon=True)
+    thread.start()
+    return follower, thread
+
+
+def stop_follower(follower, thread) -> None:
+    if follower is not None:
+        follower.stop()
+        thread.join(timeout=30)
 
 
 def crash_orphaned_runs(deployment_ids) -> int:
@@ -244,12 +282,14 @@ def watch_and_submit(cfg: ServeConfig) -> None:
     previous = signal.signal(signal.SIGTERM, lambda *_: watcher.stop())
     log.info("watching %s/%s; submitting completed scans to %s, served by Prefect workers",
              tiled_io.redact_uri(cfg.tiled_uri), cfg.raw_path, name)
+    follower, follower_thread = start_follower(cfg)
     try:
         watcher.run()
     except KeyboardInterrupt:
         log.info("interrupted; stopping")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        stop_follower(follower, follower_thread)
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -271,6 +311,7 @@ def serve(cfg: ServeConfig) -> None:
     _while_orchestrator_unreachable(lambda: crash_orphaned_runs(ids), "checking for orphaned flow runs")
     thread = threading.Thread(target=watcher.run, name="xtec-scan-watcher", daemon=True)
     thread.start()
+    follower, follower_thread = start_follower(cfg)
     log.info("serving %s with at most %d concurrent run(s); watching %s/%s", [d.name for d in deployments],
              cfg.limit, tiled_io.redact_uri(cfg.tiled_uri), cfg.raw_path)
     try:
@@ -283,3 +324,4 @@ def serve(cfg: ServeConfig) -> None:
     finally:
         watcher.stop()
         thread.join(timeout=10)
+        stop_follower(follower, follower_thread)

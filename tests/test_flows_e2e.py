@@ -37,7 +37,9 @@ BIG = (64, 64, 64)  # long enough (a few seconds) to interrupt mid-run
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = start_stack(tmp_path_factory.mktemp("flows"))
+    # --live: the follower of running scans runs beside the watcher in every test here; only scans
+    # written event by event (batch_size=1) get provisional results.
+    s = start_stack(tmp_path_factory.mktemp("flows"), serve_args=("--live", "--live-poll-seconds", "0.5"))
     yield s
     s.stop()
 
@@ -98,6 +100,48 @@ def test_one_scan_gives_one_flow_run_and_a_result_readable_elsewhere(stack, tmp_
     expected = cluster(scan_volumes(TEMPS, SHAPE, seed=1), TEMPS, n_components=3)
     np.testing.assert_array_equal(labels, np.asarray(expected.labels))
     assert json.loads(out.stdout) == [int(c) for c in expected.counts]
+
+
+def test_serve_live_publishes_provisional_results_during_the_scan_then_the_final_one(stack):
+    from tiled.queries import Key
+
+    from xtec_flows.tiled.live import running_scans
+
+    client = stack.client()
+    seen = []  # (temperatures measured, temperatures the provisional result covers)
+    uid_box = {}
+
+    def results_of(uid):
+        return list(client["xtec"].search(Key("source.uid") == uid).values())
+
+    def after_point(i):
+        n = i + 1
+        if n < 3:
+            return
+        uid = uid_box.setdefault("uid", wait_until(lambda: running_scans(client["raw"]), 30, what="the running scan")[0])
+
+        def provisional():
+            for node in results_of(uid):
+                md = node.metadata or {}
+                if md.get("status") == "provisional" and md.get("n_temperatures_covered") == n:
+                    return md
+            return None
+
+        md = wait_until(provisional, 60, interval=0.1, what=f"a provisional result of {n} temperatures")
+        seen.append((n, len(md["temperatures_covered"])))
+
+    uid = _scan(stack, seed=21, batch_size=1, after_point=after_point)
+    assert uid == uid_box["uid"]
+    assert seen == [(n, n) for n in range(3, len(TEMPS) + 1)]
+    _wait_complete(stack, uid)
+    runs = _finished_runs(stack, uid)
+    assert [r["state_type"] for r in runs] == ["COMPLETED"]
+    nodes = results_of(uid)
+    assert len(nodes) == 1  # the final result replaced the provisional one under the same key
+    md = nodes[0].metadata
+    assert md["status"] == "complete" and not md.get("provisional") and md["attempt"] == 1
+    expected = cluster(scan_volumes(TEMPS, SHAPE, seed=21), TEMPS, n_components=3)
+    np.testing.assert_array_equal(nodes[0]["labels"].read(), np.asarray(expected.labels))
 
 
 def _create_run(stack, deployment: str, parameters: dict) -> dict:
@@ -181,7 +225,8 @@ def test_aborted_scan_is_skipped_and_logged(stack):
     # Event + at least two catch-up periods (4 s each).
     time.sleep(10)
     assert runs_for_scan(stack.prefect.api_url, uid) == []
-    assert result_status(stack.client(), uid) is None
+    # No result, or (serve --live saw its first events) a provisional one marked aborted.
+    assert result_status(stack.client(), uid) in (None, "aborted")
     assert f"scan {uid} ended with exit_status 'fail'" in stack.serve.log_path.read_text()
 
 

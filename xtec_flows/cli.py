@@ -240,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--query-seconds", type=float, default=2.0, help="how often the runner polls Prefect")
     v.add_argument("--dask-address", default=os.environ.get("XTEC_FLOWS_DASK_ADDRESS"),
                    help="existing Dask scheduler, e.g. tcp://host:8786 (default: local threads)")
+    v.add_argument("--live", action="store_true",
+                   help="also follow running scans: a provisional result after each temperature (from the third; "
+                        "TiledWriter must write events as they come, batch_size=1) and a Prefect event "
+                        "xtec.class.appeared when an order parameter, critical or onset class first shows")
+    v.add_argument("--live-poll-seconds", type=float, default=1.0,
+                   help="how often --live looks for new temperatures (default 1)")
     v.add_argument("--watch-only", action="store_true",
                    help="only watch and submit each completed scan to xtec-cluster-scan/post-scan, which "
                         "Prefect workers serve (deploy/prefect/prefect.yaml); --limit and the reprocessing "
@@ -637,6 +643,7 @@ def cmd_serve(args) -> dict:
         lookback_seconds=None if args.lookback_days <= 0 else 86400.0 * args.lookback_days,
         query_seconds=args.query_seconds, dask_address=args.dask_address,
         volume_field=args.volume_field, temperature_field=args.temperature_field, watch_only=args.watch_only,
+        live=args.live, live_poll_seconds=args.live_poll_seconds,
     )
     serve(cfg)
     return {"stopped": True}
