@@ -65,6 +65,25 @@ def test_reads_region_by_region(tiled_client, inline_uid, read_mode):
     np.testing.assert_array_equal(volume.compute(), scan_volumes(TEMPS, SHAPE, seed=1))
 
 
+def test_each_region_is_fetched_in_the_thread_of_its_task(tiled_client, inline_uid):
+    # tiled's ArrayClient.read computes a dask graph of its own; nested in our threaded graph,
+    # computed off the main thread, that inner compute once hung for good (a provisional
+    # update). read_region fetches in the calling thread instead.
+    import threading
+
+    from xtec_flows.tiled.arrays import read_region
+
+    node = tiled_io.walk(tiled_client, tiled_io.open_scan(tiled_client, inline_uid).path)
+    fetched_in, fetch = [], node._get_slice
+    node._get_slice = lambda slc: (fetched_in.append(threading.current_thread()), fetch(slc))[1]
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("block", read_region(node, (slice(None), slice(0, 8)))))
+    worker.start()
+    worker.join(30)
+    assert fetched_in and set(fetched_in) == {worker}
+    np.testing.assert_array_equal(out["block"], scan_volumes(TEMPS, SHAPE, seed=1)[:, :8])
+
+
 @pytest.mark.parametrize("temperatures_as", ["metadata", "sibling"])
 def test_open_plain_array_node(tiled_client, temperatures_as):
     vol = scan_volumes(TEMPS, SHAPE, seed=3)

@@ -14,7 +14,19 @@ def node_dtype(node) -> np.dtype:
     return np.dtype(node.dtype.to_numpy_dtype() if hasattr(node.dtype, "to_numpy_dtype") else node.dtype)
 
 
-def _region_reader(node, region):
+def read_region(node, region) -> np.ndarray:
+    """``node.read(slice=region)`` for a task of a dask graph: in this task's own thread.
+
+    tiled's ``ArrayClient.read`` computes a dask graph of its own (one fetch per Tiled chunk).
+    Nested in a task of a threaded graph that is itself computed off the main thread (a
+    provisional update in :mod:`.live`, a flow's worker thread), that inner compute was seen
+    to hang for good: both inner computes waiting on their queues, their pools idle. The inner
+    graph is therefore computed synchronously; the outer graph supplies the parallelism.
+    """
+    from tiled.client.array import DaskArrayClient
+
+    if isinstance(node, DaskArrayClient):
+        return np.asarray(DaskArrayClient.read(node, slice=region).compute(scheduler="sync"))
     return np.asarray(node.read(slice=region))
 
 
@@ -60,7 +72,7 @@ def lazy_array(node, spatial_chunk: int | None = None, read_mode: str = "auto",
     blocks = np.empty(tuple(len(c) for c in chunks), dtype=object)
     for idx, _, region in block_regions(chunks):
         bshape = tuple(r.stop - r.start for r in region)
-        blocks[idx] = da.from_delayed(dask.delayed(_region_reader)(node, region), bshape, dtype=dtype)
+        blocks[idx] = da.from_delayed(dask.delayed(read_region)(node, region), bshape, dtype=dtype)
     return da.block(blocks.tolist())
 
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .arrays import read_region
 from .client import node_path
 
 log = logging.getLogger(__name__)
@@ -400,7 +401,7 @@ class _BlockReader:
                     f"({type(exc).__name__}: {exc}); use read_mode='auto' to fall back to HTTP"
                 ) from exc
             log.warning("reading region %s of %s over HTTP: %s", region, self.source.node_path, exc)
-            return np.asarray(self.fallback.read(slice=region)).astype(self.dtype, copy=False)
+            return read_region(self.fallback, region).astype(self.dtype, copy=False)
 
 
 def direct_array(node, chunks, read_mode: str = "auto"):
