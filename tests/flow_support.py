@@ -113,6 +113,17 @@ def result_status(client, uid: str) -> str | None:
     return (nodes[0].metadata or {}).get("status") if nodes else None
 
 
+def flow_writing_result(client, uid: str) -> bool:
+    """A flow run is writing scan ``uid``'s result: status running, and not a provisional one
+    (``serve --live`` writes those in its own process, possibly even after the last event if the
+    stop document comes later)."""
+    from xtec_flows.tiled.results import find_results
+
+    nodes = find_results(client, uid, status=None)
+    md = (nodes[0].metadata or {}) if nodes else {}
+    return md.get("status") == "running" and not md.get("provisional")
+
+
 def max_overlap(intervals) -> int:
     """Largest number of [start, end) intervals covering one instant."""
     events = []

@@ -18,6 +18,7 @@ import psutil
 import pytest
 from flow_support import (
     TERMINAL,
+    flow_writing_result,
     result_status,
     runs_for_scan,
     start_stack,
@@ -264,7 +265,7 @@ def _flow_processes(serve):
 def test_flow_process_killed_mid_run_leaves_nothing_complete_and_catch_up_finishes(stack):
     client = stack.client()
     uid = _scan(stack, seed=7, shape=BIG)
-    wait_until(lambda: result_status(client, uid) == "running", 60, interval=0.05, what="result running")
+    wait_until(lambda: flow_writing_result(client, uid), 60, interval=0.05, what="a flow writing the result")
     victims = _flow_processes(stack.serve)
     assert victims, "no flow-run process found under the serve process"
     for p in victims:
@@ -282,7 +283,7 @@ def test_flow_process_killed_mid_run_leaves_nothing_complete_and_catch_up_finish
 def test_tiled_restart_during_a_flow_ends_complete(stack):
     client = stack.client()
     uid = _scan(stack, seed=8, shape=BIG)
-    wait_until(lambda: result_status(client, uid) == "running", 60, interval=0.05, what="result running")
+    wait_until(lambda: flow_writing_result(client, uid), 60, interval=0.05, what="a flow writing the result")
     stack.tiled.kill()
     time.sleep(2)
     stack.tiled.start()

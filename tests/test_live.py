@@ -129,6 +129,34 @@ def test_an_aborted_scan_leaves_its_provisional_result_marked_aborted(containers
     assert follower.stats.aborted == 1 and running_scans(raw) == []
 
 
+def test_refused_data_are_tried_again_only_when_more_temperatures_arrive(containers, monkeypatch, caplog):
+    from xtec_flows.tiled import live
+
+    _, raw, root = containers
+    params = ClusterParams(n_components=3)
+    follower = LiveFollower(raw, root, params)
+    fits = []
+    real_run = live.run
+    monkeypatch.setattr(live, "run", lambda volume, temps, *a, **kw: (fits.append(len(temps)),
+                                                                       real_run(volume, temps, *a, **kw))[1])
+    temps = TEMPS.copy()
+    temps[4] = temps[3]  # a repeated temperature from the 5th point on: every fit of 5 or more is refused
+    outcomes = []
+
+    def after_point(i):
+        uid = running_scans(raw)[0]
+        outcomes.append((i + 1, follower.update(uid), follower.update(uid)))
+
+    with caplog.at_level("WARNING", logger="xtec_flows.tiled.live"):
+        uid = run_temperature_scan(raw, temps, batch_size=1, after_point=after_point)
+    assert outcomes[2:5] == [(3, "updated", None), (4, "updated", None), (5, None, None)]
+    assert fits == list(range(3, len(temps) + 1))  # each count fitted once, refused or not
+    refusals = [r for r in caplog.records if "cannot be clustered" in r.getMessage()]
+    assert len(refusals) == len(temps) - 4 and "duplicate" in refusals[0].getMessage()
+    md = _result_md(root, tiled_io.result_key(uid, params.to_dict()))
+    assert md["status"] == "provisional" and md["n_temperatures_covered"] == 4
+
+
 def test_a_follower_restarted_mid_scan_picks_the_scan_up_where_its_result_stands(containers):
     _, raw, root = containers
     params = ClusterParams(n_components=3)

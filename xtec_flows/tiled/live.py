@@ -118,6 +118,8 @@ class _Followed:
     n_labels: int = 0
     alerts: list = field(default_factory=list)
     future: Future | None = None
+    #: temperatures recorded when the data were last refused (bad input): retried only with more
+    refused: int = 0
 
 
 @dataclass
@@ -268,10 +270,16 @@ class LiveFollower:
         n = len(scan.temperatures)
         if state.covered == 0:
             self._restore(state, key)
-        if n < MIN_PROVISIONAL_TEMPERATURES or n <= state.covered:
+        if n < MIN_PROVISIONAL_TEMPERATURES or n <= max(state.covered, state.refused):
             return None
         params = provisional_params(self.params, n)
-        result = run(scan.volume, scan.temperatures, params, chunks=self.chunks)
+        try:
+            result = run(scan.volume, scan.temperatures, params, chunks=self.chunks)
+        except ValueError as exc:  # the data so far are refused (e.g. a repeated temperature)
+            state.refused = n
+            log.warning("scan %s: its first %d temperatures cannot be clustered (%s); no provisional result "
+                        "until more are recorded", uid, n, tiled_io.redact_secrets(str(exc))[:500])
+            return None
         if result.classes is None:
             result = self._keep_colours(result, state)
         out = tiled_io.begin_provisional(self.results_root, key, scan, self.key_params, {
