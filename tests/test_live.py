@@ -17,7 +17,8 @@ from tiled_support import run_temperature_scan
 from xtec_flows import tiled as tiled_io
 from xtec_flows.engine import ClusterParams
 from xtec_flows.numerics.relabel import matching_permutation, rename
-from xtec_flows.tiled.live import LiveFollower, provisional_params, running_scans
+from xtec_flows.numerics.mixture import MixtureParams
+from xtec_flows.tiled.live import LiveFollower, provisional_params, running_scans, warm_start
 from xtec_flows.tiled.process import process_scan
 
 TEMPS = np.linspace(20.0, 200.0, 10)
@@ -62,6 +63,19 @@ def test_provisional_parameters_fall_back_to_fixed_k_below_what_class_discovery_
     assert provisional_params(fixed, 3) is fixed
 
 
+def test_a_warm_start_extends_the_previous_mixture_and_is_skipped_when_the_components_change():
+    previous = MixtureParams(np.array([0.5, 0.5, 0.0]), np.arange(12.0).reshape(3, 4), np.ones((3, 4)))
+    fixed = ClusterParams(n_components=3)
+    warm = warm_start(previous, 6, fixed)
+    assert warm.means.shape == (3, 6) and np.array_equal(warm.means[:, 4:], np.repeat(previous.means[:, 3:], 2, 1))
+    assert (warm.weights > 0).all() and (warm.variances > 0).all()  # an emptied component may fill again
+    assert warm_start(None, 6, fixed) is None
+    assert warm_start(previous, 6, ClusterParams(n_components=4)) is None
+    assert warm_start(previous, 3, fixed) is None  # fewer temperatures than it was fitted on
+    # classes="auto" fits max_components: the early 4-component fit does not carry over
+    assert warm_start(previous, 9, ClusterParams(classes="auto", max_components=6)) is None
+
+
 def test_provisional_results_grow_during_the_scan_and_the_final_result_replaces_them(containers):
     client, raw, root = containers
     params = ClusterParams(n_components=3)
@@ -95,6 +109,7 @@ def test_provisional_results_grow_during_the_scan_and_the_final_result_replaces_
     provisional = tiled_io.load_result(root[key])
     assert provisional.labels.shape == (16, 16, 16)
     assert follower.stats.errors == 0 and follower.stats.updates == len(TEMPS) - 2
+    assert follower.stats.warm_starts == follower.stats.updates - 1  # each after the first began from the last
 
     # The stop document: the final result takes the same key and replaces the provisional one.
     out = process_scan(client, f"{tiled_io.node_path(raw)}/{uid}", params, root=tiled_io.node_path(root))

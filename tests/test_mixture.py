@@ -194,3 +194,33 @@ def test_subsample_is_chosen_by_key_whatever_the_order_and_blocks():
         np.testing.assert_array_equal(o2, other)
     everything, _ = sample_rows([X], keys, 10**6, seed=11)
     np.testing.assert_array_equal(keys[everything], np.sort(keys))
+
+
+def test_a_warm_start_from_a_converged_fit_stays_there_and_one_of_the_wrong_shape_is_refused():
+    X, truth = blobs(4, n=4000, K=3, T=8)
+    cold = mx.fit_mixture(X, 3, tol=1e-6, random_state=1)
+    warm = mx.fit_mixture(X, 3, tol=1e-6, random_state=99, init_params=cold.params)
+    # EM begins at the optimum: its first E-step already has the converged likelihood, and it stops at once
+    assert warm.history[0] == pytest.approx(cold.log_likelihood / len(X), rel=1e-9) and warm.n_iter == 2
+    # it really begins there: from displaced means the first likelihood is lower, then EM climbs back
+    off = mx.fit_mixture(X, 3, tol=1e-6, init_params=mx.MixtureParams(cold.params.weights, cold.params.means + 0.3,
+                                                                       cold.params.variances))
+    assert off.history[0] < warm.history[0] - 0.01 and off.log_likelihood == pytest.approx(cold.log_likelihood, rel=1e-6)
+    np.testing.assert_array_equal(warm.labels, cold.labels)
+    assert warm.log_likelihood == pytest.approx(cold.log_likelihood, rel=1e-6)
+    # the previous fit of a series one temperature shorter, its last temperature repeated: a
+    # temperature series changes smoothly, so EM starts near the clusters and finds them
+    rng = np.random.default_rng(5)
+    t = np.linspace(0, 1, 8)
+    curves = np.stack([np.full(8, 1.0), 1.0 - t ** 2, 0.2 + 2 * np.exp(-((t - 0.6) / 0.15) ** 2)])
+    truth = rng.integers(3, size=3000)
+    series = curves[truth] + rng.normal(0, 0.1, (3000, 8))
+    short = mx.fit_mixture(series[:, :7], 3, tol=1e-6, random_state=1)
+    grown = mx.MixtureParams(short.params.weights, np.hstack([short.params.means, short.params.means[:, -1:]]),
+                             np.hstack([short.params.variances, short.params.variances[:, -1:]]))
+    refit = mx.fit_mixture(series, 3, tol=1e-6, init_params=grown)
+    assert adjusted_rand_score(refit.labels, truth) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"shape \(3, 8\)"):
+        mx.fit_mixture(X, 3, init_params=short.params)
+    with pytest.raises(ValueError, match="positive variances"):
+        mx.fit_mixture(X, 3, init_params=mx.MixtureParams(grown.weights, grown.means, 0 * grown.variances))

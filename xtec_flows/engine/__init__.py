@@ -168,9 +168,13 @@ def cluster(
 
 def run(
     volume, temperatures, params: ClusterParams, *, chunks=None, labels_store=None, overwrite=False, scratch=None,
-    progress=False, on_stage=None, components_store=None, limits: StreamingLimits | None = None,
+    progress=False, on_stage=None, components_store=None, limits: StreamingLimits | None = None, warm_start=None,
 ) -> ClusterResult:
     """:func:`cluster` with a ready :class:`ClusterParams`.
+
+    ``warm_start``: a :class:`~xtec_flows.numerics.mixture.MixtureParams` of the mixture's
+    shape to begin EM from instead of seeding (a provisional update of a growing scan starts
+    from the previous update's fit); it does not enter the result's parameters.
 
     ``on_stage(name, fraction)``, if given, is called as each pass ends ("read", "fit",
     "labels") with the fraction of the work done so far (0..1); orchestrators use it for
@@ -184,12 +188,13 @@ def run(
     traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress,
                                limits=limits or DEFAULT_LIMITS)
     try:
-        return _fit_and_label(traj, params, labels_store, components_store, report)
+        return _fit_and_label(traj, params, labels_store, components_store, report, warm_start)
     finally:
         traj.close()
 
 
-def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, components_store, report) -> ClusterResult:
+def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, components_store, report,
+                   warm_start=None) -> ClusterResult:
     report("read", 0.6)
     t0 = time.perf_counter()
     if params.mode == "peaks":
@@ -198,14 +203,17 @@ def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, comp
     discovery = None
     if params.classes is None:
         traj.raw = None  # the raw intensities are not needed any more: free them before the fit
-        fit = fit_trajectories(traj, params, X=X)
+        fit = fit_trajectories(traj, params, X=X, init_params=warm_start)
         traj.timings["fit"] = time.perf_counter() - t0
     else:
         k = min(params.max_components, X.shape[0])
+        if warm_start is not None and warm_start.n_components != k:
+            warm_start = None  # fewer rows than max_components: seed afresh
         # The restarts that lost are fits from other seeds: they serve as the stability refits,
         # so run at least one restart per refit beside the winner.
         fit = fit_trajectories(traj, params, n_components=k, X=X, warn_empty=False,
-                               n_init=max(params.n_init, params.stability_runs + 1), keep_restarts=True)
+                               n_init=max(params.n_init, params.stability_runs + 1), keep_restarts=True,
+                               init_params=warm_start)
         traj.timings["fit"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         row_raw = _row_raw(traj, params)

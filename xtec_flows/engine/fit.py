@@ -85,9 +85,11 @@ def features(traj: Trajectories, params: ClusterParams):
 
 def fit_trajectories(
     traj: Trajectories, params: ClusterParams, n_components: int | None = None, X: np.ndarray | None = None,
-    warn_empty: bool = True, n_init: int | None = None, keep_restarts: bool = False,
+    warn_empty: bool = True, n_init: int | None = None, keep_restarts: bool = False, init_params=None,
 ) -> FitOutput:
-    """Cluster gathered trajectories (features computed unless given); labels per thresholded voxel."""
+    """Cluster gathered trajectories (features computed unless given); labels per thresholded voxel.
+
+    ``init_params``: a warm start for the mixture (:func:`~xtec_flows.numerics.mixture.fit_mixture`)."""
     k = params.n_components if n_components is None else n_components
     if X is None:
         X = features(traj, params)
@@ -118,6 +120,7 @@ def fit_trajectories(
         # Voxels are rows by their flat index, so the seeding subsample is the same voxels
         # however the rows are ordered (peaks: by peak number, already chunk-independent).
         sample_keys=None if params.mode == "peaks" else traj.row_keys,
+        init_params=init_params,
     )
     labels = fit.labels
     counts = fit.counts

@@ -540,6 +540,7 @@ def fit_mixture(
     n_threads: int | None = None,
     keep_restarts: bool = False,
     sample_keys=None,
+    init_params: MixtureParams | None = None,
 ) -> MixtureFit:
     """Fit a diagonal Gaussian mixture by EM.
 
@@ -561,6 +562,9 @@ def fit_mixture(
         What identifies each row, e.g. its voxel's flat index: the seeding subsample is the
         rows of smallest :func:`.subsample.subsample_rank` of their keys, so the fit does not depend on
         the order of the rows. Default: the row indices.
+    init_params : None or MixtureParams with means and variances of shape (n_components, T)
+        A warm start: EM begins from these parameters (e.g. the previous fit of a series
+        that has grown by a temperature) instead of k-means++ seeds; ``n_init`` is then 1.
 
     Returns
     -------
@@ -576,23 +580,40 @@ def fit_mixture(
             X, n_components, reg_covar=reg_covar, tol=tol, max_iter=max_iter, n_init=n_init,
             random_state=random_state, smoother=smoother, init_sample_size=init_sample_size,
             block_size=block_size, n_threads=n_threads, keep_restarts=keep_restarts, sample_keys=sample_keys,
+            init_params=init_params,
         )
 
 
+def _check_init_params(init: MixtureParams, n_components: int, n_features: int) -> MixtureParams:
+    means = np.asarray(init.means, dtype=np.float64)
+    variances = np.asarray(init.variances, dtype=np.float64)
+    weights = np.asarray(init.weights, dtype=np.float64)
+    if means.shape != (n_components, n_features) or variances.shape != means.shape or weights.shape != (n_components,):
+        raise ValueError(f"init_params must have means and variances of shape ({n_components}, {n_features}) and "
+                         f"weights of shape ({n_components},); got {means.shape}, {variances.shape}, {weights.shape}")
+    if not (np.isfinite(means).all() and (variances > 0).all() and (weights > 0).all()):
+        raise ValueError("init_params must have finite means and positive variances and weights")
+    return MixtureParams(weights / weights.sum(), means, variances)
+
+
 def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_state, smoother,
-                 init_sample_size, block_size, n_threads, keep_restarts=False, sample_keys=None) -> MixtureFit:
+                 init_sample_size, block_size, n_threads, keep_restarts=False, sample_keys=None,
+                 init_params=None) -> MixtureFit:
     rng = np.random.default_rng(random_state)
     # The subsample's hash seed comes from random_state apart from ``rng``, so choosing the
     # subsample consumes nothing of the stream k-means++ draws from.
     sample_seed = hash_seed(random_state)
     blocks = _Blocks(X, block_size, n_threads, sample_keys)
     n, n_features = blocks.n_samples, blocks.n_features
+    if init_params is not None:
+        init_params = _check_init_params(init_params, n_components, n_features)
     try:
         best = None
         subsample_fits = [] if keep_restarts else None
         full_fits = []
-        for restart, params in enumerate(_initial_params(blocks, n_components, n_init, rng, reg_covar, tol, max_iter,
-                                                         init_sample_size, subsample_fits, sample_seed)):
+        starts = [init_params] if init_params is not None else _initial_params(
+            blocks, n_components, n_init, rng, reg_covar, tol, max_iter, init_sample_size, subsample_fits, sample_seed)
+        for restart, params in enumerate(starts):
             history: list[float] = []
             converged = False
             n_iter = 0

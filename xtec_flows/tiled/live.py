@@ -14,8 +14,10 @@ with status ``provisional`` and :data:`~.spec.PROVISIONAL_KEYS`. Then:
 * a follower started while a scan runs picks it up from its provisional result (temperatures
   covered, labels, alerts already sent).
 
-Successive updates keep their colours: each fixed-K update is renamed to match the previous
-one (:mod:`xtec_flows.numerics.relabel`). With ``classes="auto"`` the fit switches from a
+Each update's EM is warm-started from the previous update's mixture (:func:`warm_start`), so it
+converges in a few iterations near the solution already shown, and successive updates keep
+their colours: each fixed-K update is renamed to match the previous one
+(:mod:`xtec_flows.numerics.relabel`). With ``classes="auto"`` the fit switches from a
 fixed-K fit to class discovery once the series has the temperatures class discovery needs,
 and each class kind that signals a transition (order parameter, critical, onset) is
 announced once per scan through ``notify(ClassAlert)`` — the flows package turns that into a
@@ -37,6 +39,7 @@ import numpy as np
 from .. import tiled as tiled_io
 from ..engine import ClusterParams, run
 from ..numerics.classes import MIN_TEMPERATURES, ClassKind
+from ..numerics.mixture import MixtureParams
 from ..numerics.relabel import matching_permutation, rename
 from .watch import ScanRule, is_mongo_catalog
 
@@ -88,6 +91,22 @@ def provisional_params(params: ClusterParams, n_temperatures: int) -> ClusterPar
     return dataclasses.replace(params, stability_runs=0)
 
 
+def warm_start(previous: MixtureParams | None, n_temperatures: int, params: ClusterParams) -> MixtureParams | None:
+    """Where the next provisional fit's EM begins: the previous update's mixture, its
+    trajectories extended to ``n_temperatures`` by repeating their last temperature (EM moves
+    them from there). None (seed afresh) without a previous fit of as many components, e.g.
+    when the fit switches from the early fixed-K fit to class discovery."""
+    k = params.n_components if params.classes is None else params.max_components
+    if previous is None or previous.n_components != k or previous.means.shape[1] > n_temperatures:
+        return None
+    grow = n_temperatures - previous.means.shape[1]
+    extend = lambda a: np.concatenate([a, np.repeat(a[:, -1:], grow, axis=1)], axis=1)  # noqa: E731
+    # An emptied component keeps a small weight and variance: EM may fill it again.
+    weights = np.maximum(np.asarray(previous.weights, dtype=np.float64), 1e-6)
+    variances = np.maximum(extend(np.asarray(previous.variances, dtype=np.float64)), params.reg_covar)
+    return MixtureParams(weights, extend(np.asarray(previous.means, dtype=np.float64)), variances)
+
+
 def running_scans(raw, rule: ScanRule = ScanRule(), *, since: float | None = None) -> list[str]:
     """Uids of runs in ``raw`` that have no stop document yet (started at ``since`` or later), oldest first."""
     from tiled.queries import Key, KeyPresent
@@ -120,6 +139,8 @@ class _Followed:
     future: Future | None = None
     #: temperatures recorded when the data were last refused (bad input): retried only with more
     refused: int = 0
+    #: the previous update's mixture, (K, covered) means and variances: the next fit's warm start
+    mixture: MixtureParams | None = None
 
 
 @dataclass
@@ -128,6 +149,8 @@ class LiveStats:
 
     polls: int = 0
     updates: int = 0
+    #: updates whose EM began from the previous update's mixture
+    warm_starts: int = 0
     aborted: int = 0
     alerts: int = 0
     errors: int = 0
@@ -273,8 +296,9 @@ class LiveFollower:
         if n < MIN_PROVISIONAL_TEMPERATURES or n <= max(state.covered, state.refused):
             return None
         params = provisional_params(self.params, n)
+        warm = warm_start(state.mixture, n, params)
         try:
-            result = run(scan.volume, scan.temperatures, params, chunks=self.chunks)
+            result = run(scan.volume, scan.temperatures, params, chunks=self.chunks, warm_start=warm)
         except ValueError as exc:  # the data so far are refused (e.g. a repeated temperature)
             state.refused = n
             log.warning("scan %s: its first %d temperatures cannot be clustered (%s); no provisional result "
@@ -294,6 +318,8 @@ class LiveFollower:
             return None
         tiled_io.write_result(out, result, scan, status=tiled_io.Status.PROVISIONAL)
         state.covered = n
+        state.mixture = MixtureParams(np.asarray(result.weights), np.asarray(result.means), np.asarray(result.variances))
+        self.stats.warm_starts += warm is not None
         state.labels = np.asarray(result.labels[...])
         state.n_labels = int(result.means.shape[0]) if result.classes is None else 0
         self.stats.updates += 1
@@ -314,6 +340,10 @@ class LiveFollower:
             return
         state.covered = int(md.get("n_temperatures_covered") or 0)
         state.alerts = list(md.get("alerts") or [])
+        try:
+            state.mixture = MixtureParams(*(np.asarray(old[k].read()) for k in ("weights", "means", "variances")))
+        except KeyError:
+            state.mixture = None
         if md.get("content") != tiled_io.CLASSES_CONTENT and tiled_io.LABELS.key in old:
             state.labels = np.asarray(old[tiled_io.LABELS.key].read())
             state.n_labels = int(md.get("n_components") or 0)
