@@ -141,6 +141,8 @@ class _Followed:
     refused: int = 0
     #: the previous update's mixture, (K, covered) means and variances: the next fit's warm start
     mixture: MixtureParams | None = None
+    #: whether an earlier provisional result (a follower restarted mid-scan) has been looked for
+    resumed: bool = False
 
 
 @dataclass
@@ -291,7 +293,8 @@ class LiveFollower:
             log.debug("scan %s: nothing to cluster yet (%s)", uid, exc)
             return None
         n = len(scan.temperatures)
-        if state.covered == 0:
+        if not state.resumed:  # once per followed scan, not at every poll before its 3rd temperature
+            state.resumed = True
             self._restore(state, key)
         if n < MIN_PROVISIONAL_TEMPERATURES or n <= max(state.covered, state.refused):
             return None

@@ -63,6 +63,28 @@ def find_result(root_node, key: str):
     return root_node[key] if key in root_node else None
 
 
+def _create_result_container(root_node, key: str, scan: TiledScan, params: dict, **extra):
+    """Create result container ``key`` with status running and its provenance (plus ``extra``
+    metadata). A refused key raises AccessDenied; a 409 (it exists) is left to the caller."""
+    from tiled.structures.core import Spec
+
+    md = {
+        "status": Status.RUNNING.value,
+        **extra,
+        "created": utc_now(),
+        "source": scan.source_metadata(),
+        "parameters": params,
+        "engine_major": engine_major(),
+        "versions": _versions(),
+    }
+    try:
+        return root_node.create_container(key, metadata=md, specs=[Spec(RESULT_SPEC, version=RESULT_SPEC_VERSION)])
+    except Exception as exc:
+        if denied_status(exc):
+            raise access_denied(f"create the result {node_path(root_node)}/{key}", exc) from None
+        raise
+
+
 def begin_result(root_node, key: str, scan: TiledScan, params: dict):
     """Create the result container with status 'running' (replacing an incomplete one).
 
@@ -70,8 +92,6 @@ def begin_result(root_node, key: str, scan: TiledScan, params: dict):
     this key already exists (then nothing is created and the caller should not
     recompute).
     """
-    from tiled.structures.core import Spec
-
     old = find_result(root_node, key)
     attempt = 1
     if old is not None:
@@ -84,20 +104,9 @@ def begin_result(root_node, key: str, scan: TiledScan, params: dict):
             attempt = int((old.metadata or {}).get("attempt") or 1) + 1
         log.info("replacing %s result %s (attempt %d)", status, key, attempt)
         old.delete(recursive=True, external_only=False)
-    md = {
-        "status": Status.RUNNING.value,
-        "attempt": attempt,
-        "created": utc_now(),
-        "source": scan.source_metadata(),
-        "parameters": params,
-        "engine_major": engine_major(),
-        "versions": _versions(),
-    }
     try:
-        node = root_node.create_container(key, metadata=md, specs=[Spec(RESULT_SPEC, version=RESULT_SPEC_VERSION)])
+        node = _create_result_container(root_node, key, scan, params, attempt=attempt)
     except Exception as exc:
-        if denied_status(exc):
-            raise access_denied(f"create the result {node_path(root_node)}/{key}", exc) from None
         if http_status(exc) != 409:
             raise
         # Another worker created it between our check and our create.
@@ -120,27 +129,14 @@ def begin_provisional(root_node, key: str, scan: TiledScan, params: dict, provis
     key holds anything but a provisional or aborted result (the final one is being made, or
     exists): a provisional result never replaces it.
     """
-    from tiled.structures.core import Spec
-
     old = find_result(root_node, key)
     if old is not None:
-        md = old.metadata or {}
-        if not md.get("provisional") or md.get("status") not in (Status.PROVISIONAL, Status.ABORTED,
-                                                                  Status.RUNNING):
+        # Only provisional results carry the flag (begin_result creates the final one without it).
+        if not (old.metadata or {}).get("provisional"):
             return None
         old.delete(recursive=True, external_only=False)
-    md = {
-        "status": Status.RUNNING.value,
-        "provisional": True,
-        "created": utc_now(),
-        "source": scan.source_metadata(),
-        "parameters": params,
-        "engine_major": engine_major(),
-        "versions": _versions(),
-        **json_safe(provisional),
-    }
     try:
-        return root_node.create_container(key, metadata=md, specs=[Spec(RESULT_SPEC, version=RESULT_SPEC_VERSION)])
+        return _create_result_container(root_node, key, scan, params, provisional=True, **json_safe(provisional))
     except Exception as exc:
         if http_status(exc) == 409:  # the final result was created meanwhile
             return None
