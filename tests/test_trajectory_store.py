@@ -13,6 +13,7 @@ import xtec_flows
 from xtec_flows.engine import ClusterParams, StreamingLimits, gather_trajectories
 from xtec_flows.engine.fit import features
 from xtec_flows.engine.trajectories import Trajectories
+from xtec_flows.engine.trajectory_store import ChunkedTrajectories
 from xtec_flows.numerics.smoothing import SmoothingKernel
 from xtec_flows.synthetic import make_volume
 
@@ -64,13 +65,30 @@ def test_chunked_em_equals_in_memory_em(volume, chunks):
     assert other.n_reads == 1
 
 
-def test_peak_averaging_brings_chunked_rows_into_memory(volume):
-    # Peaks are connected components across blocks: their voxels are gathered first.
+@pytest.mark.parametrize("chunks", [(16, 16, 16), (4, 6, 9)], ids=["blocks", "thin-blocks"])
+@pytest.mark.parametrize("classes", [None, "auto"])
+def test_peak_averaging_runs_on_chunked_rows_where_they_are(volume, monkeypatch, chunks, classes):
+    # Peaks are connected across blocks, yet each block's rows learn their peak where they are
+    # and only the peaks' sums come back: the in-memory labels, counts and classes, no gathering.
     vol, temps, _ = volume
-    ref = xtec_flows.cluster(vol, temps, mode="peaks", n_components=3)
-    other = xtec_flows.cluster(vol, temps, chunks=(4, 6, 9), limits=CHUNKED, mode="peaks", n_components=3)
+    kwargs = dict(mode="peaks", n_components=3) if classes is None else dict(mode="peaks", classes="auto")
+    ref = xtec_flows.cluster(vol, temps, **kwargs)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("mode peaks brought the chunked rows into memory")
+
+    monkeypatch.setattr(Trajectories, "to_memory", refuse)
+    monkeypatch.setattr(ChunkedTrajectories, "to_memory", refuse)
+    other = xtec_flows.cluster(vol, temps, chunks=chunks, limits=CHUNKED, **kwargs)
+    assert ref.n_peaks > 10 and other.n_peaks == ref.n_peaks
     np.testing.assert_array_equal(other.labels[...], ref.labels[...])
+    np.testing.assert_array_equal(other.counts, ref.counts)
     assert other.log_likelihood == pytest.approx(ref.log_likelihood, rel=1e-9)
+    if classes is not None:
+        np.testing.assert_array_equal(other.components[...], ref.components[...])
+        assert [(c["kind"], c["n_voxels"], c["n_peaks"]) for c in other.classes] == \
+            [(c["kind"], c["n_voxels"], c["n_peaks"]) for c in ref.classes]
+        assert sum(c["n_voxels"] for c in ref.classes) == ref.n_thresholded
 
 
 @pytest.mark.parametrize("chunks, kernel", [

@@ -20,8 +20,10 @@ The 4-D input (T, *spatial) is streamed block by block through dask, normally on
 The fit then runs where the rows are (EM as a reduction of per-block sufficient
 statistics; the seeding subsample is chosen by voxel index, so the answer does not
 depend on the row order), and labels are written block by block into a chunked
-int8 zarr array. XTEC-s (:mod:`..numerics.smoothing_blocks`), class discovery and
-``apply`` work on the row blocks too; only mode "peaks" brings the rows into memory.
+int8 zarr array. XTEC-s (:mod:`..numerics.smoothing_blocks`), class discovery,
+``apply`` and mode "peaks" work on the row blocks too: in mode "peaks" each block's rows
+learn their connected peak where they are, and only the peaks' summed trajectories
+(n_peaks x T) come back to be fitted.
 dask's default scheduler is used, so an active ``distributed.Client`` takes the
 block tasks; otherwise the local threaded scheduler does.
 
@@ -51,9 +53,8 @@ import numpy as np
 from .. import validation
 from .._version import __version__
 from ..io import zarr_io
-from ..numerics import peaks
 from ..numerics.smoothing import SmoothingKernel
-from .class_discovery import discover_classes
+from .class_discovery import discover_classes, restart_sample_size
 from .fit import FitOutput, features, fit_trajectories
 from .labels import write_labels
 from .model import StoredModel, label_with_model
@@ -197,8 +198,6 @@ def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, comp
                    warm_start=None) -> ClusterResult:
     report("read", 0.6)
     t0 = time.perf_counter()
-    if params.mode == "peaks":
-        traj.to_memory()  # peaks are connected across blocks
     X = features(traj, params)
     discovery = None
     if params.classes is None:
@@ -210,10 +209,11 @@ def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, comp
         if warm_start is not None and warm_start.n_components != k:
             warm_start = None  # fewer rows than max_components: seed afresh
         # The restarts that lost are fits from other seeds: they serve as the stability refits,
-        # so run at least one restart per refit beside the winner.
+        # so run at least one restart per refit beside the winner, each on a subsample.
         fit = fit_trajectories(traj, params, n_components=k, X=X, warn_empty=False,
                                n_init=max(params.n_init, params.stability_runs + 1), keep_restarts=True,
-                               init_params=warm_start)
+                               init_params=warm_start,
+                               init_sample_size=restart_sample_size(k, params.init_sample_size))
         traj.timings["fit"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         row_raw = _row_raw(traj, params)
@@ -224,7 +224,7 @@ def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, comp
             row_keys=None if params.mode == "peaks" else traj.row_keys,
         )
         if params.mode == "peaks":
-            discovery.count_peak_voxels(fit.sample_labels)
+            discovery.count_peak_voxels(fit.row_labels, traj.peak_sizes)
         traj.raw = None
         del row_raw
         traj.timings["classes"] = time.perf_counter() - t1
@@ -268,11 +268,9 @@ def _label_by_model(traj: Trajectories, model: StoredModel, params: ClusterParam
                     report) -> ClusterResult:
     report("read", 0.6)
     t0 = time.perf_counter()
-    if params.mode == "peaks":
-        traj.to_memory()  # peaks are connected across blocks
     X = features(traj, params)
-    peak_ids = traj.peak_ids if params.mode == "peaks" else None
-    labelled = label_with_model(model, X, traj.temperatures, _row_raw(traj, params), peak_ids)
+    labelled = label_with_model(model, X, traj.temperatures, _row_raw(traj, params),
+                                traj if params.mode == "peaks" else None)
     traj.raw = None
     del X
     traj.timings["fit"] = time.perf_counter() - t0
@@ -285,9 +283,11 @@ def _label_by_model(traj: Trajectories, model: StoredModel, params: ClusterParam
 
 def _row_raw(traj: Trajectories, params: ClusterParams):
     """(n_rows, T) raw intensities of the rows the mixture saw: voxels, or peak means in mode "peaks"."""
+    if params.mode == "peaks":
+        return traj.peak_raw
     if traj.chunked is not None:
         return traj.chunked.raw()
-    return traj.raw if params.mode != "peaks" else peaks.peak_means(traj.raw, traj.peak_ids, traj.n_peaks)[0]
+    return traj.raw
 
 
 def _labelled_result(traj: Trajectories, params: ClusterParams, sample_labels, discovery, mixture, *, counts,
@@ -369,8 +369,6 @@ def select_n_components(volume, temperatures, k_values=range(2, 11), *, criterio
     traj = gather_trajectories(volume, temperatures, params, chunks=chunks, scratch=scratch, progress=progress,
                                limits=limits or DEFAULT_LIMITS)
     try:
-        if params.mode == "peaks":
-            traj.to_memory()  # peaks are connected across blocks
         # Chunked rows (inputs above 512 MB) are fitted and scored block by block where they are.
         X = features(traj, params)
         table = []

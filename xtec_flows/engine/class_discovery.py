@@ -4,7 +4,7 @@ Runs after the mixture fit (``classes="auto"``), on the components' labels and t
 trajectories, in memory or block by block where the trajectory store keeps them. Steps:
 
 1. per-component moments of the relative trajectories I / <I>_T (one pass over the rows);
-2. a curve model per component (:func:`numerics.classes.fit_curve`), with a common
+2. a curve model per component (:func:`numerics.classes.fit_curves`), with a common
    per-temperature factor divided out first (see :func:`common_temperature_factor`);
 3. components grouped into classes of one kind and one Tc (:func:`numerics.classes.group_components`),
    each class refitted on its pooled mean trajectory;
@@ -41,6 +41,12 @@ MIN_COMMON_FACTOR = 0.01
 """A common temperature factor within 1 % of 1 at every temperature is counting noise: left uncorrected."""
 STABILITY_SAMPLE = 60_000
 """Rows of the subsample on which stability refits run (all rows when there are fewer)."""
+RESTART_ROWS_PER_COMPONENT = 625
+"""Rows per component of the subsample on which class discovery's restarts run (5,000 at
+``max_components`` 8) before the winner is refined on every row. A restart is asked which basin
+it falls into, not for its last digits; fitting each of ``stability_runs + 1`` restarts at 8
+components on every row cost 2-4x a whole XTEC-d run (benchmarks/RESULTS.md, section 13), and
+the classes found on the grid of generator settings did not change with the smaller sample."""
 STABILITY_STREAM = 0x5EED
 """Stream number of the stability subsample's rank seed, apart from the mixture's seeding subsample."""
 
@@ -116,15 +122,19 @@ class ClassDiscovery:
     temperature_factor: np.ndarray
     stability: dict = field(default_factory=dict)
 
-    def class_labels(self, component_labels: np.ndarray) -> np.ndarray:
-        """Class label of every sample from its component label; shape of the input, int8."""
-        return self.component_class[np.asarray(component_labels, dtype=np.intp)]
+    def class_labels(self, component_labels):
+        """Class label of every sample from its component label; shape of the input, int8
+        (a dask array stays one, mapped block by block where it is)."""
+        if hasattr(component_labels, "map_blocks"):
+            return component_labels.map_blocks(_classes_of, self.component_class, dtype=np.int8)
+        return _classes_of(component_labels, self.component_class)
 
-    def count_peak_voxels(self, voxel_component_labels: np.ndarray) -> None:
-        """Mode "peaks": the fit's rows are peaks, so n_voxels counted peaks; recount voxels
-        from every thresholded voxel's component label (n_samples,) and keep the peaks as n_peaks."""
-        labels = self.class_labels(voxel_component_labels)
-        voxels = np.bincount(labels[labels >= 0], minlength=len(self.classes))
+    def count_peak_voxels(self, peak_component_labels: np.ndarray, peak_sizes: np.ndarray) -> None:
+        """Mode "peaks": the fit's rows are peaks, so n_voxels counted peaks; recount voxels from
+        every peak's component label (n_peaks,) and size (n_peaks,), and keep the peaks as n_peaks."""
+        labels = self.class_labels(peak_component_labels)
+        voxels = np.bincount(labels[labels >= 0], weights=np.asarray(peak_sizes)[labels >= 0],
+                             minlength=len(self.classes)).astype(np.int64)
         for c in self.classes:
             c.n_peaks, c.n_voxels = c.n_voxels, int(voxels[c.label])
 
@@ -136,6 +146,10 @@ class ClassDiscovery:
             "temperature_factor": [float(v) for v in self.temperature_factor],
             "stability": self.stability,
         }
+
+
+def _classes_of(component_labels: np.ndarray, component_class: np.ndarray) -> np.ndarray:
+    return component_class[np.asarray(component_labels, dtype=np.intp)]
 
 
 def component_moments(row_raw, row_labels: np.ndarray, n_components: int) -> ComponentMoments:
@@ -183,13 +197,11 @@ def common_temperature_factor(moments: ComponentMoments, fits: list) -> np.ndarr
 
 def _fit_components(temperatures, moments: ComponentMoments, factor: np.ndarray, **fit_kw) -> list:
     mean, sem = moments.relative_mean_sem()
-    fits = []
-    for k in range(mean.shape[0]):
-        if moments.counts[k] == 0:
-            fits.append(curves.CurveFit(kind=ClassKind.OTHER, model="empty"))
-            continue
-        fits.append(curves.fit_curve(temperatures, mean[k] / factor, sem[k] / factor, **fit_kw))
-    return fits
+    filled = np.flatnonzero(moments.counts > 0)
+    fitted = iter(curves.fit_curves(temperatures, mean[filled] / factor, sem[filled] / factor, **fit_kw)
+                  if filled.size else [])
+    return [next(fitted) if moments.counts[k] > 0 else curves.CurveFit(kind=ClassKind.OTHER, model="empty")
+            for k in range(mean.shape[0])]
 
 
 def group_into_classes(temperatures, moments: ComponentMoments, rescaled_means: np.ndarray,
@@ -292,6 +304,12 @@ def measure_stability(discovery: ClassDiscovery, reference_labels: np.ndarray, r
     }
 
 
+def restart_sample_size(n_components: int, init_sample_size: int) -> int:
+    """Rows of the seeding subsample for class discovery's mixture fit: the restarts converge
+    on it and only the best goes on to the full data (see ``RESTART_ROWS_PER_COMPONENT``)."""
+    return min(int(init_sample_size), RESTART_ROWS_PER_COMPONENT * int(n_components))
+
+
 def discover_classes(
     temperatures: np.ndarray,
     X: np.ndarray,
@@ -352,7 +370,8 @@ def discover_classes(
         # Rows chosen by key, as the seeding subsample is: the same voxels in memory or in blocks.
         sample, (Xs, raw_s) = sample_rows([X, row_raw], row_keys, STABILITY_SAMPLE,
                                           hash_seed(random_state, STABILITY_STREAM))
-        reference = discovery.class_labels(row_labels[sample])
+        # The subsample's labels only (dask labels: gathered from where the blocks are).
+        reference = np.asarray(discovery.class_labels(row_labels[sample]))
         refits = []
 
         def classes_of(labels):

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..numerics import peaks
 from ..numerics.mixture import MixtureFit, MixtureParams, fit_mixture
 from ..numerics.rescale import rescale
 from ..numerics.smoothing import LabelSmoother
@@ -21,7 +20,8 @@ class FitOutput:
     """The mixture fit and its labels per thresholded voxel.
 
     mixture : MixtureFit over the rows of the features (voxels, or peaks in mode "peaks")
-    sample_labels : (n_samples,) int8, the label of every thresholded voxel
+    sample_labels : (n_samples,) int8, the label of every thresholded voxel (mode "peaks" with
+        chunked rows: a dask array, one chunk per block, computed where the rows are)
     counts : (K,) voxels per label
     """
 
@@ -72,24 +72,24 @@ def _rescale_float32(raw: np.ndarray, method: str, rows: int = 1 << 18) -> np.nd
 def features(traj: Trajectories, params: ClusterParams):
     """What the mixture sees: rescaled trajectories (n_samples, T), or rescaled
     peak averages (n_peaks, T) in mode "peaks"; float32. A dask array, read block by block
-    from the scratch, when the trajectories are chunked (rows in block order)."""
-    if traj.chunked is not None:
-        if params.mode == "peaks":
-            raise ValueError("mode 'peaks' needs the trajectories in memory: call traj.to_memory() first")
-        return traj.chunked.features(params.rescale)
+    from the scratch, when the trajectories are chunked (rows in block order); the peak
+    averages are always in memory (there are far fewer peaks than voxels)."""
     if params.mode == "peaks":
-        means, _sizes = peaks.peak_means(traj.raw, traj.peak_ids, traj.n_peaks)
-        return rescale(means, params.rescale).astype(np.float32)
+        return rescale(traj.peak_raw, params.rescale).astype(np.float32)
+    if traj.chunked is not None:
+        return traj.chunked.features(params.rescale)
     return _rescale_float32(traj.raw, params.rescale)
 
 
 def fit_trajectories(
     traj: Trajectories, params: ClusterParams, n_components: int | None = None, X: np.ndarray | None = None,
     warn_empty: bool = True, n_init: int | None = None, keep_restarts: bool = False, init_params=None,
+    init_sample_size: int | None = None,
 ) -> FitOutput:
     """Cluster gathered trajectories (features computed unless given); labels per thresholded voxel.
 
-    ``init_params``: a warm start for the mixture (:func:`~xtec_flows.numerics.mixture.fit_mixture`)."""
+    ``init_params``: a warm start for the mixture (:func:`~xtec_flows.numerics.mixture.fit_mixture`);
+    ``init_sample_size``: rows of the subsample the restarts run on (default: the parameters')."""
     k = params.n_components if n_components is None else n_components
     if X is None:
         X = features(traj, params)
@@ -115,7 +115,7 @@ def fit_trajectories(
         n_init=params.n_init if n_init is None else n_init,
         random_state=params.random_state,
         smoother=smoother,
-        init_sample_size=params.init_sample_size,
+        init_sample_size=params.init_sample_size if init_sample_size is None else init_sample_size,
         keep_restarts=keep_restarts,
         # Voxels are rows by their flat index, so the seeding subsample is the same voxels
         # however the rows are ordered (peaks: by peak number, already chunk-independent).
@@ -125,8 +125,8 @@ def fit_trajectories(
     labels = fit.labels
     counts = fit.counts
     if params.mode == "peaks":
-        labels = labels[traj.peak_ids - 1]
-        counts = np.bincount(labels, minlength=k)
+        labels = traj.voxel_labels(fit.labels)
+        counts = np.bincount(fit.labels, weights=traj.peak_sizes, minlength=k).astype(np.int64)
     empty = [int(i) for i in np.nonzero(counts == 0)[0]]
     if empty and warn_empty:
         warnings.warn(

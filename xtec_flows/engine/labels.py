@@ -55,11 +55,16 @@ def _write_chunked(traj: Trajectories, sample_labels: np.ndarray, arr: zarr.Arra
     chunked = traj.chunked
     regions = list(block_regions(traj.spatial_chunks))
     starts = chunked.row_starts
+    if hasattr(sample_labels, "to_delayed"):
+        # Lazy labels (mode "peaks": made from each row's peak where the rows are), one chunk per block.
+        per_block = list(sample_labels.rechunk((tuple(int(n) for n in chunked.counts),)).to_delayed().ravel())
+    else:
+        per_block = [sample_labels[starts[p]:starts[p + 1]] for p in range(len(chunked.blocks))]
     for first in range(0, len(chunked.blocks), batch):
         positions = range(first, min(first + batch, len(chunked.blocks)))
         tasks = [
             dask.delayed(_label_block)(chunked.sources[chunked.blocks[p]], chunked.log_cutoff,
-                                       sample_labels[starts[p]:starts[p + 1]], regions[chunked.blocks[p]][1],
+                                       per_block[p], regions[chunked.blocks[p]][1],
                                        regions[chunked.blocks[p]][2], traj.spatial_shape)
             for p in positions
         ]

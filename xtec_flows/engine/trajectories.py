@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import validation
 from ..chunking import block_regions
-from ..numerics import threshold
+from ..numerics import peaks, threshold
 from ..numerics.blocks import block_counts, gather_block, log_valid
 from .components import chunked_components
 from .first_pass import block_first_pass, provisional_cut
@@ -43,7 +43,11 @@ class Trajectories:
     wrote them: ``chunked`` (:class:`~.trajectory_store.ChunkedTrajectories`, rows in block
     order), ``flat`` and ``raw`` None until :meth:`to_memory`. Call :meth:`close` when done.
 
-    peak_ids : (n_samples,) int32, peak of each voxel (1..n_peaks), mode "peaks" only
+    Mode "peaks" only:
+
+    peak_ids : (n_samples,) int32, peak of each voxel (1..n_peaks), in memory only (chunked rows
+        keep theirs beside them)
+    peak_raw : (n_peaks, T) float64 mean raw trajectory of each peak; peak_sizes : (n_peaks,) its voxels
     histogram : threshold histogram of log(<I>_T)
     cutoff : the threshold result
     """
@@ -59,6 +63,8 @@ class Trajectories:
     n_masked_nonfinite: int
     peak_ids: np.ndarray | None = None
     n_peaks: int = 0
+    peak_raw: np.ndarray | None = None
+    peak_sizes: np.ndarray | None = None
     n_reads: int = 1
     timings: dict = field(default_factory=dict)
     chunked: ChunkedTrajectories | None = None
@@ -72,11 +78,24 @@ class Trajectories:
         """(n_samples,) int64 flat index of each row, numpy or (chunked) dask: what identifies a row."""
         return self.chunked.flat() if self.chunked is not None else self.flat
 
+    def voxel_labels(self, row_labels: np.ndarray):
+        """(n_samples,) int8 label of every thresholded voxel from the labels of the fit's rows:
+        the rows themselves, or in mode "peaks" (``n_peaks`` rows) each voxel's peak's label:
+        numpy in memory, a dask array computed where the chunked rows are."""
+        if self.peak_sizes is None:
+            return row_labels
+        if self.chunked is not None:
+            return self.chunked.labels_of_peaks(row_labels)
+        return row_labels[self.peak_ids - 1]
+
     def to_memory(self) -> "Trajectories":
         """Bring chunked rows into memory, sorted by voxel (the in-memory layout), and remove
-        their scratch; for the step that needs every row at once (peaks: connected across blocks)."""
+        their scratch (for a caller that wants every row at once; the engine never does)."""
         if self.chunked is not None:
-            self.flat, self.raw = self.chunked.to_memory()
+            parts = self.chunked.to_memory(with_peaks=self.peak_sizes is not None)
+            self.flat, self.raw = parts[:2]
+            if self.peak_sizes is not None:
+                self.peak_ids = parts[2]
             self.close()
         return self
 
@@ -235,18 +254,21 @@ def gather_trajectories(
             del cached_log, first
             timings["trajectories"] = time.perf_counter() - t0
 
-            if chunked is not None and params.mode == "peaks":
-                # Peak ids and peak means need every row at once (see the issue on chunked peaks).
-                flat, raw = chunked.to_memory()
-                chunked.close()
-                chunked = None
-            peak_ids = None
+            peak_ids = peak_raw = peak_sizes = None
             n_peaks = 0
-            if params.mode == "peaks" and flat.size:
+            if params.mode == "peaks" and (chunked.n_samples if chunked is not None else flat.size):
                 t0 = time.perf_counter()
                 mapping, n_peaks, prov_arr = chunked_components(stat_d, store, spatial_shape, regular, cutoff.log_cutoff)
-                coords = np.unravel_index(flat, spatial_shape)
-                peak_ids = mapping[values_at(prov_arr, coords)]
+                if chunked is None:
+                    coords = np.unravel_index(flat, spatial_shape)
+                    peak_ids = mapping[values_at(prov_arr, coords)]
+                    peak_raw, peak_sizes = peaks.peak_means(raw, peak_ids, n_peaks)
+                else:
+                    # Each block's rows learn their peak where they are, while the provisional
+                    # labels (in this pass's scratch) exist; only the peak sums come back.
+                    provisional = prov_arr if isinstance(prov_arr, da.Array) else da.from_zarr(prov_arr)
+                    chunked.attach_peaks(provisional, mapping, regions, spatial_shape)
+                    peak_raw, peak_sizes = chunked.peak_means(n_peaks)
                 timings["components"] = time.perf_counter() - t0
         except BaseException:
             # Failure or Ctrl-C: no scratch left behind.
@@ -281,6 +303,8 @@ def gather_trajectories(
         n_masked_nonfinite=n_bad,
         peak_ids=peak_ids,
         n_peaks=n_peaks,
+        peak_raw=peak_raw,
+        peak_sizes=peak_sizes,
         n_reads=n_reads,
         timings=timings,
         chunked=chunked,

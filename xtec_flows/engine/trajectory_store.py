@@ -11,6 +11,8 @@ directory, the same triple stays in the memory of the worker that read the block
     b<i>.log.npy   (n_i,)   float64   log <I>_T, compared with the final cut on every read
     b<i>.features_<rescale>.npy  (m_i, T) float32  the rows above the final cut, rescaled
                                        (written once, before the fit)
+    b<i>.peak.npy  (m_i,)   int64     mode "peaks": the connected peak (1..n_peaks) of each of
+                                       those rows (written once, while the provisional labels exist)
 
 ``i`` is the block's position in :func:`xtec_flows.chunking.block_regions` order. Plain .npy
 files, not zarr arrays: each is written once and read whole, and opening one costs 0.3 ms
@@ -103,6 +105,38 @@ def _stored(rows: ScratchRows, name: str) -> np.ndarray:
     return rows[name]
 
 
+def _block_peak_ids(rows, log_cutoff: float, provisional: np.ndarray, offset: tuple, spatial_shape: tuple,
+                    mapping: np.ndarray) -> np.ndarray:
+    """(m,) int64 peak of each kept row of one block: its provisional label (``provisional``, the
+    block's labels, at its voxel) through ``mapping`` (provisional -> final label)."""
+    flat = kept_rows(rows, "flat", log_cutoff)
+    local = tuple(c - o for c, o in zip(np.unravel_index(flat, spatial_shape), offset))
+    return mapping[provisional[local]].astype(np.int64)
+
+
+def _store_peak_ids(rows: ScratchRows, *args) -> None:
+    rows["peak"] = _block_peak_ids(rows, *args)
+
+
+def _with_peak_ids(rows: dict, *args) -> dict:
+    return {**rows, "peak": _block_peak_ids(rows, *args)}
+
+
+def _block_peak_sums(rows, log_cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(peaks present (u,), their trajectory sums (u, T) float64, their voxel counts (u,)) of one block."""
+    ids = rows["peak"]
+    present, inverse = np.unique(ids, return_inverse=True)
+    traj = kept_rows(rows, "traj", log_cutoff)
+    sums = np.empty((present.size, traj.shape[1]))
+    for t in range(traj.shape[1]):
+        sums[:, t] = np.bincount(inverse, weights=traj[:, t], minlength=present.size)
+    return present, sums, np.bincount(inverse, minlength=present.size)
+
+
+def _labels_of_peaks(rows, peak_labels: np.ndarray) -> np.ndarray:
+    return peak_labels[rows["peak"] - 1]
+
+
 @dataclass
 class ChunkedTrajectories:
     """The rows above ``log_cutoff``, in row blocks, one per spatial block, where they were written.
@@ -176,13 +210,48 @@ class ChunkedTrajectories:
         """(n_samples,) int64 flat voxel indices, lazily."""
         return self._stack(kept_rows, ("flat", self.log_cutoff), lambda n: (n,), np.int64)
 
-    def to_memory(self) -> tuple[np.ndarray, np.ndarray]:
-        """(flat (n,), raw (n, T)) of every kept row, sorted by flat index, as numpy: the
-        in-memory layout of :class:`~xtec_flows.engine.trajectories.Trajectories`. Block order
-        is not C order across blocks, so the rows are sorted here."""
-        flat, raw = dask.compute(self.flat(), self.raw())
-        order = np.argsort(flat, kind="stable")
-        return flat[order], raw[order]
+    def attach_peaks(self, provisional, mapping: np.ndarray, regions: list, spatial_shape: tuple) -> None:
+        """Mode "peaks": record the peak of every kept row beside the rows (file ``peak`` on disk,
+        or in the persisted rows on the workers), from the provisional labels of the connected
+        components (``provisional``: a dask array of the spatial shape, chunked as the blocks) and
+        their ``mapping`` to final labels; ``regions``: :func:`~xtec_flows.chunking.block_regions`."""
+        shared = dask.delayed(np.asarray(mapping))  # one key: sent to a worker once, not with every task
+        args = {b: (self.log_cutoff, provisional[regions[b][2]], regions[b][1], tuple(spatial_shape), shared)
+                for b in self.blocks}
+        if self.directory is not None:
+            dask.compute(*[dask.delayed(_store_peak_ids)(self.sources[b], *args[b]) for b in self.blocks])
+        else:
+            updated = dask.persist(*[dask.delayed(_with_peak_ids)(self.sources[b], *args[b]) for b in self.blocks])
+            self.sources = dict(zip(self.blocks, updated))
+
+    def peak_means(self, n_peaks: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mean raw trajectory (n_peaks, T) float64, voxels (n_peaks,)) of every peak, summed over
+        the blocks where the rows are (after :meth:`attach_peaks`): only the peaks come back."""
+        sums = np.zeros((int(n_peaks), self.n_temperatures))
+        sizes = np.zeros(int(n_peaks), dtype=np.int64)
+        for present, block_sums, block_sizes in dask.compute(
+                *[dask.delayed(_block_peak_sums)(self.sources[b], self.log_cutoff) for b in self.blocks]):
+            sums[present - 1] += block_sums
+            sizes[present - 1] += block_sizes
+        return sums / np.maximum(sizes, 1)[:, None], sizes
+
+    def labels_of_peaks(self, peak_labels: np.ndarray) -> da.Array:
+        """(n_samples,) int8 label of every kept row from the label of its peak ((n_peaks,)), lazily,
+        one chunk per block: computed where the rows are, never gathered."""
+        shared = dask.delayed(np.asarray(peak_labels, dtype=np.int8))
+        return self._stack(_labels_of_peaks, (shared,), lambda n: (n,), np.int8)
+
+    def peak_ids(self) -> da.Array:
+        """(n_samples,) int64 peak of every kept row, lazily (after :meth:`attach_peaks`)."""
+        return self._stack(_stored, ("peak",), lambda n: (n,), np.int64)
+
+    def to_memory(self, with_peaks: bool = False) -> tuple:
+        """(flat (n,), raw (n, T)[, peak ids (n,)]) of every kept row, sorted by flat index, as
+        numpy: the in-memory layout of :class:`~xtec_flows.engine.trajectories.Trajectories`.
+        Block order is not C order across blocks, so the rows are sorted here."""
+        parts = dask.compute(self.flat(), self.raw(), *([self.peak_ids()] if with_peaks else []))
+        order = np.argsort(parts[0], kind="stable")
+        return tuple(p[order] for p in parts)
 
     def close(self) -> None:
         """Remove the scratch directory, or let the workers release the rows (idempotent)."""

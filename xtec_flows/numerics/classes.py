@@ -277,28 +277,35 @@ def _grid_projections(t_key: tuple, name: str):
     return TC, BE, WI, m, projections
 
 
-def _grid_search(t, y, name):
-    """Best (RSS, (tc, beta, width, linear coefficients)) on the grid; shape amplitudes >= 0.
+def _grid_search(t, Y, name):
+    """Best (RSS, (tc, beta, width, linear coefficients)) on the grid for each row of ``Y``
+    (curves of shape (K, T) on the temperatures ``t``); shape amplitudes >= 0.
 
     The grid is searched unweighted, so its projections are shared by every curve on the
-    same temperatures; the weighted refinement then starts from the best point.
+    same temperatures: all K curves are one matrix product per subset of shape columns;
+    the weighted refinement then starts from each curve's best point.
     """
     TC, BE, WI, m, projections = _grid_projections(tuple(float(v) for v in t), name)
-    best = (np.inf, None)
-    yy = float(y @ y)
+    n_curves = Y.shape[0]
+    best_rss = np.full(n_curves, np.inf)
+    best_g = np.zeros(n_curves, dtype=np.int64)
+    best_coef = np.zeros((n_curves, m))
+    yy = np.einsum("kt,kt->k", Y, Y)
     for use, design_t, pinv in projections:
-        coef = (pinv @ y).reshape(-1, len(use))  # (G, m')
+        coef = (pinv @ Y.T).reshape(-1, len(use), n_curves)  # (G, m', K)
         # RSS of a least-squares fit: y.y - (A^T y).coef (no (G, T) residual array).
-        rss = yy - np.einsum("gi,gi->g", (design_t @ y).reshape(-1, len(use)), coef)
+        rss = yy[None, :] - np.einsum("gik,gik->gk", (design_t @ Y.T).reshape(-1, len(use), n_curves), coef)
         if len(use) > 2:
-            rss = np.where(np.all(coef[:, 2:] >= 0, axis=1), rss, np.inf)
-        g = int(np.argmin(rss))
-        if rss[g] < best[0]:
-            full = np.zeros(m)
-            full[use] = coef[g]
-            best = (max(float(rss[g]), 0.0), g, full)
-    _, g, full = best
-    return best[0], (float(TC[g]), float(BE[g]), float(WI[g]), full)
+            rss = np.where(np.all(coef[:, 2:, :] >= 0, axis=1), rss, np.inf)
+        g = np.argmin(rss, axis=0)  # (K,)
+        rss_g = rss[g, np.arange(n_curves)]
+        better = rss_g < best_rss
+        best_rss[better], best_g[better] = rss_g[better], g[better]
+        best_coef[better] = 0.0
+        best_coef[np.ix_(better, use)] = coef[g[better], :, np.flatnonzero(better)]
+    return [(max(float(best_rss[k]), 0.0), (float(TC[best_g[k]]), float(BE[best_g[k]]), float(WI[best_g[k]]),
+                                            best_coef[k].copy()))
+            for k in range(n_curves)]
 
 
 def _refine(t, y, w, name, start):
@@ -400,31 +407,76 @@ def fit_curve(
         raise ValueError(
             f"temperatures, mean and sem must be 1-D arrays of one length; got shapes {t.shape}, {y.shape}, {s.shape}"
         )
+    return fit_curves(t, y[None, :], s[None, :], min_amplitude=min_amplitude, min_r2=min_r2, kinds=kinds,
+                      refine=refine)[0]
+
+
+def fit_curves(
+    temperatures: np.ndarray,
+    means: np.ndarray,
+    sems: np.ndarray,
+    *,
+    min_amplitude: float = 0.2,
+    min_r2: float = 0.8,
+    kinds: tuple | None = None,
+    refine: bool = True,
+) -> list:
+    """:func:`fit_curve` for K curves on the same temperatures, the grid searched for all at once.
+
+    Parameters
+    ----------
+    temperatures : ndarray of shape (T,)
+    means, sems : ndarrays of shape (K, T)
+    (the rest as :func:`fit_curve`)
+
+    Returns
+    -------
+    list of K CurveFit, in the order of the rows
+    """
+    t = np.asarray(temperatures, dtype=float)
+    Y = np.asarray(means, dtype=float)
+    S = np.asarray(sems, dtype=float)
+    if t.ndim != 1 or Y.ndim != 2 or Y.shape[1:] != t.shape or S.shape != Y.shape:
+        raise ValueError(
+            f"means and sems must be (K, T) arrays and temperatures (T,); got shapes {Y.shape}, {S.shape}, {t.shape}"
+        )
     if t.size < MIN_TEMPERATURES:
         raise ValueError(
             f"fitting a Tc needs at least {MIN_TEMPERATURES} temperatures; got {t.size}. "
             "Measure more temperatures or cluster with a fixed number of components (classes=None)"
         )
-    if not (np.all(np.isfinite(t)) and np.all(np.isfinite(y))):
+    if not (np.all(np.isfinite(t)) and np.all(np.isfinite(Y))):
         raise ValueError("temperatures and mean must be finite")
     if np.unique(t).size != t.size:
         raise ValueError("temperatures must be distinct to fit a temperature dependence")
     order = np.argsort(t)
-    t, y, s = t[order], y[order], s[order]
-    floor = max(1e-9, 1e-6 * float(np.ptp(y)))
-    w = 1.0 / np.maximum(np.where(np.isfinite(s), s, np.inf), floor)
-    w = np.where(np.isfinite(w), w, 1.0 / floor)
-    n = t.size
+    t, Y, S = t[order], Y[:, order], S[:, order]
     names = tuple(kinds) if kinds is not None else tuple(_MODELS)
     candidates = {}
     for name in names:
         if name == "static":
             X = _design(t, "static", None, None, None)
-            coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-            r = y - X @ coef
-            candidates[name] = (float(r @ r), None)
+            coef, *_ = np.linalg.lstsq(X, Y.T, rcond=None)
+            r = Y.T - X @ coef
+            candidates[name] = [(float(v), None) for v in np.einsum("tk,tk->k", r, r)]
         else:
-            candidates[name] = _grid_search(t, y, name)
+            candidates[name] = _grid_search(t, Y, name)
+    fits = []
+    for k in range(Y.shape[0]):
+        fit = _select(t, Y[k], S[k], {name: c[k] for name, c in candidates.items()}, min_amplitude, min_r2,
+                      kinds is not None, refine)
+        fit.curve = fit.curve[np.argsort(order)]
+        fits.append(fit)
+    return fits
+
+
+def _select(t, y, s, candidates: dict, min_amplitude: float, min_r2: float, kinds_given: bool,
+            refine: bool) -> CurveFit:
+    """The model of one sorted curve from its grid optima ``{name: (rss, start)}``."""
+    floor = max(1e-9, 1e-6 * float(np.ptp(y)))
+    w = 1.0 / np.maximum(np.where(np.isfinite(s), s, np.inf), floor)
+    w = np.where(np.isfinite(w), w, 1.0 / floor)
+    n = t.size
     bics = {name: _bic(c[0], n, _n_params(name)) for name, c in candidates.items()}
     ranked = sorted(bics, key=bics.get)
     ybar = float(np.sum(w * w * y) / np.sum(w * w))
@@ -437,11 +489,10 @@ def fit_curve(
             break
     if refine and name != "static":
         refined = _finish(t, y, w, name, candidates[name][1], tss, bics[name], refine=True)
-        if _change(refined) >= min_amplitude or kinds is not None:
+        if _change(refined) >= min_amplitude or kinds_given:
             fit = refined
     if fit.kind is not ClassKind.STATIC and fit.r2 < min_r2:
         fit.kind = ClassKind.OTHER
-    fit.curve = fit.curve[np.argsort(order)]
     return fit
 
 

@@ -455,7 +455,9 @@ class MixtureFit:
     """A fitted mixture and its diagnostics.
 
     params : canonical-order parameters (see :func:`canonical_order`)
-    labels : ndarray of shape (n_samples,), int8 (component of highest responsibility)
+    labels : ndarray of shape (n_samples,), int8 (component of highest responsibility); for dask
+        input a dask array of the same row chunks, persisted where the blocks are (a distributed
+        worker's memory), so the caller never holds one label per row
     counts : ndarray of shape (K,), samples per label
     log_likelihood : total log-likelihood of the data under ``params`` (unsmoothed)
     bic : Bayesian information criterion
@@ -507,13 +509,54 @@ def _smoothed_step_blocks(blocks: "_Blocks", params: MixtureParams, smoother) ->
     return total, float(sum(lls))
 
 
-def _smoothed_labels_blocks(blocks: "_Blocks", params: MixtureParams, smoother) -> tuple[np.ndarray, float]:
-    """Labels (n,) int8 from the smoothed responsibilities of dask row blocks, and the total log L."""
+def _smoothed_labels_blocks(blocks: "_Blocks", params: MixtureParams, smoother) -> tuple:
+    """Labels (n,) int8 from the smoothed responsibilities of dask row blocks, persisted where the
+    blocks are (see :func:`_persisted_assignment`), and the total log L."""
     import dask
 
     smoothed, log_likelihoods = _smoothed_blocks(blocks, params, smoother)
-    labels, lls = dask.compute([dask.delayed(_argmax_int8)(r) for r in smoothed], log_likelihoods)
-    return (np.concatenate(labels) if labels else np.empty(0, np.int8)), float(sum(lls))
+    labels, lls = dask.persist([dask.delayed(_argmax_int8)(r) for r in smoothed], log_likelihoods)
+    return _persisted_labels(labels, [s.stop - s.start for s in blocks.slices]), float(sum(dask.compute(*lls)))
+
+
+def _is_dask(a) -> bool:
+    return hasattr(a, "dask") and hasattr(a, "to_delayed")
+
+
+def _relabelled(labels: np.ndarray, relabel: np.ndarray) -> np.ndarray:
+    return relabel[labels]
+
+
+def label_counts(labels, n_components: int) -> np.ndarray:
+    """(K,) int64 rows per label of (n,) labels, numpy or dask (summed over its blocks where they are)."""
+    if not _is_dask(labels):
+        return np.bincount(labels, minlength=n_components)
+    import dask
+
+    parts = dask.compute(*[dask.delayed(np.bincount)(b, minlength=n_components)
+                           for b in labels.to_delayed().ravel()])
+    return np.sum(parts, axis=0).astype(np.int64) if parts else np.zeros(n_components, np.int64)
+
+
+def _persisted_labels(parts: list, lengths: list):
+    """One (n,) int8 dask array of per-block delayed labels (already persisted)."""
+    import dask.array as da
+
+    if not parts:
+        return da.zeros((0,), dtype=np.int8)
+    return da.concatenate([da.from_delayed(p, (int(n),), dtype=np.int8) for p, n in zip(parts, lengths)])
+
+
+def _persisted_assignment(blocks: "_Blocks", params: MixtureParams):
+    """Labels of dask row blocks, persisted where the blocks are (a distributed worker's memory;
+    this process's under the threaded scheduler), and the total log L: only the log-likelihood
+    comes back, so the labels of millions of voxels never pass through the caller."""
+    import dask
+
+    tasks = [dask.delayed(_final_assignment, nout=2)(b, params) for b in blocks.blocks]
+    labels, lls = dask.persist([t[0] for t in tasks], [t[1] for t in tasks])
+    total = float(sum(dask.compute(*lls)))
+    return _persisted_labels(labels, [s.stop - s.start for s in blocks.slices]), total
 
 
 def _argmax_int8(resp: np.ndarray) -> np.ndarray:
@@ -636,7 +679,9 @@ def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_st
                 if len(history) > 1 and abs(history[-1] - history[-2]) < tol:
                     converged = True
                     break
-            if smoother is None:
+            if smoother is None and blocks.is_dask:
+                labels, total_ll = _persisted_assignment(blocks, params)
+            elif smoother is None:
                 parts = blocks.map(_final_assignment, [params] * len(blocks.blocks))
                 labels = np.concatenate([p[0] for p in parts])
                 total_ll = float(sum(p[1] for p in parts))
@@ -655,13 +700,13 @@ def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_st
     finally:
         blocks.close()
     params, labels, history, total_ll, n_iter, converged, restart = best
-    counts = np.bincount(labels, minlength=n_components)
+    counts = label_counts(labels, n_components)
     order = canonical_order(params, counts)
     relabel = np.empty(n_components, dtype=np.int8)
     relabel[order] = np.arange(n_components, dtype=np.int8)
     return MixtureFit(
         params=params.permuted(order),
-        labels=relabel[labels],
+        labels=labels.map_blocks(_relabelled, relabel, dtype=np.int8) if _is_dask(labels) else relabel[labels],
         counts=counts[order],
         log_likelihood=total_ll,
         bic=bic(total_ll, n, n_components, n_features),
