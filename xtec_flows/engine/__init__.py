@@ -269,8 +269,7 @@ def _label_by_model(traj: Trajectories, model: StoredModel, params: ClusterParam
     report("read", 0.6)
     t0 = time.perf_counter()
     X = features(traj, params)
-    labelled = label_with_model(model, X, traj.temperatures, _row_raw(traj, params),
-                                traj if params.mode == "peaks" else None)
+    labelled = label_with_model(model, X, traj.temperatures, _row_raw(traj, params), traj)
     traj.raw = None
     del X
     traj.timings["fit"] = time.perf_counter() - t0

@@ -31,7 +31,7 @@ import numpy as np
 from ..numerics import classes as curves
 from ..numerics import stability as agreement
 from ..numerics.classes import ClassKind, ComponentMoments
-from ..numerics.subsample import hash_seed, sample_rows
+from ..numerics.subsample import hash_seed, is_dask, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class ClassDiscovery:
     def class_labels(self, component_labels):
         """Class label of every sample from its component label; shape of the input, int8
         (a dask array stays one, mapped block by block where it is)."""
-        if hasattr(component_labels, "map_blocks"):
+        if is_dask(component_labels):
             return component_labels.map_blocks(_classes_of, self.component_class, dtype=np.int8)
         return _classes_of(component_labels, self.component_class)
 
@@ -156,7 +156,7 @@ def component_moments(row_raw, row_labels: np.ndarray, n_components: int) -> Com
     """:func:`numerics.classes.component_moments` of in-memory rows, or, for a dask array of
     rows, summed over its row blocks (each block read where it is, once): (K, T) sums travel,
     never the rows."""
-    if not (hasattr(row_raw, "dask") and hasattr(row_raw, "to_delayed")):
+    if not is_dask(row_raw):
         return curves.component_moments(row_raw, row_labels, n_components)
     import dask
 

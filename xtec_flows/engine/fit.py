@@ -122,11 +122,8 @@ def fit_trajectories(
         sample_keys=None if params.mode == "peaks" else traj.row_keys,
         init_params=init_params,
     )
-    labels = fit.labels
-    counts = fit.counts
-    if params.mode == "peaks":
-        labels = traj.voxel_labels(fit.labels)
-        counts = np.bincount(fit.labels, weights=traj.peak_sizes, minlength=k).astype(np.int64)
+    labels = traj.voxel_labels(fit.labels)
+    counts = fit.counts if params.mode != "peaks" else traj.voxel_counts(fit.labels, k)
     empty = [int(i) for i in np.nonzero(counts == 0)[0]]
     if empty and warn_empty:
         warnings.warn(

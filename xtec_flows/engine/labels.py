@@ -9,6 +9,7 @@ import zarr
 
 from ..chunking import block_regions
 from ..io import zarr_io
+from ..numerics.subsample import is_dask
 from .trajectories import Trajectories
 from .trajectory_store import kept_rows
 
@@ -55,7 +56,7 @@ def _write_chunked(traj: Trajectories, sample_labels: np.ndarray, arr: zarr.Arra
     chunked = traj.chunked
     regions = list(block_regions(traj.spatial_chunks))
     starts = chunked.row_starts
-    if hasattr(sample_labels, "to_delayed"):
+    if is_dask(sample_labels):
         # Lazy labels (mode "peaks": made from each row's peak where the rows are), one chunk per block.
         per_block = list(sample_labels.rechunk((tuple(int(n) for n in chunked.counts),)).to_delayed().ravel())
     else:

@@ -164,22 +164,18 @@ def _assign(X, mixture, rows: int) -> tuple[np.ndarray, float]:
 
 
 def label_with_model(model: StoredModel, X: np.ndarray, temperatures: np.ndarray, row_raw: np.ndarray,
-                     peaks_of=None, rows: int = 1 << 16) -> Labelling:
+                     traj, rows: int = 1 << 16) -> Labelling:
     """Label features with a stored mixture, a slab of rows at a time (only (rows, K) at once).
 
     X : (n_rows, T) float32 features (rescaled as the model's params say), numpy or dask (chunked
     trajectories, read block by block); row_raw : (n_rows, T) raw intensities of the same rows
-    (for the class fits), numpy or dask with the same row chunks; peaks_of : in mode "peaks" (rows
-    are peaks) the :class:`~.trajectories.Trajectories` whose peaks they are (their voxels and
-    sizes), else None.
+    (for the class fits), numpy or dask with the same row chunks; traj : the
+    :class:`~.trajectories.Trajectories` the rows come from (in mode "peaks" the rows are its
+    peaks: their voxels and sizes).
     """
     k = model.mixture.weights.size
     row_labels, total = _assign(X, model.mixture, rows)
-    if peaks_of is None:
-        sample_labels, counts = row_labels, np.bincount(row_labels, minlength=k)
-    else:
-        sample_labels = peaks_of.voxel_labels(row_labels)
-        counts = np.bincount(row_labels, weights=peaks_of.peak_sizes, minlength=k).astype(np.int64)
+    sample_labels, counts = traj.voxel_labels(row_labels), traj.voxel_counts(row_labels, k)
     discovery = None
     if model.component_class is not None:
         moments = component_moments(row_raw, row_labels, k)
@@ -191,8 +187,8 @@ def label_with_model(model: StoredModel, X: np.ndarray, temperatures: np.ndarray
         discovery = ClassDiscovery(found, component_class_of(groups, k), [], factor,
                                    stability={"runs": 0, "ari": [], "ari_mean": None, "sample": 0,
                                               "note": "labels from a stored model: no refits"})
-        if peaks_of is not None:
-            discovery.count_peak_voxels(row_labels, peaks_of.peak_sizes)
+        if traj.peak_sizes is not None:
+            discovery.count_peak_voxels(row_labels, traj.peak_sizes)
     n = max(X.shape[0], 1)
     return Labelling(row_labels, sample_labels, counts, total, bic(total, n, k, X.shape[1]) if n > 1 else math.nan,
                      discovery)

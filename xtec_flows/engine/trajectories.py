@@ -18,6 +18,7 @@ import numpy as np
 from .. import validation
 from ..chunking import block_regions
 from ..numerics import peaks, threshold
+from ..numerics.mixture import label_counts
 from ..numerics.blocks import block_counts, gather_block, log_valid
 from .components import chunked_components
 from .first_pass import block_first_pass, provisional_cut
@@ -87,6 +88,13 @@ class Trajectories:
         if self.chunked is not None:
             return self.chunked.labels_of_peaks(row_labels)
         return row_labels[self.peak_ids - 1]
+
+    def voxel_counts(self, row_labels: np.ndarray, n_labels: int) -> np.ndarray:
+        """(n_labels,) int64 thresholded voxels per label, from the labels of the fit's rows (in mode
+        "peaks", each peak's label counts its voxels); dask labels are counted block by block."""
+        if self.peak_sizes is None:
+            return label_counts(row_labels, n_labels)
+        return np.bincount(row_labels, weights=self.peak_sizes, minlength=n_labels).astype(np.int64)
 
     def to_memory(self) -> "Trajectories":
         """Bring chunked rows into memory, sorted by voxel (the in-memory layout), and remove

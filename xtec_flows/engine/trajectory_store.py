@@ -39,6 +39,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from ..numerics import peaks
 from ..numerics.rescale import rescale
 
 _FIELDS = {"traj": np.float32, "flat": np.int64, "log": np.float64}
@@ -124,13 +125,8 @@ def _with_peak_ids(rows: dict, *args) -> dict:
 
 def _block_peak_sums(rows, log_cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(peaks present (u,), their trajectory sums (u, T) float64, their voxel counts (u,)) of one block."""
-    ids = rows["peak"]
-    present, inverse = np.unique(ids, return_inverse=True)
-    traj = kept_rows(rows, "traj", log_cutoff)
-    sums = np.empty((present.size, traj.shape[1]))
-    for t in range(traj.shape[1]):
-        sums[:, t] = np.bincount(inverse, weights=traj[:, t], minlength=present.size)
-    return present, sums, np.bincount(inverse, minlength=present.size)
+    present, inverse = np.unique(rows["peak"], return_inverse=True)
+    return (present, *peaks.peak_sums(kept_rows(rows, "traj", log_cutoff), inverse + 1, present.size))
 
 
 def _labels_of_peaks(rows, peak_labels: np.ndarray) -> np.ndarray:
@@ -233,7 +229,7 @@ class ChunkedTrajectories:
                 *[dask.delayed(_block_peak_sums)(self.sources[b], self.log_cutoff) for b in self.blocks]):
             sums[present - 1] += block_sums
             sizes[present - 1] += block_sizes
-        return sums / np.maximum(sizes, 1)[:, None], sizes
+        return peaks.means_of_sums(sums, sizes), sizes
 
     def labels_of_peaks(self, peak_labels: np.ndarray) -> da.Array:
         """(n_samples,) int8 label of every kept row from the label of its peak ((n_peaks,)), lazily,

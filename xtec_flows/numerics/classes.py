@@ -368,16 +368,7 @@ def _refine(t, y, w, name, start):
     return dict(zip(names, x)), dict(zip(names, np.sqrt(np.clip(np.diag(cov), 0, None)))), wrss, curve(x)
 
 
-def fit_curve(
-    temperatures: np.ndarray,
-    mean: np.ndarray,
-    sem: np.ndarray,
-    *,
-    min_amplitude: float = 0.2,
-    min_r2: float = 0.8,
-    kinds: tuple | None = None,
-    refine: bool = True,
-) -> CurveFit:
+def fit_curve(temperatures: np.ndarray, mean: np.ndarray, sem: np.ndarray, **options) -> CurveFit:
     """Select and fit the model of one mean relative trajectory.
 
     Parameters
@@ -385,16 +376,7 @@ def fit_curve(
     temperatures : ndarray of shape (T,), T >= MIN_TEMPERATURES, distinct
     mean : ndarray of shape (T,), the mean of I / <I>_T over a component's voxels
     sem : ndarray of shape (T,), its standard error (> 0; floored at 1e-6 of the mean's spread)
-    min_amplitude : float
-        Smallest change of the relative intensity that counts as a temperature
-        dependence (order amplitude, critical peak height or onset amplitude).
-    min_r2 : float
-        Smallest weighted R^2 (about the weighted mean) of the selected model
-        for a curve with a temperature dependence; below it the kind is "other".
-    kinds : tuple of model names to consider (default: all)
-    refine : bool
-        Refine the grid optimum by nonlinear least squares and estimate uncertainties;
-        False keeps the grid point (Tc to 1/48 of the range) and leaves the errors NaN.
+    **options : min_amplitude, min_r2, kinds, refine, as :func:`fit_curves`
 
     Returns
     -------
@@ -407,8 +389,7 @@ def fit_curve(
         raise ValueError(
             f"temperatures, mean and sem must be 1-D arrays of one length; got shapes {t.shape}, {y.shape}, {s.shape}"
         )
-    return fit_curves(t, y[None, :], s[None, :], min_amplitude=min_amplitude, min_r2=min_r2, kinds=kinds,
-                      refine=refine)[0]
+    return fit_curves(t, y[None, :], s[None, :], **options)[0]
 
 
 def fit_curves(
@@ -421,13 +402,24 @@ def fit_curves(
     kinds: tuple | None = None,
     refine: bool = True,
 ) -> list:
-    """:func:`fit_curve` for K curves on the same temperatures, the grid searched for all at once.
+    """Select and fit the model of K mean relative trajectories on the same temperatures; the
+    parameter grid is searched for all K at once (one matrix product per model).
 
     Parameters
     ----------
-    temperatures : ndarray of shape (T,)
-    means, sems : ndarrays of shape (K, T)
-    (the rest as :func:`fit_curve`)
+    temperatures : ndarray of shape (T,), T >= MIN_TEMPERATURES, distinct
+    means : ndarray of shape (K, T), each the mean of I / <I>_T over a component's voxels
+    sems : ndarray of shape (K, T), their standard errors (> 0; floored at 1e-6 of each mean's spread)
+    min_amplitude : float
+        Smallest change of the relative intensity that counts as a temperature
+        dependence (order amplitude, critical peak height or onset amplitude).
+    min_r2 : float
+        Smallest weighted R^2 (about the weighted mean) of the selected model
+        for a curve with a temperature dependence; below it the kind is "other".
+    kinds : tuple of model names to consider (default: all)
+    refine : bool
+        Refine the grid optimum by nonlinear least squares and estimate uncertainties;
+        False keeps the grid point (Tc to 1/48 of the range) and leaves the errors NaN.
 
     Returns
     -------

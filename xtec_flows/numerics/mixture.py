@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import logsumexp
 
-from .subsample import hash_seed, sample_rows
+from .subsample import hash_seed, is_dask, sample_rows
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -342,7 +342,7 @@ class _Blocks:
     """Row blocks of a trajectories array, numpy or dask, with a parallel map."""
 
     def __init__(self, X, block_size: int, n_threads: int | None, sample_keys=None):
-        self.is_dask = hasattr(X, "dask") and hasattr(X, "to_delayed")
+        self.is_dask = is_dask(X)
         if self.is_dask:
             if len(X.chunks[1]) != 1:
                 X = X.rechunk({1: -1})
@@ -519,17 +519,13 @@ def _smoothed_labels_blocks(blocks: "_Blocks", params: MixtureParams, smoother) 
     return _persisted_labels(labels, [s.stop - s.start for s in blocks.slices]), float(sum(dask.compute(*lls)))
 
 
-def _is_dask(a) -> bool:
-    return hasattr(a, "dask") and hasattr(a, "to_delayed")
-
-
 def _relabelled(labels: np.ndarray, relabel: np.ndarray) -> np.ndarray:
     return relabel[labels]
 
 
 def label_counts(labels, n_components: int) -> np.ndarray:
     """(K,) int64 rows per label of (n,) labels, numpy or dask (summed over its blocks where they are)."""
-    if not _is_dask(labels):
+    if not is_dask(labels):
         return np.bincount(labels, minlength=n_components)
     import dask
 
@@ -706,7 +702,7 @@ def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_st
     relabel[order] = np.arange(n_components, dtype=np.int8)
     return MixtureFit(
         params=params.permuted(order),
-        labels=labels.map_blocks(_relabelled, relabel, dtype=np.int8) if _is_dask(labels) else relabel[labels],
+        labels=labels.map_blocks(_relabelled, relabel, dtype=np.int8) if is_dask(labels) else relabel[labels],
         counts=counts[order],
         log_likelihood=total_ll,
         bic=bic(total_ll, n, n_components, n_features),

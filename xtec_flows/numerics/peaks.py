@@ -124,8 +124,8 @@ def first_voxel_per_label(labels: np.ndarray, n: int, offset_flat: np.ndarray) -
     return first[1:]
 
 
-def peak_means(trajectories: np.ndarray, peak_ids: np.ndarray, n_peaks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean raw trajectory of each peak.
+def peak_sums(trajectories: np.ndarray, peak_ids: np.ndarray, n_peaks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed raw trajectory of each peak (they add over blocks of rows).
 
     Parameters
     ----------
@@ -133,7 +133,7 @@ def peak_means(trajectories: np.ndarray, peak_ids: np.ndarray, n_peaks: int) -> 
     peak_ids : ndarray of shape (n_samples,), values 1..n_peaks
     Returns
     -------
-    means : ndarray of shape (n_peaks, T)
+    sums : ndarray of shape (n_peaks, T), float64
     sizes : ndarray of shape (n_peaks,), voxels per peak
     """
     idx = np.asarray(peak_ids, dtype=np.int64) - 1
@@ -143,4 +143,15 @@ def peak_means(trajectories: np.ndarray, peak_ids: np.ndarray, n_peaks: int) -> 
     # and no O(n_peaks x volume) membership tests.
     for t in range(trajectories.shape[1]):
         sums[:, t] = np.bincount(idx, weights=trajectories[:, t], minlength=n_peaks)
-    return sums / np.maximum(sizes, 1)[:, None], sizes
+    return sums, sizes
+
+
+def peak_means(trajectories: np.ndarray, peak_ids: np.ndarray, n_peaks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean raw trajectory of each peak, (n_peaks, T), and its voxels, (n_peaks,); see :func:`peak_sums`."""
+    sums, sizes = peak_sums(trajectories, peak_ids, n_peaks)
+    return means_of_sums(sums, sizes), sizes
+
+
+def means_of_sums(sums: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """(n_peaks, T) means from (n_peaks, T) sums and (n_peaks,) sizes (an empty peak's mean is 0)."""
+    return sums / np.maximum(sizes, 1)[:, None]

@@ -34,7 +34,8 @@ def hash_seed(random_state, stream: int = 0) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
-def _is_dask(a) -> bool:
+def is_dask(a) -> bool:
+    """True for a dask collection (read block by block where it is), False for numpy and the like."""
     return hasattr(a, "dask") and hasattr(a, "to_delayed")
 
 
@@ -54,7 +55,7 @@ def sample_rows(arrays: list, keys, size: int, seed: int) -> tuple[np.ndarray, l
     rows : list of ndarray, each array's chosen rows (m, ...), in memory
     """
     n = int(arrays[0].shape[0])
-    if not any(_is_dask(a) for a in arrays) and not _is_dask(keys):
+    if not any(is_dask(a) for a in arrays) and not is_dask(keys):
         keys = np.arange(n, dtype=np.int64) if keys is None else np.asarray(keys)
         if size >= n:
             chosen = np.arange(n)
