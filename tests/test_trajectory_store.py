@@ -193,7 +193,21 @@ def test_a_stored_model_labels_chunked_rows_where_they_are(volume, monkeypatch):
         raise AssertionError("apply brought the chunked rows into memory")
 
     monkeypatch.setattr(Trajectories, "to_memory", refuse)
+    import xtec_flows.engine as engine
+    from xtec_flows.numerics.subsample import is_dask
+
+    row_labels = []
+    label_with_model = engine.label_with_model
+
+    def spy(*args, **kwargs):
+        labelled = label_with_model(*args, **kwargs)
+        row_labels.append(labelled.row_labels)
+        return labelled
+
+    monkeypatch.setattr(engine, "label_with_model", spy)
     other = apply(vol, temps, model, chunks=(4, 6, 9), limits=CHUNKED)
+    # The rows' labels stayed with their blocks: a dask array of the row blocks' chunks.
+    assert len(row_labels) == 1 and is_dask(row_labels[0]) and row_labels[0].numblocks[0] > 1
     np.testing.assert_array_equal(other.labels[...], ref.labels[...])
     np.testing.assert_array_equal(other.labels[...], fitted.labels[...])
     np.testing.assert_array_equal(other.components[...], ref.components[...])

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..numerics import classes as curves
-from ..numerics.mixture import MixtureParams, bic, e_step
+from ..numerics.mixture import MixtureParams, assign_blocks, bic, e_step
+from ..numerics.subsample import is_dask
 from .class_discovery import ClassDiscovery, component_class_of, component_moments, fit_classes
 from .params import ClusterParams
 
@@ -151,16 +152,12 @@ def _assign_block(X: np.ndarray, mixture, rows: int) -> tuple[np.ndarray, float]
 
 
 def _assign(X, mixture, rows: int) -> tuple[np.ndarray, float]:
-    """:func:`_assign_block` of in-memory rows, or of a dask array's row blocks where they are
-    (chunked trajectories): only the int8 labels come back."""
-    if not (hasattr(X, "dask") and hasattr(X, "to_delayed")):
+    """:func:`_assign_block` of in-memory rows; of a dask array's row blocks (chunked
+    trajectories), the labels stay persisted where the blocks are (a dask array of the same row
+    chunks) and only the log-likelihood comes back."""
+    if not is_dask(X):
         return _assign_block(X, mixture, rows)
-    import dask
-
-    parts = dask.compute(*[dask.delayed(_assign_block)(block, mixture, rows)
-                           for block in X.rechunk({1: -1}).to_delayed().ravel()])
-    labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int8)
-    return labels, float(sum(p[1] for p in parts))
+    return assign_blocks(X, mixture)
 
 
 def label_with_model(model: StoredModel, X: np.ndarray, temperatures: np.ndarray, row_raw: np.ndarray,

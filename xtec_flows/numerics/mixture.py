@@ -555,6 +555,17 @@ def _persisted_assignment(blocks: "_Blocks", params: MixtureParams):
     return _persisted_labels(labels, [s.stop - s.start for s in blocks.slices]), total
 
 
+def assign_blocks(X, params: MixtureParams):
+    """Labels (n,) int8 of a dask array of rows (n, T) under ``params``, persisted where its row
+    blocks are, as a dask array of the same row chunks, and the total log-likelihood: only the
+    log-likelihood comes back (see :func:`_persisted_assignment`)."""
+    blocks = _Blocks(X, 0, None)
+    try:
+        return _persisted_assignment(blocks, params)
+    finally:
+        blocks.close()
+
+
 def _argmax_int8(resp: np.ndarray) -> np.ndarray:
     return np.argmax(resp, axis=1).astype(np.int8)
 
