@@ -901,17 +901,11 @@ def child_main(args) -> None:
             if args.child == "cluster-workers":
                 from distributed import Client, LocalCluster
 
-                import dask
-
-                dask.config.update(dask.config.config, dask.config.collect([str(WORKER_DASK_CONFIG)], env={}),
-                                   priority="new")
+                use_worker_dask_config()
                 local = stack.enter_context(LocalCluster(
                     n_workers=args.child_workers, threads_per_worker=1, memory_limit=args.child_memory_limit,
                     processes=True, dashboard_address=None))
-                client = stack.enter_context(Client(local))
-                t_warm = time.perf_counter()
-                client.run(_import_modules, WORKER_WARM_MODULES)
-                warm_up = time.perf_counter() - t_warm
+                warm_up = warm_workers(stack.enter_context(Client(local)))
             t0 = time.perf_counter()  # the cluster's start-up and warm-up are not the engine's time
             res = cluster(arr, temps, mode=args.child_mode, n_components=K, progress=args.child == "cluster",
                           labels_store=labels_store)
@@ -933,6 +927,21 @@ def child_main(args) -> None:
     out["baseline_rss"] = baseline
     out["peak_rss"] = peak_rss_bytes()
     Path(args.child_out).write_text(json.dumps(out))
+
+
+def use_worker_dask_config() -> None:
+    """Make the workers a LocalCluster starts from now on get deploy/dask/distributed.yaml, as
+    deployed workers do through DASK_CONFIG."""
+    import dask
+
+    dask.config.update(dask.config.config, dask.config.collect([str(WORKER_DASK_CONFIG)], env={}), priority="new")
+
+
+def warm_workers(client) -> float:
+    """Import ``WORKER_WARM_MODULES`` in every worker of ``client``; returns the seconds it took."""
+    t0 = time.perf_counter()
+    client.run(_import_modules, WORKER_WARM_MODULES)
+    return time.perf_counter() - t0
 
 
 def _import_modules(names) -> None:

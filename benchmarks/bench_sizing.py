@@ -75,6 +75,8 @@ from bench_engine import (  # noqa: E402  (shared formatting, machine line and R
     run_reference_pipeline,
     shape_str,
     table,
+    use_worker_dask_config,
+    warm_workers,
 )
 
 #: --tiled: (RESULTS.md section id, its title)
@@ -125,9 +127,11 @@ def _scheduler(cfg: dict):
 
     from distributed import Client, LocalCluster
 
+    use_worker_dask_config()
     with LocalCluster(n_workers=cfg["workers"], threads_per_worker=1, processes=True, dashboard_address=None,
                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         client.wait_for_workers(cfg["workers"], timeout=60)
+        warm_workers(client)
         yield lambda: sorted(client.run(peak_rss_bytes).values())
 
 

@@ -52,7 +52,9 @@ SYSTEMD = DEPLOY / "systemd"
 #: Where deploy/README.md installs the checkout (its venv, the pull step of prefect.yaml).
 INSTALL_ROOT = "/opt/xtec-flows"
 #: Files a facility copies to /etc/xtec-flows, and where they are in this checkout.
-INSTALLED_FILES = {"/etc/xtec-flows/tiled.yml": DEPLOY / "tiled" / "config.yml"}
+INSTALLED_FILES = {"/etc/xtec-flows/tiled.yml": DEPLOY / "tiled" / "config.yml",
+                   # The Dask workers' configuration directory (DASK_CONFIG), read from the install's checkout.
+                   f"{INSTALL_ROOT}/deploy/dask": DEPLOY / "dask"}
 #: A unit's EnvironmentFile= and the example it is filled from.
 ENVIRONMENT_FILE_EXAMPLES = {
     "/etc/xtec-flows/tiled.env": DEPLOY / "tiled" / "tiled.env.example",
