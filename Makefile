@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_direct_reads.py --results benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/bench_viewer.py --results benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/bench_live.py --results benchmarks/RESULTS.md
+	$(BIN)/python benchmarks/bench_worker_malloc.py
 
 clean:
 	rm -rf demo-output .pytest_cache
