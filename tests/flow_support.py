@@ -149,24 +149,34 @@ def parse_time(text: str) -> float:
 _BURST_WRITER = """
 import json, os, sys
 import numpy as np
+import bluesky.plans, bluesky_tiled_plugins, ophyd.sim  # imported before the start, as at a running end station
 from tiled.client import from_uri
 from xtec_flows.demo.beamline import run_temperature_scan
 raw = from_uri(sys.argv[1], api_key=os.environ["TILED_API_KEY"])[sys.argv[2]]
 seeds, n_temps, shape = json.loads(sys.argv[3]), int(sys.argv[4]), tuple(json.loads(sys.argv[5]))
 temps = np.linspace(20.0, 300.0, n_temps)
+if sys.argv[6] == "wait":  # connected and ready: wait for the common start
+    print("ready", flush=True)
+    sys.stdin.readline()
 print(json.dumps([run_temperature_scan(raw, temps, spatial_shape=shape, seed=s) for s in seeds]))
 """
 
 
 def write_burst(tiled_uri: str, api_key: str, writers: int = 2, per_writer: int = 10, seed0: int = 200,
                 n_temps: int = 6, shape=(12, 12, 12), raw: str = "raw", env: dict | None = None,
-                timeout: float = 600) -> list[str]:
+                timeout: float = 600, together: bool = False) -> list[str]:
     """Scans from ``writers`` acquisition processes at once (RunEngine + TiledWriter each), as
     several end stations would; the key reaches them through the environment, ``env`` adds to it
-    (a None value removes a variable). Returns the uids."""
+    (a None value removes a variable). Returns the uids.
+
+    ``together``: every process first starts, imports and connects, and only then do all begin
+    their scans at one moment, so the burst's spread is that of the scans, not of interpreter
+    start-up on a loaded machine.
+    """
     import json
     import subprocess
     import sys
+    import tempfile
 
     from xtec_flows.demo.services import child_env
 
@@ -176,17 +186,40 @@ def write_burst(tiled_uri: str, api_key: str, writers: int = 2, per_writer: int 
             proc_env.pop(name, None)
         else:
             proc_env[name] = str(value)
+    # stderr to files: a writer's warnings must not fill a pipe nobody reads while it waits to start
+    errs = [tempfile.TemporaryFile("w+") for _ in range(writers)]
     procs = [subprocess.Popen([sys.executable, "-c", _BURST_WRITER, tiled_uri, raw,
                                json.dumps(list(range(seed0 + per_writer * w, seed0 + per_writer * (w + 1)))),
-                               str(n_temps), json.dumps(list(shape))],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=proc_env)
+                               str(n_temps), json.dumps(list(shape)), "wait" if together else "go"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errs[w], text=True,
+                              env=proc_env)
              for w in range(writers)]
-    uids = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"an acquisition process failed:\n{err[-2000:]}")
-        uids += json.loads(out.strip().splitlines()[-1])
+
+    def failure(proc, err) -> RuntimeError:
+        err.seek(0)
+        return RuntimeError(f"an acquisition process failed (exit code {proc.returncode}):\n{err.read()[-2000:]}")
+
+    try:
+        if together:
+            for proc, err in zip(procs, errs):
+                if proc.stdout.readline().strip() != "ready":
+                    proc.wait(timeout=timeout)
+                    raise failure(proc, err)
+            for proc in procs:
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+        uids = []
+        for proc, err in zip(procs, errs):
+            out, _ = proc.communicate(timeout=timeout)
+            if proc.returncode != 0:
+                raise failure(proc, err)
+            uids += json.loads(out.strip().splitlines()[-1])
+    finally:
+        for proc, err in zip(procs, errs):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            err.close()
     return uids
 
 
