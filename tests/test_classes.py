@@ -375,3 +375,33 @@ def test_peaks_mode_classes_count_voxels_and_peaks():
     assert sum(c["n_voxels"] for c in classes) > sum(c["n_peaks"] for c in classes)
     fixed = xtec_flows.cluster(volume, temps, classes="auto", max_components=4, stability_runs=0)
     assert all("n_peaks" not in c for c in fixed.classes)
+
+
+def test_the_restart_whose_classes_the_others_reproduce_wins_over_the_most_likely_one():
+    from xtec_flows.engine.class_discovery import most_reproducible_restart
+    from xtec_flows.numerics.mixture import MixtureParams
+
+    rng = np.random.default_rng(12)
+    curves_ = [_order_curve(T24, 0.2, 0.0, 2.5, 150.0, 0.33), _critical_curve(T24, 0.7, 0.0, 1.0, 150.0, 20.0),
+               np.full(T24.size, 1.0)]
+    raw = np.concatenate([_rows(c, n, rng) for c, n in zip(curves_, (400, 400, 800))])
+    truth = np.repeat([0, 1, 2], [400, 400, 800])
+    X = raw / raw.mean(axis=1, keepdims=True) - 1
+
+    def params_of(labels):
+        k = labels.max() + 1
+        return MixtureParams(np.bincount(labels) / labels.size, np.stack([X[labels == j].mean(0) for j in range(k)]),
+                             np.stack([X[labels == j].var(0) + 1e-4 for j in range(k)]))
+
+    halves = rng.integers(0, 2, truth.size)
+    good_a = params_of(np.where(truth == 2, 2 + halves, truth))  # the flat rows split in two: one class still
+    good_b = params_of(np.where(truth == 2, 3 - halves, truth))
+    # One component for the order-parameter and the critical rows: a class cut across kinds.
+    bad = params_of(np.where(truth == 2, 1 + np.where(halves == 1, 1, 0) + (rng.random(truth.size) < 0.5), 0))
+    chosen = most_reproducible_restart(T24, X, raw, [(good_a, 18.7), (bad, 21.4), (good_b, 19.0)], n_components=4)
+    assert chosen == 2  # the more likely of the two that agree, not the most likely of all
+    # Where the restarts agree, the likelihood decides, as it always did.
+    assert most_reproducible_restart(T24, X, raw, [(good_a, 18.7), (good_b, 19.0), (good_a, 21.4)],
+                                     n_components=4) == 2
+    # Two restarts cannot outvote each other.
+    assert most_reproducible_restart(T24, X, raw, [(good_a, 18.7), (bad, 21.4)], n_components=4) == 1

@@ -228,3 +228,31 @@ def test_a_warm_start_from_a_converged_fit_stays_there_and_one_of_the_wrong_shap
         mx.fit_mixture(X, 3, init_params=short.params)
     with pytest.raises(ValueError, match="positive variances"):
         mx.fit_mixture(X, 3, init_params=mx.MixtureParams(grown.weights, grown.means, 0 * grown.variances))
+
+
+@pytest.mark.parametrize("init_sample_size", [500, 10_000], ids=["restarts-on-a-subsample", "full-restarts"])
+def test_choose_restart_decides_which_restart_goes_on(init_sample_size):
+    X, _ = blobs(seed=11, n=4000, T=6, K=6, spread=0.6)  # 6 blobs, 4 components: restarts differ
+    seen = []
+
+    def third(fits):
+        seen.append([ll for _, ll in fits])
+        return 2
+
+    fit = mx.fit_mixture(X, 4, n_init=4, random_state=3, init_sample_size=init_sample_size, keep_restarts=True,
+                         choose_restart=third)
+    assert len(seen) == 1 and len(seen[0]) == 4
+    assert [ll for _, ll in fit.restarts] == seen[0]
+    assert fit.n_init_best == 2
+    if init_sample_size < X.shape[0]:
+        # The chosen subsample restart is the one continued: EM from its parameters gives this fit.
+        again = mx.fit_mixture(X, 4, init_params=fit.restarts[2][0])
+        np.testing.assert_allclose(again.params.means, fit.params.means, rtol=1e-9, atol=1e-12)
+        assert again.log_likelihood == pytest.approx(fit.log_likelihood, rel=1e-12)
+    else:  # every restart was a full fit: the chosen one is returned
+        assert fit.log_likelihood / X.shape[0] == pytest.approx(fit.restarts[2][1], rel=1e-12)
+        assert len({round(ll, 6) for ll in seen[0]}) > 1  # (the restarts differ, so the choice matters)
+    # Without it the most likely restart wins, as before.
+    plain = mx.fit_mixture(X, 4, n_init=4, random_state=3, init_sample_size=init_sample_size, keep_restarts=True)
+    lls = [ll for _, ll in plain.restarts]
+    assert lls == seen[0] and plain.n_init_best == int(np.argmax(lls))

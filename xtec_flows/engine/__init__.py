@@ -46,6 +46,7 @@ The stages, one module each, in the order data flows through them:
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -54,7 +55,7 @@ from .. import validation
 from .._version import __version__
 from ..io import zarr_io
 from ..numerics.smoothing import SmoothingKernel
-from .class_discovery import discover_classes, restart_sample_size
+from .class_discovery import discover_classes, most_reproducible_restart, restart_sample_size, stability_sample
 from .fit import FitOutput, features, fit_trajectories
 from .labels import write_labels
 from .model import StoredModel, label_with_model
@@ -194,6 +195,11 @@ def run(
         traj.close()
 
 
+def _most_reproducible(temperatures, sample, n_components, restarts) -> int:
+    _, Xs, raw_s = sample
+    return most_reproducible_restart(temperatures, Xs, raw_s, restarts, n_components=n_components)
+
+
 def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, components_store, report,
                    warm_start=None) -> ClusterResult:
     report("read", 0.6)
@@ -208,20 +214,29 @@ def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, comp
         k = min(params.max_components, X.shape[0])
         if warm_start is not None and warm_start.n_components != k:
             warm_start = None  # fewer rows than max_components: seed afresh
+        row_raw = _row_raw(traj, params)
+        row_keys = None if params.mode == "peaks" else traj.row_keys
         # The restarts that lost are fits from other seeds: they serve as the stability refits,
-        # so run at least one restart per refit beside the winner, each on a subsample.
+        # so run at least one restart per refit beside the winner, each on a subsample. The
+        # winner is the restart whose classes the others reproduce best (on the rows the
+        # stability is measured on), not merely the most likely one.
+        choose = None
+        sample = None
+        if params.stability_runs > 0 and warm_start is None:
+            sample = stability_sample(X, row_raw, row_keys, params.random_state)
+            choose = functools.partial(_most_reproducible, traj.temperatures, sample, k)
         fit = fit_trajectories(traj, params, n_components=k, X=X, warn_empty=False,
                                n_init=max(params.n_init, params.stability_runs + 1), keep_restarts=True,
                                init_params=warm_start,
-                               init_sample_size=restart_sample_size(k, params.init_sample_size))
+                               init_sample_size=restart_sample_size(k, params.init_sample_size),
+                               choose_restart=choose)
         traj.timings["fit"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        row_raw = _row_raw(traj, params)
         discovery = discover_classes(
             traj.temperatures, X, row_raw, fit.row_labels, fit.params.means, n_components=k, restarts=fit.restarts,
             stability_runs=params.stability_runs, random_state=params.random_state, reg_covar=params.reg_covar,
             tol=params.tol, max_iter=params.max_iter, init_sample_size=params.init_sample_size,
-            row_keys=None if params.mode == "peaks" else traj.row_keys,
+            row_keys=row_keys, chosen_restart=fit.mixture.n_init_best, sample=sample,
         )
         if params.mode == "peaks":
             discovery.count_peak_voxels(fit.row_labels, traj.peak_sizes)

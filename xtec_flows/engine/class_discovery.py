@@ -47,6 +47,9 @@ RESTART_ROWS_PER_COMPONENT = 625
 it falls into, not for its last digits; fitting each of ``stability_runs + 1`` restarts at 8
 components on every row cost 2-4x a whole XTEC-d run (benchmarks/RESULTS.md, section 13), and
 the classes found on the grid of generator settings did not change with the smaller sample."""
+CONSENSUS_TOLERANCE = 0.01
+"""Restarts whose mean ARI with the others is within this of the highest are equally reproducible
+(the sample's own noise); the likelihood decides between them."""
 STABILITY_STREAM = 0x5EED
 """Stream number of the stability subsample's rank seed, apart from the mixture's seeding subsample."""
 
@@ -310,6 +313,60 @@ def restart_sample_size(n_components: int, init_sample_size: int) -> int:
     return min(int(init_sample_size), RESTART_ROWS_PER_COMPONENT * int(n_components))
 
 
+def stability_sample(X, row_raw, row_keys, random_state) -> tuple:
+    """The rows on which restarts and refits are compared: at most ``STABILITY_SAMPLE``, chosen by
+    key as the seeding subsample is (the same voxels in memory or in blocks).
+
+    Returns (positions (m,), X rows (m, T), raw rows (m, T)), in memory.
+    """
+    positions, (Xs, raw_s) = sample_rows([X, row_raw], row_keys, STABILITY_SAMPLE,
+                                         hash_seed(random_state, STABILITY_STREAM))
+    return positions, Xs, raw_s
+
+
+def most_reproducible_restart(temperatures, Xs: np.ndarray, raw_s: np.ndarray, restarts: list, *,
+                              n_components: int, tolerance: float = CONSENSUS_TOLERANCE) -> int:
+    """Which restart's classes the other restarts agree with most: the one to go on with.
+
+    Each restart's (MixtureParams, mean log L) labels the sample rows ``Xs`` (m, T), its
+    components are grouped into classes on the raw rows ``raw_s`` (m, T) (grid fits only), and
+    its agreement is its mean ARI with the other restarts' class labels. Among the restarts
+    within ``tolerance`` of the highest agreement, the one of highest log-likelihood wins, so
+    where the restarts agree this is the maximum-likelihood choice.
+
+    Why not the likelihood alone: with more components than classes, the likelihood ranks how
+    the components tile the data, not whether the classes are right, and its best optimum can
+    be the one that cuts a class in two (a CDW peak's shell joining a strong halo, seen at
+    halo_amplitude 600: log L 21.4 against 18.7-19.6 for three restarts that agree with each
+    other and keep the CDW whole). Choosing the solution that the other seeds reproduce is the
+    stability principle of clustering validation (Ben-Hur et al., Pac. Symp. Biocomput. 2002;
+    Lange et al., Neural Comput. 16, 1299, 2004), applied to the restarts already run.
+    """
+    from ..numerics.mixture import e_step
+
+    if len(restarts) < 3:  # with two, agreement is symmetric: it cannot tell them apart
+        return max(range(len(restarts)), key=lambda i: restarts[i][1])
+    labelings = []
+    for params, _ in restarts:
+        labels = np.argmax(e_step(Xs, params)[0], axis=1).astype(np.int8)
+        grouped = group_into_classes(temperatures, curves.component_moments(raw_s, labels, n_components),
+                                     np.asarray(params.means), refine=False)
+        labelings.append(grouped.class_labels(labels))
+    n = len(labelings)
+    pair = np.ones((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            pair[i, j] = pair[j, i] = agreement.adjusted_rand_index(labelings[i], labelings[j])
+    consensus = (pair.sum(axis=1) - 1.0) / (n - 1)
+    near = [i for i in range(n) if consensus[i] >= consensus.max() - tolerance]
+    chosen = max(near, key=lambda i: restarts[i][1])
+    best_ll = max(range(n), key=lambda i: restarts[i][1])
+    if chosen != best_ll:
+        log.info("restart %d (agreement %.3f with the others) chosen over restart %d of higher log-likelihood "
+                 "(agreement %.3f)", chosen, consensus[chosen], best_ll, consensus[best_ll])
+    return chosen
+
+
 def discover_classes(
     temperatures: np.ndarray,
     X: np.ndarray,
@@ -326,6 +383,8 @@ def discover_classes(
     max_iter: int = 300,
     init_sample_size: int = 20_000,
     row_keys=None,
+    chosen_restart: int | None = None,
+    sample: tuple | None = None,
 ) -> ClassDiscovery:
     """Classes from a fitted mixture, with their stability over refits.
 
@@ -347,6 +406,9 @@ def discover_classes(
         ``random_state + 1 ...`` on a subsample of at most ``STABILITY_SAMPLE`` rows (one
         start each, no smoothing). They test whether the classes, not a particular
         optimum, reproduce.
+    chosen_restart : index into ``restarts`` of the one this fit continued (the mixture fit's
+        ``n_init_best``); None: the one of highest log-likelihood
+    sample : the stability subsample, as :func:`stability_sample` returns it, if already drawn
 
     Returns
     -------
@@ -367,9 +429,7 @@ def discover_classes(
         if stability_runs <= 0:
             measure_stability(discovery, np.empty(0, np.int8), [])
             return discovery
-        # Rows chosen by key, as the seeding subsample is: the same voxels in memory or in blocks.
-        sample, (Xs, raw_s) = sample_rows([X, row_raw], row_keys, STABILITY_SAMPLE,
-                                          hash_seed(random_state, STABILITY_STREAM))
+        sample, Xs, raw_s = sample if sample is not None else stability_sample(X, row_raw, row_keys, random_state)
         # The subsample's labels only (dask labels: gathered from where the blocks are).
         reference = np.asarray(discovery.class_labels(row_labels[sample]))
         refits = []
@@ -382,7 +442,10 @@ def discover_classes(
                                        refine=False)
             return other.class_labels(labels), [c.kind for c in other.classes]
 
-        losers = sorted(restarts or [], key=lambda r: -r[1])[1:]
+        restarts = list(restarts or [])
+        if restarts and chosen_restart is None:
+            chosen_restart = max(range(len(restarts)), key=lambda i: restarts[i][1])
+        losers = sorted((r for i, r in enumerate(restarts) if i != chosen_restart), key=lambda r: -r[1])
         for params, _ in losers[:stability_runs]:
             refits.append(classes_of(e_step_labels(Xs, params)))
         for r in range(1, stability_runs - len(refits) + 1):

@@ -84,12 +84,13 @@ def features(traj: Trajectories, params: ClusterParams):
 def fit_trajectories(
     traj: Trajectories, params: ClusterParams, n_components: int | None = None, X: np.ndarray | None = None,
     warn_empty: bool = True, n_init: int | None = None, keep_restarts: bool = False, init_params=None,
-    init_sample_size: int | None = None,
+    init_sample_size: int | None = None, choose_restart=None,
 ) -> FitOutput:
     """Cluster gathered trajectories (features computed unless given); labels per thresholded voxel.
 
     ``init_params``: a warm start for the mixture (:func:`~xtec_flows.numerics.mixture.fit_mixture`);
-    ``init_sample_size``: rows of the subsample the restarts run on (default: the parameters')."""
+    ``init_sample_size``: rows of the subsample the restarts run on (default: the parameters');
+    ``choose_restart``: which restart wins (default: the highest log-likelihood; see ``fit_mixture``)."""
     k = params.n_components if n_components is None else n_components
     if X is None:
         X = features(traj, params)
@@ -121,6 +122,7 @@ def fit_trajectories(
         # however the rows are ordered (peaks: by peak number, already chunk-independent).
         sample_keys=None if params.mode == "peaks" else traj.row_keys,
         init_params=init_params,
+        choose_restart=choose_restart,
     )
     labels = traj.voxel_labels(fit.labels)
     counts = fit.counts if params.mode != "peaks" else traj.voxel_counts(fit.labels, k)

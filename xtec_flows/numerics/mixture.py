@@ -420,17 +420,23 @@ def _em_in_memory(X: np.ndarray, params: MixtureParams, reg_covar: float, tol: f
     return params, ll
 
 
+def _best_by_log_likelihood(fits: list) -> int:
+    """Index of the fit of highest mean log-likelihood in [(MixtureParams, mean log L), ...]."""
+    return max(range(len(fits)), key=lambda i: fits[i][1])
+
+
 def _initial_params(blocks, n_components, n_init, rng, reg_covar, tol, max_iter, sample_size, subsample_fits=None,
-                    sample_seed: int = 0):
+                    sample_seed: int = 0, choose_restart=None, chosen: dict | None = None):
     """Starting parameters for the full-data EM, one set per restart that is worth a full fit.
 
     Seeds come from k-means++ on a random subsample of at most ``sample_size``
     rows. When the data are larger than that, every restart is first run to
-    convergence on the subsample, and only the best one (by subsample
-    log-likelihood) goes on to the full data: n_init costs n_init small fits
-    plus one big fit, and the big fit starts close to its optimum, so it needs
-    few passes over the data. When the subsample is the whole data set, each
-    restart is a full fit of its own.
+    convergence on the subsample, and only one goes on to the full data (the
+    best by subsample log-likelihood, or the one ``choose_restart`` picks; its
+    index is put in ``chosen["index"]``): n_init costs n_init small fits plus one
+    big fit, and the big fit starts close to its optimum, so it needs few passes
+    over the data. When the subsample is the whole data set, each restart is a
+    full fit of its own.
     """
     sample = blocks.sample(sample_size, sample_seed)
     if sample.shape[0] >= blocks.n_samples:
@@ -438,16 +444,17 @@ def _initial_params(blocks, n_components, n_init, rng, reg_covar, tol, max_iter,
             centres = kmeans_plusplus(sample, n_components, rng)
             yield m_step(blocks.reduce(nearest_centre_stats, [centres] * len(blocks.blocks)), reg_covar)
         return
-    best = None
+    fits = []
     for _ in range(n_init):
         centres = kmeans_plusplus(sample, n_components, rng)
         start = m_step(nearest_centre_stats(sample, centres), reg_covar)
-        params, ll = _em_in_memory(sample, start, reg_covar, tol, max_iter)
-        if subsample_fits is not None:
-            subsample_fits.append((params, ll))
-        if best is None or ll > best[1]:
-            best = (params, ll)
-    yield best[0]
+        fits.append(_em_in_memory(sample, start, reg_covar, tol, max_iter))
+    if subsample_fits is not None:
+        subsample_fits.extend(fits)
+    index = (choose_restart or _best_by_log_likelihood)(fits)
+    if chosen is not None:
+        chosen["index"] = index
+    yield fits[index][0]
 
 
 @dataclass
@@ -463,7 +470,7 @@ class MixtureFit:
     bic : Bayesian information criterion
     n_iter, converged : EM iterations of the best restart and whether |Δ mean log L| < tol
     history : mean log-likelihood after every E-step of the best restart
-    n_init_best : index of the restart that won
+    n_init_best : index of the restart that won (into ``restarts`` when they are kept)
     """
 
     params: MixtureParams
@@ -591,6 +598,7 @@ def fit_mixture(
     keep_restarts: bool = False,
     sample_keys=None,
     init_params: MixtureParams | None = None,
+    choose_restart=None,
 ) -> MixtureFit:
     """Fit a diagonal Gaussian mixture by EM.
 
@@ -615,6 +623,10 @@ def fit_mixture(
     init_params : None or MixtureParams with means and variances of shape (n_components, T)
         A warm start: EM begins from these parameters (e.g. the previous fit of a series
         that has grown by a temperature) instead of k-means++ seeds; ``n_init`` is then 1.
+    choose_restart : None or callable
+        ``choose_restart([(MixtureParams, mean log L), ...]) -> index``: which of the ``n_init``
+        converged restarts wins (goes on to the full data when the restarts ran on the seeding
+        subsample). Default: the highest log-likelihood.
 
     Returns
     -------
@@ -630,7 +642,7 @@ def fit_mixture(
             X, n_components, reg_covar=reg_covar, tol=tol, max_iter=max_iter, n_init=n_init,
             random_state=random_state, smoother=smoother, init_sample_size=init_sample_size,
             block_size=block_size, n_threads=n_threads, keep_restarts=keep_restarts, sample_keys=sample_keys,
-            init_params=init_params,
+            init_params=init_params, choose_restart=choose_restart,
         )
 
 
@@ -648,7 +660,7 @@ def _check_init_params(init: MixtureParams, n_components: int, n_features: int) 
 
 def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_state, smoother,
                  init_sample_size, block_size, n_threads, keep_restarts=False, sample_keys=None,
-                 init_params=None) -> MixtureFit:
+                 init_params=None, choose_restart=None) -> MixtureFit:
     rng = np.random.default_rng(random_state)
     # The subsample's hash seed comes from random_state apart from ``rng``, so choosing the
     # subsample consumes nothing of the stream k-means++ draws from.
@@ -658,11 +670,13 @@ def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_st
     if init_params is not None:
         init_params = _check_init_params(init_params, n_components, n_features)
     try:
-        best = None
         subsample_fits = [] if keep_restarts else None
-        full_fits = []
+        chosen = {}  # the subsample restart that went on to the full data, when they ran on one
+        summaries = []  # every full fit's (params, mean log L)
+        best, candidates = None, []  # candidates: every full fit, kept only for choose_restart
         starts = [init_params] if init_params is not None else _initial_params(
-            blocks, n_components, n_init, rng, reg_covar, tol, max_iter, init_sample_size, subsample_fits, sample_seed)
+            blocks, n_components, n_init, rng, reg_covar, tol, max_iter, init_sample_size, subsample_fits, sample_seed,
+            choose_restart, chosen)
         for restart, params in enumerate(starts):
             history: list[float] = []
             converged = False
@@ -700,13 +714,18 @@ def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_st
                 resp = smoother(np.concatenate([p[0] for p in parts]))
                 labels = np.argmax(resp, axis=1).astype(np.int8)
                 total_ll = float(sum(p[1].sum() for p in parts))
-            if keep_restarts:
-                full_fits.append((params, total_ll / n))
-            if best is None or total_ll > best[3]:
-                best = (params, labels, history, total_ll, n_iter, converged, restart)
+            fit = (params, labels, history, total_ll, n_iter, converged, restart)
+            summaries.append((params, total_ll / n))
+            if choose_restart is not None:
+                candidates.append(fit)
+            elif best is None or total_ll > best[3]:
+                best = fit
     finally:
         blocks.close()
+    if choose_restart is not None:
+        best = candidates[choose_restart(summaries) if len(candidates) > 1 else 0]
     params, labels, history, total_ll, n_iter, converged, restart = best
+    restart = chosen.get("index", restart)
     counts = label_counts(labels, n_components)
     order = canonical_order(params, counts)
     relabel = np.empty(n_components, dtype=np.int8)
@@ -721,5 +740,5 @@ def _fit_mixture(X, n_components, *, reg_covar, tol, max_iter, n_init, random_st
         converged=converged,
         history=history,
         n_init_best=restart,
-        restarts=(subsample_fits if subsample_fits else full_fits) if keep_restarts else None,
+        restarts=(subsample_fits if subsample_fits else summaries) if keep_restarts else None,
     )
