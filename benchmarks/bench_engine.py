@@ -29,7 +29,8 @@ Sections (``--only a,b,...``; default: speed,fit,smoothing,peaks,quality,memory)
   scaling    peak RSS and time against one plain read at 24x256^3 .. 24x768^3 (43 GB), each volume
              generated, measured in subprocesses and deleted; RESULTS.md section 17 (only with --only scaling)
   workers    a distributed LocalCluster (1 and 2 workers x 1 thread, --workers-memory-limit each) against
-             the threaded run on --workers-sizes; RESULTS.md section 18 (only with --only workers)
+             the threaded run on --workers-sizes, and the machine's ceiling for 2 vs 1 (the threaded
+             run pinned to 1 CPU, alone and two at once); RESULTS.md section 18 (only with --only workers)
 
 Examples::
 
@@ -881,6 +882,8 @@ def confusion_rows(lab: np.ndarray, truth: np.ndarray) -> list[list]:
 
 def child_main(args) -> None:
     """Entry point of the subprocess: one measured job, result as JSON in args.child_out."""
+    if args.child_cpus:  # before any thread is started: every later thread inherits the affinity
+        os.sched_setaffinity(0, {int(c) for c in args.child_cpus.split(",")})
     import zarr
 
     import dask.array  # noqa: F401  (imported before the clock starts, as in the parent)
@@ -893,7 +896,7 @@ def child_main(args) -> None:
         t0 = time.perf_counter()
         plain_read(arr)
         out = {"time": time.perf_counter() - t0}
-    elif args.child in ("cluster", "cluster-workers"):
+    elif args.child in ("cluster", "cluster-quiet", "cluster-workers"):
         from xtec_flows.engine import cluster
 
         labels_store = zarr.storage.LocalStore(args.child_labels) if args.child_labels else None
@@ -927,6 +930,20 @@ def child_main(args) -> None:
     out["baseline_rss"] = baseline
     out["peak_rss"] = peak_rss_bytes()
     Path(args.child_out).write_text(json.dumps(out))
+
+
+def machine_ceiling(ctx: Context, path: Path) -> tuple[dict, list[dict], float]:
+    """What two workers could gain at most on this machine: the one-machine run pinned to one CPU
+    alone, then two copies of it at once pinned to CPU 0 and CPU 1 (no scheduler, nothing shared
+    but the hardware: cores, caches, memory bandwidth, the disk). Returns (alone, [pair runs],
+    2 × alone / mean of the pair), the throughput ratio two perfectly independent workers reach."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    log("  ceiling: the one-machine run on 1 CPU alone, then two at once (CPU 0, CPU 1)")
+    alone = run_child(ctx, "cluster-quiet", path, "--child-cpus", "0")
+    with ThreadPoolExecutor(2) as pool:
+        pair = list(pool.map(lambda cpu: run_child(ctx, "cluster-quiet", path, "--child-cpus", str(cpu)), (0, 1)))
+    return alone, pair, 2 * alone["time"] / (sum(r["time"] for r in pair) / len(pair))
 
 
 def use_worker_dask_config() -> None:
@@ -1138,6 +1155,20 @@ def section_workers(ctx: Context) -> str:
         if 1 in runs:
             speedup = runs[1]["time"] / runs[2]["time"]
             checks.append([f"{shape_str(shape)}: 2 workers vs 1 ≥ 1.6×", fmt_x(speedup), verdict(speedup >= 1.6)])
+            if ctx.args.workers_ceiling:
+                alone, pair, ceiling = machine_ceiling(ctx, path)
+                rows.append([shape_str(shape), "ceiling: one machine pinned to 1 CPU, alone", fmt_bytes(kept_bytes),
+                             "-", fmt_t(alone["time"]), fmt_bytes(alone["peak_rss"]), fmt_bytes(alone["polled_rss"]),
+                             "-", fmt_breakdown(alone["timings"])])
+                rows.append([shape_str(shape), "ceiling: two of the same at once, on CPU 0 and CPU 1",
+                             fmt_bytes(kept_bytes), "-", " / ".join(fmt_t(r["time"]) for r in pair),
+                             " / ".join(fmt_bytes(r["peak_rss"]) for r in pair),
+                             fmt_bytes(sum(r["polled_rss"] for r in pair)), "-",
+                             " · ".join(fmt_breakdown(r["timings"]) for r in pair)])
+                checks.append([f"{shape_str(shape)}: the machine's ceiling for 2 vs 1 (for reference): "
+                               "2 × alone / mean of the pair", fmt_x(ceiling), "-"])
+                checks.append([f"{shape_str(shape)}: 2 workers vs 1 as a share of that ceiling (for reference)",
+                               f"{100 * (speedup - 1) / (ceiling - 1):.0f} % of the gain" if ceiling > 1 else "-", "-"])
         else:
             checks.append([f"{shape_str(shape)}: held by the workers exceeds one worker's limit ({limit})",
                            fmt_bytes(store_bytes), verdict(store_bytes > limit_bytes)])
@@ -1511,12 +1542,16 @@ GRID_SETTINGS: tuple[tuple[str, dict, int], ...] = (
 GRID_FOUND_MIN = 0.8
 GRID_METHOD_NOTE = (
     "How classes auto spends its time: its `stability_runs + 1` = 4 restarts at 8 components converge on a "
-    "subsample of 625 rows per component (5,000 rows; `engine.class_discovery.RESTART_ROWS_PER_COMPONENT`), the "
-    "best is refined on every row, and the losers serve as the stability refits; the curve grid is searched for "
-    "all components in one matrix product (`numerics.classes.fit_curves`). The run of this section before that "
-    "change (every restart on every row, 2026-12-01) cost 3.86× xtec-flows d overall and found CDW and halo on "
-    "every seed in 17/18 settings (all but background=30). A subsample restart lands in a poorer optimum more "
-    "often: where that splits a class, the class's stability score says so (`stable: false`)."
+    "subsample of 625 rows per component (5,000 rows; `engine.class_discovery.RESTART_ROWS_PER_COMPONENT`); the "
+    "restart whose classes the other restarts reproduce best (mean ARI on the stability sample, "
+    "`engine.class_discovery.most_reproducible_restart`; the likelihood decides among restarts within 0.01) is "
+    "refined on every row, and the others serve as the stability refits; the curve grid is searched for "
+    "all components in one matrix product (`numerics.classes.fit_curves`). The run of this section before the "
+    "subsample restarts (every restart on every row, 2026-12-01) cost 3.86× xtec-flows d overall and found CDW and "
+    "halo on every seed in 17/18 settings (all but background=30). The run before the choice by reproducibility "
+    "(2026-12-03, the most likely restart refined) missed halo=600 seed 1 too: there the most likely optimum put a "
+    "CDW peak's shell with the strong halo (CDW found 0.59, flagged `stable: false`), while the three other "
+    "restarts agreed with each other and kept the CDW whole."
 )
 GRID_ALT_CONTRAST = 1.0
 """A second ground truth, for a diagnostic column only (the targets use the model's default
@@ -2153,6 +2188,9 @@ def parse_args(argv=None):
                    help="scaling section volumes, ';'-separated (default 24,256;24,384;24,512;24,768)")
     p.add_argument("--workers-sizes", default="24,384",
                    help="workers section volumes, ';'-separated (default 24,384)")
+    p.add_argument("--workers-ceiling", action=argparse.BooleanOptionalAction, default=True,
+                   help="workers section: also time the one-machine run pinned to 1 CPU alone and two such runs at "
+                        "once (the machine's ceiling for 2 vs 1; default on)")
     p.add_argument("--workers-repeat", type=int, default=3,
                    help="workers section: runs per cluster size, the median is reported (default 3)")
     p.add_argument("--workers-memory-limit", default="3GB", help="workers section: memory limit per worker (default 3GB)")
@@ -2177,6 +2215,7 @@ def parse_args(argv=None):
     p.add_argument("--child-workers", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--child-mode", default="d", help=argparse.SUPPRESS)
     p.add_argument("--child-memory-limit", default="3GB", help=argparse.SUPPRESS)
+    p.add_argument("--child-cpus", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return args
