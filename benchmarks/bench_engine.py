@@ -1544,7 +1544,7 @@ GRID_METHOD_NOTE = (
     "How classes auto spends its time: its `stability_runs + 1` = 4 restarts at 8 components converge on a "
     "subsample of 625 rows per component (5,000 rows; `engine.class_discovery.RESTART_ROWS_PER_COMPONENT`); the "
     "restart whose classes the other restarts reproduce best (mean ARI on the stability sample, "
-    "`engine.class_discovery.most_reproducible_restart`; the likelihood decides among restarts within 0.01) is "
+    "`engine.class_discovery.RestartChoice`; the likelihood decides among restarts within 0.01) is "
     "refined on every row, and the others serve as the stability refits; the curve grid is searched for "
     "all components in one matrix product (`numerics.classes.fit_curves`). The run of this section before the "
     "subsample restarts (every restart on every row, 2026-12-01) cost 3.86× xtec-flows d overall and found CDW and "

@@ -378,7 +378,7 @@ def test_peaks_mode_classes_count_voxels_and_peaks():
 
 
 def test_the_restart_whose_classes_the_others_reproduce_wins_over_the_most_likely_one():
-    from xtec_flows.engine.class_discovery import most_reproducible_restart
+    from xtec_flows.engine.class_discovery import RestartChoice
     from xtec_flows.numerics.mixture import MixtureParams
 
     rng = np.random.default_rng(12)
@@ -398,10 +398,15 @@ def test_the_restart_whose_classes_the_others_reproduce_wins_over_the_most_likel
     good_b = params_of(np.where(truth == 2, 3 - halves, truth))
     # One component for the order-parameter and the critical rows: a class cut across kinds.
     bad = params_of(np.where(truth == 2, 1 + np.where(halves == 1, 1, 0) + (rng.random(truth.size) < 0.5), 0))
-    chosen = most_reproducible_restart(T24, X, raw, [(good_a, 18.7), (bad, 21.4), (good_b, 19.0)], n_components=4)
-    assert chosen == 2  # the more likely of the two that agree, not the most likely of all
+    choose = RestartChoice(T24, X, raw, n_components=4)
+    assert choose([(good_a, 18.7), (bad, 21.4), (good_b, 19.0)]) == 2  # the likelier of the two that agree
+    assert choose.agreement[0] == pytest.approx(choose.agreement[2]) and choose.agreement[0] > choose.agreement[1]
+    # Every restart's classes on the sample are kept (the stability refits reuse them): the good
+    # ones are order parameter, critical and one static class of the two flat components.
+    labels, kinds = choose.labelings[0]
+    assert sorted(k.value for k in kinds) == ["critical", "order_parameter", "static"]
+    assert len(choose.labelings) == 3 and labels.shape == truth.shape
     # Where the restarts agree, the likelihood decides, as it always did.
-    assert most_reproducible_restart(T24, X, raw, [(good_a, 18.7), (good_b, 19.0), (good_a, 21.4)],
-                                     n_components=4) == 2
+    assert choose([(good_a, 18.7), (good_b, 19.0), (good_a, 21.4)]) == 2
     # Two restarts cannot outvote each other.
-    assert most_reproducible_restart(T24, X, raw, [(good_a, 18.7), (bad, 21.4)], n_components=4) == 1
+    assert choose([(good_a, 18.7), (bad, 21.4)]) == 1

@@ -46,7 +46,6 @@ The stages, one module each, in the order data flows through them:
 
 from __future__ import annotations
 
-import functools
 import time
 
 import numpy as np
@@ -55,7 +54,7 @@ from .. import validation
 from .._version import __version__
 from ..io import zarr_io
 from ..numerics.smoothing import SmoothingKernel
-from .class_discovery import discover_classes, most_reproducible_restart, restart_sample_size, stability_sample
+from .class_discovery import RestartChoice, discover_classes, restart_sample_size, stability_sample
 from .fit import FitOutput, features, fit_trajectories
 from .labels import write_labels
 from .model import StoredModel, label_with_model
@@ -195,11 +194,6 @@ def run(
         traj.close()
 
 
-def _most_reproducible(temperatures, sample, n_components, restarts) -> int:
-    _, Xs, raw_s = sample
-    return most_reproducible_restart(temperatures, Xs, raw_s, restarts, n_components=n_components)
-
-
 def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, components_store, report,
                    warm_start=None) -> ClusterResult:
     report("read", 0.6)
@@ -220,11 +214,10 @@ def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, comp
         # so run at least one restart per refit beside the winner, each on a subsample. The
         # winner is the restart whose classes the others reproduce best (on the rows the
         # stability is measured on), not merely the most likely one.
-        choose = None
-        sample = None
+        choose = sample = None
         if params.stability_runs > 0 and warm_start is None:
             sample = stability_sample(X, row_raw, row_keys, params.random_state)
-            choose = functools.partial(_most_reproducible, traj.temperatures, sample, k)
+            choose = RestartChoice(traj.temperatures, sample[1], sample[2], n_components=k)
         fit = fit_trajectories(traj, params, n_components=k, X=X, warn_empty=False,
                                n_init=max(params.n_init, params.stability_runs + 1), keep_restarts=True,
                                init_params=warm_start,
@@ -237,6 +230,7 @@ def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, comp
             stability_runs=params.stability_runs, random_state=params.random_state, reg_covar=params.reg_covar,
             tol=params.tol, max_iter=params.max_iter, init_sample_size=params.init_sample_size,
             row_keys=row_keys, chosen_restart=fit.mixture.n_init_best, sample=sample,
+            restart_classes=choose.labelings if choose is not None and choose.labelings else None,
         )
         if params.mode == "peaks":
             discovery.count_peak_voxels(fit.row_labels, traj.peak_sizes)

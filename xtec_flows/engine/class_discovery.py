@@ -1,7 +1,9 @@
 """Class discovery: more mixture components than physics, grouped into classes by temperature dependence.
 
 Runs after the mixture fit (``classes="auto"``), on the components' labels and the raw
-trajectories, in memory or block by block where the trajectory store keeps them. Steps:
+trajectories, in memory or block by block where the trajectory store keeps them. The fit
+itself continues the restart whose classes the other restarts reproduce best
+(:class:`RestartChoice`, called by the mixture fit on the stability sample). Steps:
 
 1. per-component moments of the relative trajectories I / <I>_T (one pass over the rows);
 2. a curve model per component (:func:`numerics.classes.fit_curves`), with a common
@@ -324,15 +326,17 @@ def stability_sample(X, row_raw, row_keys, random_state) -> tuple:
     return positions, Xs, raw_s
 
 
-def most_reproducible_restart(temperatures, Xs: np.ndarray, raw_s: np.ndarray, restarts: list, *,
-                              n_components: int, tolerance: float = CONSENSUS_TOLERANCE) -> int:
+class RestartChoice:
     """Which restart's classes the other restarts agree with most: the one to go on with.
 
-    Each restart's (MixtureParams, mean log L) labels the sample rows ``Xs`` (m, T), its
-    components are grouped into classes on the raw rows ``raw_s`` (m, T) (grid fits only), and
-    its agreement is its mean ARI with the other restarts' class labels. Among the restarts
-    within ``tolerance`` of the highest agreement, the one of highest log-likelihood wins, so
-    where the restarts agree this is the maximum-likelihood choice.
+    Called by the mixture fit (``fit_mixture(choose_restart=...)``) with the converged restarts,
+    [(MixtureParams, mean log L), ...]. Each restart labels the sample rows ``Xs`` (m, T), its
+    components are grouped into classes on the raw rows ``raw_s`` (m, T) (grid fits only, its
+    own common factor), and its agreement is its mean ARI with the other restarts' class labels.
+    Among the restarts within ``tolerance`` of the highest agreement, the one of highest
+    log-likelihood wins, so where the restarts agree this is the maximum-likelihood choice.
+    Every restart's class labels on the sample stay in ``labelings`` ([(labels (m,), kinds)]):
+    the losers are the stability refits, so :func:`discover_classes` reuses them.
 
     Why not the likelihood alone: with more components than classes, the likelihood ranks how
     the components tile the data, not whether the classes are right, and its best optimum can
@@ -342,29 +346,43 @@ def most_reproducible_restart(temperatures, Xs: np.ndarray, raw_s: np.ndarray, r
     stability principle of clustering validation (Ben-Hur et al., Pac. Symp. Biocomput. 2002;
     Lange et al., Neural Comput. 16, 1299, 2004), applied to the restarts already run.
     """
-    from ..numerics.mixture import e_step
 
-    if len(restarts) < 3:  # with two, agreement is symmetric: it cannot tell them apart
-        return max(range(len(restarts)), key=lambda i: restarts[i][1])
-    labelings = []
-    for params, _ in restarts:
-        labels = np.argmax(e_step(Xs, params)[0], axis=1).astype(np.int8)
-        grouped = group_into_classes(temperatures, curves.component_moments(raw_s, labels, n_components),
+    def __init__(self, temperatures, Xs: np.ndarray, raw_s: np.ndarray, *, n_components: int,
+                 tolerance: float = CONSENSUS_TOLERANCE):
+        self.temperatures = np.asarray(temperatures, dtype=float)
+        self.Xs, self.raw_s = Xs, raw_s
+        self.n_components = int(n_components)
+        self.tolerance = float(tolerance)
+        self.labelings: list = []
+        self.agreement: np.ndarray | None = None
+
+    def classes_of(self, params) -> tuple:
+        """(class labels of the sample rows (m,), kinds) under one restart's parameters."""
+        from ..numerics.mixture import e_step
+
+        labels = np.argmax(e_step(self.Xs, params)[0], axis=1).astype(np.int8)
+        grouped = group_into_classes(self.temperatures,
+                                     curves.component_moments(self.raw_s, labels, self.n_components),
                                      np.asarray(params.means), refine=False)
-        labelings.append(grouped.class_labels(labels))
-    n = len(labelings)
-    pair = np.ones((n, n))
-    for i in range(n):
-        for j in range(i + 1, n):
-            pair[i, j] = pair[j, i] = agreement.adjusted_rand_index(labelings[i], labelings[j])
-    consensus = (pair.sum(axis=1) - 1.0) / (n - 1)
-    near = [i for i in range(n) if consensus[i] >= consensus.max() - tolerance]
-    chosen = max(near, key=lambda i: restarts[i][1])
-    best_ll = max(range(n), key=lambda i: restarts[i][1])
-    if chosen != best_ll:
-        log.info("restart %d (agreement %.3f with the others) chosen over restart %d of higher log-likelihood "
-                 "(agreement %.3f)", chosen, consensus[chosen], best_ll, consensus[best_ll])
-    return chosen
+        return grouped.class_labels(labels), [c.kind for c in grouped.classes]
+
+    def __call__(self, restarts: list) -> int:
+        self.labelings = [self.classes_of(params) for params, _ in restarts]
+        n = len(restarts)
+        best_ll = max(range(n), key=lambda i: restarts[i][1])
+        if n < 3:  # with two, agreement is symmetric: it cannot tell them apart
+            return best_ll
+        pair = np.ones((n, n))
+        for i in range(n):
+            for j in range(i + 1, n):
+                pair[i, j] = pair[j, i] = agreement.adjusted_rand_index(self.labelings[i][0], self.labelings[j][0])
+        self.agreement = (pair.sum(axis=1) - 1.0) / (n - 1)
+        near = [i for i in range(n) if self.agreement[i] >= self.agreement.max() - self.tolerance]
+        chosen = max(near, key=lambda i: restarts[i][1])
+        if chosen != best_ll:
+            log.info("restart %d (agreement %.3f with the others) chosen over restart %d of higher log-likelihood "
+                     "(agreement %.3f)", chosen, self.agreement[chosen], best_ll, self.agreement[best_ll])
+        return chosen
 
 
 def discover_classes(
@@ -385,6 +403,7 @@ def discover_classes(
     row_keys=None,
     chosen_restart: int | None = None,
     sample: tuple | None = None,
+    restart_classes: list | None = None,
 ) -> ClassDiscovery:
     """Classes from a fitted mixture, with their stability over refits.
 
@@ -400,8 +419,8 @@ def discover_classes(
         flat index), from which the stability subsample is chosen; None: the row index
     component_means : ndarray of shape (K, T), the mixture's means (rescaled units)
     restarts : the mixture fit's restarts, (MixtureParams, mean log L), from
-        ``fit_mixture(keep_restarts=True)``; all but the best serve as refits
-    stability_runs : refits to compare with: the losing restarts first (other k-means++
+        ``fit_mixture(keep_restarts=True)``; all but the chosen one serve as refits
+    stability_runs : refits to compare with: the other restarts first (other k-means++
         seeds, already converged), then, if there are fewer, new fits from seeds
         ``random_state + 1 ...`` on a subsample of at most ``STABILITY_SAMPLE`` rows (one
         start each, no smoothing). They test whether the classes, not a particular
@@ -409,6 +428,8 @@ def discover_classes(
     chosen_restart : index into ``restarts`` of the one this fit continued (the mixture fit's
         ``n_init_best``); None: the one of highest log-likelihood
     sample : the stability subsample, as :func:`stability_sample` returns it, if already drawn
+    restart_classes : every restart's (class labels on ``sample`` (m,), kinds), as
+        :class:`RestartChoice` found them while choosing; the refits among the restarts reuse them
 
     Returns
     -------
@@ -445,9 +466,10 @@ def discover_classes(
         restarts = list(restarts or [])
         if restarts and chosen_restart is None:
             chosen_restart = max(range(len(restarts)), key=lambda i: restarts[i][1])
-        losers = sorted((r for i, r in enumerate(restarts) if i != chosen_restart), key=lambda r: -r[1])
-        for params, _ in losers[:stability_runs]:
-            refits.append(classes_of(e_step_labels(Xs, params)))
+        losers = sorted((i for i in range(len(restarts)) if i != chosen_restart), key=lambda i: -restarts[i][1])
+        for i in losers[:stability_runs]:
+            refits.append(restart_classes[i] if restart_classes is not None
+                          else classes_of(e_step_labels(Xs, restarts[i][0])))
         for r in range(1, stability_runs - len(refits) + 1):
             seed = None if random_state is None else int(random_state) + r
             # tol 10x looser than the main fit's: a refit is asked which classes it finds, and the
