@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_viewer.py --results benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/bench_live.py --results benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/bench_worker_malloc.py
+	$(BIN)/python benchmarks/bench_worker_tasks.py
 
 clean:
 	rm -rf demo-output .pytest_cache

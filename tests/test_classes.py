@@ -259,6 +259,10 @@ def test_classes_auto_result_is_recorded(off_default_run):
     assert doc["n_classes"] == len(doc["classes"]) >= 3
     assert doc["params"]["classes"] == "auto" and doc["params"]["max_components"] == 8
     assert doc["stability"]["runs"] == 3 and len(doc["stability"]["ari"]) == 3
+    # The restart continued is one of the 4, the one the others agree with most (ties: likelihood).
+    agreement = doc["stability"]["restart_agreement"]
+    assert len(agreement) == 4 and doc["stability"]["chosen_restart"] in range(4)
+    assert agreement[doc["stability"]["chosen_restart"]] >= max(agreement) - 0.01
     for c in doc["classes"]:
         assert {"label", "components", "kind", "n_voxels", "tc", "tc_err", "beta", "beta_err", "stable",
                 "mean_raw", "mean_rescaled", "fit_curve"} <= set(c)

@@ -230,7 +230,7 @@ def _fit_and_label(traj: Trajectories, params: ClusterParams, labels_store, comp
             stability_runs=params.stability_runs, random_state=params.random_state, reg_covar=params.reg_covar,
             tol=params.tol, max_iter=params.max_iter, init_sample_size=params.init_sample_size,
             row_keys=row_keys, chosen_restart=fit.mixture.n_init_best, sample=sample,
-            restart_classes=choose.labelings if choose is not None and choose.labelings else None,
+            choice=choose,
         )
         if params.mode == "peaks":
             discovery.count_peak_voxels(fit.row_labels, traj.peak_sizes)

@@ -118,7 +118,9 @@ class ClassDiscovery:
     component_class : ndarray of shape (K,), int8, class label of every component (-1 for empty ones)
     component_fits : list of CurveFit, one per component
     temperature_factor : (T,) the common per-temperature factor divided out before fitting
-    stability : {"runs", "ari", "ari_mean", "sample"}: refits and their agreement with this run
+    stability : {"runs", "ari", "ari_mean", "sample", "stable_jaccard", "chosen_restart",
+        "restart_agreement"}: refits and their agreement with this run; which restart this run
+        continued and every restart's mean ARI with the others (None when not chosen by agreement)
     """
 
     classes: list
@@ -403,7 +405,7 @@ def discover_classes(
     row_keys=None,
     chosen_restart: int | None = None,
     sample: tuple | None = None,
-    restart_classes: list | None = None,
+    choice: RestartChoice | None = None,
 ) -> ClassDiscovery:
     """Classes from a fitted mixture, with their stability over refits.
 
@@ -428,8 +430,8 @@ def discover_classes(
     chosen_restart : index into ``restarts`` of the one this fit continued (the mixture fit's
         ``n_init_best``); None: the one of highest log-likelihood
     sample : the stability subsample, as :func:`stability_sample` returns it, if already drawn
-    restart_classes : every restart's (class labels on ``sample`` (m,), kinds), as
-        :class:`RestartChoice` found them while choosing; the refits among the restarts reuse them
+    choice : the :class:`RestartChoice` that chose ``chosen_restart`` on ``sample``: the refits
+        among the restarts reuse its class labels, and its agreement goes to the stability record
 
     Returns
     -------
@@ -468,7 +470,7 @@ def discover_classes(
             chosen_restart = max(range(len(restarts)), key=lambda i: restarts[i][1])
         losers = sorted((i for i in range(len(restarts)) if i != chosen_restart), key=lambda i: -restarts[i][1])
         for i in losers[:stability_runs]:
-            refits.append(restart_classes[i] if restart_classes is not None
+            refits.append(choice.labelings[i] if choice is not None and choice.labelings
                           else classes_of(e_step_labels(Xs, restarts[i][0])))
         for r in range(1, stability_runs - len(refits) + 1):
             seed = None if random_state is None else int(random_state) + r
@@ -478,6 +480,9 @@ def discover_classes(
                               random_state=seed, init_sample_size=init_sample_size)
             refits.append(classes_of(fit.labels))
         measure_stability(discovery, reference, refits)
+        discovery.stability["chosen_restart"] = chosen_restart
+        discovery.stability["restart_agreement"] = (
+            None if choice is None or choice.agreement is None else [float(a) for a in choice.agreement])
         unstable = [c.label for c in discovery.classes if c.stable is False]
         if unstable:
             log.warning("classes %s did not reproduce over %d refits (stability < %.2f)", unstable, stability_runs,
