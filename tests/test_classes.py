@@ -263,6 +263,10 @@ def test_classes_auto_result_is_recorded(off_default_run):
     agreement = doc["stability"]["restart_agreement"]
     assert len(agreement) == 4 and doc["stability"]["chosen_restart"] in range(4)
     assert agreement[doc["stability"]["chosen_restart"]] >= max(agreement) - 0.01
+    from xtec_flows.cli import _human
+
+    summary = _human("cluster", {**doc, "input": "volume", "output": "out"})
+    assert f"restart {doc['stability']['chosen_restart']} of 4 continued" in summary
     for c in doc["classes"]:
         assert {"label", "components", "kind", "n_voxels", "tc", "tc_err", "beta", "beta_err", "stable",
                 "mean_raw", "mean_rescaled", "fit_curve"} <= set(c)
@@ -414,3 +418,18 @@ def test_the_restart_whose_classes_the_others_reproduce_wins_over_the_most_likel
     assert choose([(good_a, 18.7), (good_b, 19.0), (good_a, 21.4)]) == 2
     # Two restarts cannot outvote each other.
     assert choose([(good_a, 18.7), (bad, 21.4)]) == 1
+
+
+def test_a_strong_halo_does_not_take_a_cdw_shell_with_it():
+    """halo_amplitude=600, seed 1: the most likely of the 4 restarts puts a CDW shell with the
+    halo (CDW found 0.59, as the likelihood alone chose); the restart the others reproduce keeps
+    the CDW whole."""
+    model = synthetic.SeriesModel(halo_amplitude=600.0)
+    volume, temps, truth = synthetic.make_volume((24, 64, 64, 64), model=model, seed=1)
+    result = xtec_flows.cluster(volume, temps, classes="auto", random_state=1)
+    labels, t = np.asarray(result.labels).ravel(), truth.ravel()
+    ok = t != synthetic.GAP
+    assert _found(labels[ok], t[ok], synthetic.CDW) >= 0.8
+    assert _found(labels[ok], t[ok], synthetic.HALO) >= 0.8
+    stab = result.to_dict()["stability"]
+    assert stab["restart_agreement"][stab["chosen_restart"]] == pytest.approx(max(stab["restart_agreement"]), abs=0.01)

@@ -593,7 +593,10 @@ def _human(command: str, doc: dict) -> str:
             stab = doc["stability"]
             lines.append(f"{doc['n_classes']} classes from {doc['n_components']} components"
                          + (f"; agreement over {stab['runs']} refits: mean ARI {stab['ari_mean']:.3f}"
-                            if stab.get("ari_mean") is not None else ""))
+                            if stab.get("ari_mean") is not None else "")
+                         + (f"; restart {stab['chosen_restart']} of {len(stab['restart_agreement'])} continued "
+                            f"(mean ARI {stab['restart_agreement'][stab['chosen_restart']]:.3f} with the others)"
+                            if stab.get("restart_agreement") else ""))
             for c in doc["classes"]:
                 lines.append("  class " + class_label(c))
             lines.append(f"results in {doc['output']}: labels.zarr (classes) components.zarr result.json qmap.png "
