@@ -328,6 +328,24 @@ def stability_sample(X, row_raw, row_keys, random_state) -> tuple:
     return positions, Xs, raw_s
 
 
+def sample_classes(temperatures, raw_s: np.ndarray, component_labels: np.ndarray, n_components: int,
+                   factor: np.ndarray | None = None) -> tuple:
+    """(class labels (m,), kinds) of a labelling of the sample rows by components (m,), grouped on
+    their raw rows ``raw_s`` (m, T) with grid fits only: restarts and refits are asked which
+    classes they find, not for their errors. ``factor``: a known common temperature factor (None:
+    estimated from this labelling)."""
+    grouped = group_into_classes(temperatures, curves.component_moments(raw_s, component_labels, n_components),
+                                 np.zeros((n_components, raw_s.shape[1])), factor=factor, refine=False)
+    return grouped.class_labels(component_labels), [c.kind for c in grouped.classes]
+
+
+def component_labels_of(rows: np.ndarray, params) -> np.ndarray:
+    """(m,) int8 component of highest responsibility of every row (m, T) under ``params``."""
+    from ..numerics.mixture import e_step
+
+    return np.argmax(e_step(rows, params)[0], axis=1).astype(np.int8)
+
+
 class RestartChoice:
     """Which restart's classes the other restarts agree with most: the one to go on with.
 
@@ -358,20 +376,13 @@ class RestartChoice:
         self.labelings: list = []
         self.agreement: np.ndarray | None = None
 
-    def classes_of(self, params) -> tuple:
-        """(class labels of the sample rows (m,), kinds) under one restart's parameters."""
-        from ..numerics.mixture import e_step
-
-        labels = np.argmax(e_step(self.Xs, params)[0], axis=1).astype(np.int8)
-        grouped = group_into_classes(self.temperatures,
-                                     curves.component_moments(self.raw_s, labels, self.n_components),
-                                     np.asarray(params.means), refine=False)
-        return grouped.class_labels(labels), [c.kind for c in grouped.classes]
-
     def __call__(self, restarts: list) -> int:
-        self.labelings = [self.classes_of(params) for params, _ in restarts]
+        from ..numerics.mixture import most_likely_restart
+
+        self.labelings = [sample_classes(self.temperatures, self.raw_s, component_labels_of(self.Xs, params),
+                                         self.n_components) for params, _ in restarts]
         n = len(restarts)
-        best_ll = max(range(n), key=lambda i: restarts[i][1])
+        best_ll = most_likely_restart(restarts)
         if n < 3:  # with two, agreement is symmetric: it cannot tell them apart
             return best_ll
         pair = np.ones((n, n))
@@ -439,10 +450,7 @@ def discover_classes(
     """
     from threadpoolctl import threadpool_limits
 
-    from ..numerics.mixture import e_step, fit_mixture
-
-    def e_step_labels(rows, params):
-        return np.argmax(e_step(rows, params)[0], axis=1).astype(np.int8)
+    from ..numerics.mixture import fit_mixture, most_likely_restart
 
     # Small matrix products only (K x T curves, grids of a few thousand points): a
     # multi-threaded BLAS costs more in start-up than it saves (0.4 vs 1.2 ms per grid search).
@@ -458,20 +466,16 @@ def discover_classes(
         refits = []
 
         def classes_of(labels):
-            # The common factor is a property of the data, not of a fit: reuse this run's. Grid
-            # fits only (no refinement): the refits are asked for their classes, not for errors.
-            other = group_into_classes(temperatures, curves.component_moments(raw_s, labels, n_components),
-                                       np.zeros((n_components, X.shape[1])), factor=discovery.temperature_factor,
-                                       refine=False)
-            return other.class_labels(labels), [c.kind for c in other.classes]
+            # The common factor is a property of the data, not of a fit: reuse this run's.
+            return sample_classes(temperatures, raw_s, labels, n_components, factor=discovery.temperature_factor)
 
         restarts = list(restarts or [])
         if restarts and chosen_restart is None:
-            chosen_restart = max(range(len(restarts)), key=lambda i: restarts[i][1])
+            chosen_restart = most_likely_restart(restarts)
         losers = sorted((i for i in range(len(restarts)) if i != chosen_restart), key=lambda i: -restarts[i][1])
         for i in losers[:stability_runs]:
             refits.append(choice.labelings[i] if choice is not None and choice.labelings
-                          else classes_of(e_step_labels(Xs, restarts[i][0])))
+                          else classes_of(component_labels_of(Xs, restarts[i][0])))
         for r in range(1, stability_runs - len(refits) + 1):
             seed = None if random_state is None else int(random_state) + r
             # tol 10x looser than the main fit's: a refit is asked which classes it finds, and the

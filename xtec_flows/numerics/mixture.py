@@ -420,8 +420,8 @@ def _em_in_memory(X: np.ndarray, params: MixtureParams, reg_covar: float, tol: f
     return params, ll
 
 
-def _best_by_log_likelihood(fits: list) -> int:
-    """Index of the fit of highest mean log-likelihood in [(MixtureParams, mean log L), ...]."""
+def most_likely_restart(fits: list) -> int:
+    """Index of the fit of highest mean log-likelihood in [(MixtureParams, mean log L), ...] (the first of equals)."""
     return max(range(len(fits)), key=lambda i: fits[i][1])
 
 
@@ -451,7 +451,7 @@ def _initial_params(blocks, n_components, n_init, rng, reg_covar, tol, max_iter,
         fits.append(_em_in_memory(sample, start, reg_covar, tol, max_iter))
     if subsample_fits is not None:
         subsample_fits.extend(fits)
-    index = (choose_restart or _best_by_log_likelihood)(fits)
+    index = (choose_restart or most_likely_restart)(fits)
     if chosen is not None:
         chosen["index"] = index
     yield fits[index][0]
