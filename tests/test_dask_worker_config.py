@@ -45,3 +45,25 @@ def test_the_workers_get_the_files_allocator_settings():
 def test_every_worker_recipe_points_dask_config_at_the_file(path):
     text = (REPO / path).read_text()
     assert "DASK_CONFIG=/opt/xtec-flows/deploy/dask" in text
+
+
+def test_the_preload_gives_zarr_as_many_decoding_threads_as_the_worker_has():
+    preload = yaml.safe_load((CONFIG_DIR / "distributed.yaml").read_text())["distributed"]["worker"]["preload"]
+    assert preload == ["xtec_flows.worker_preload"]
+    script = textwrap.dedent("""
+        import json
+        from distributed import Client, LocalCluster
+        def zarr_threads():
+            import zarr
+            return zarr.config.get("threading.max_workers")
+        if __name__ == "__main__":
+            with LocalCluster(n_workers=2, threads_per_worker=3, processes=True, dashboard_address=None) as lc, \\
+                    Client(lc) as client:
+                print(json.dumps(sorted(client.run(zarr_threads).values())))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "DASK_CONFIG": str(CONFIG_DIR)}, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [3, 3]

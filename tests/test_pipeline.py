@@ -139,6 +139,45 @@ def test_distributed_client_is_used(volume2):
     np.testing.assert_array_equal(labels_of(r), local)
 
 
+def test_blocks_follow_the_storage_chunks_locally_and_merge_them_on_a_cluster():
+    import math
+
+    from xtec_flows.engine import StreamingLimits, as_dask
+
+    arr = zarr.create_array(zarr.storage.MemoryStore(), shape=(24, 384, 384, 384), chunks=(24, 64, 64, 64),
+                            dtype="f4")
+    assert {c for axis in as_dask(arr).chunks[1:] for c in axis} == {64}
+    merged = as_dask(arr, on_cluster=True)
+    block = tuple(axis[0] for axis in merged.chunks[1:])
+    # Whole storage chunks per block, as few as reach the cluster's block size.
+    assert all(b % 64 == 0 for b in block) and math.prod(block) == StreamingLimits().cluster_block_voxels
+    assert merged.chunks[0] == (24,)
+    # A volume smaller than one such block is one block; explicit chunks are kept as given.
+    small = zarr.create_array(zarr.storage.MemoryStore(), shape=(8, 64, 64, 96), chunks=(8, 64, 64, 64), dtype="f4")
+    assert as_dask(small, on_cluster=True).chunks[1:] == ((64,), (64,), (96,))
+    assert as_dask(arr, (32, 32, 32), on_cluster=True).chunks[1] == (32,) * 12
+
+
+def test_a_cluster_run_on_merged_blocks_gives_the_local_labels(volume2):
+    distributed = pytest.importorskip("distributed")
+    from xtec_flows.engine import StreamingLimits
+
+    vol, temps, _ = volume2
+    stored = zarr.create_array(zarr.storage.MemoryStore(), shape=vol.shape, chunks=(vol.shape[0], 16, 16),
+                               dtype=vol.dtype)
+    stored[...] = vol
+    # Locally the 16 x 16 storage chunks are the blocks (16 of them); on the cluster they merge
+    # four at a time (4 blocks), and neither changes the labels.
+    limits = StreamingLimits(block_voxels=8 * 16 * 16, cluster_block_voxels=32 * 32)
+    local = labels_of(xtec_flows.cluster(stored, temps, n_components=3, n_init=1, limits=limits))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as lc:
+        with distributed.Client(lc) as client, distributed.get_task_stream(client) as stream:
+            r = xtec_flows.cluster(stored, temps, n_components=3, n_init=1, limits=limits)
+    first_pass = [t for t in stream.data if "block_first_pass" in str(t["key"])]
+    assert len(first_pass) == 4
+    np.testing.assert_array_equal(labels_of(r), local)
+
+
 def test_import_keeps_heavy_dependencies_out():
     import subprocess
     import sys

@@ -27,6 +27,12 @@ class StreamingLimits:
 
     block_voxels : voxels per spatial block when the input does not suggest a chunking
         (64**3 voxels x 24 temperatures x 4 bytes = 25 MB per block)
+    cluster_block_voxels : under a distributed Client, the input's storage chunks are merged
+        into blocks of at least this many voxels (4 * 64**3: 100 MB at 24 temperatures, dask's
+        usual chunk size). Every task costs the scheduler 1-2 ms and every block has about 30
+        tasks over a run; on a small cluster the scheduler shares the CPUs with the workers, and
+        at 64**3 blocks that bookkeeping, not the work, set the pace of every pass but the first
+        (benchmarks/RESULTS.md, section 18)
     scratch_in_memory_bytes : scratch arrays smaller than this stay in memory, larger ones go
         to a temporary directory on disk
     cache_all_bytes : below this many bytes of input the first pass keeps every valid
@@ -41,6 +47,7 @@ class StreamingLimits:
     """
 
     block_voxels: int = 64**3
+    cluster_block_voxels: int = 4 * 64**3
     scratch_in_memory_bytes: int = 1 << 30
     cache_all_bytes: int = 512 << 20
     provisional_margin_bins: float = 4.0
@@ -50,27 +57,30 @@ class StreamingLimits:
 DEFAULT_LIMITS = StreamingLimits()
 
 
-def _default_spatial_chunks(shape: tuple, hint: tuple | None, block_voxels: int) -> tuple:
+def _default_spatial_chunks(shape: tuple, hint: tuple | None, block_voxels: int, min_voxels: int) -> tuple:
+    """Spatial block shape: ``block_voxels``-ish cubes without a ``hint``; else the storage
+    chunks ``hint``, doubled one axis at a time (the last, fastest-varying axis first) while a
+    block holds fewer than ``min_voxels`` voxels, so that every block reads whole storage chunks."""
     ndim = len(shape)
     if hint is None:
-        side = max(int(round(block_voxels ** (1.0 / ndim))), 1)
+        side = max(int(round(max(block_voxels, min_voxels) ** (1.0 / ndim))), 1)
         return tuple(min(side, s) for s in shape)
-    # Grow the storage chunks until a block holds enough voxels to amortise task overhead.
     chunks = [min(c, s) for c, s in zip(hint, shape)]
-    while math.prod(chunks) < block_voxels // 8:
-        grown = False
-        for i in range(ndim):
-            if chunks[i] < shape[i]:
-                chunks[i] = min(chunks[i] * 2, shape[i])
-                grown = True
-        if not grown:
-            break
+    axis = ndim - 1
+    while math.prod(chunks) < min_voxels and any(c < s for c, s in zip(chunks, shape)):
+        if chunks[axis] < shape[axis]:
+            chunks[axis] = min(chunks[axis] * 2, shape[axis])
+        axis = (axis - 1) % ndim
     return tuple(chunks)
 
 
-def as_dask(volume, chunks: tuple | None = None, limits: StreamingLimits = DEFAULT_LIMITS) -> da.Array:
+def as_dask(volume, chunks: tuple | None = None, limits: StreamingLimits = DEFAULT_LIMITS,
+            on_cluster: bool = False) -> da.Array:
     """(T, *spatial) dask array with the whole temperature axis in every block and
-    regular spatial chunks (so blocks line up with zarr chunks of scratch arrays)."""
+    regular spatial chunks (so blocks line up with zarr chunks of scratch arrays). Without
+    ``chunks`` the blocks follow the input's storage chunks, merged up to
+    ``limits.cluster_block_voxels`` when the passes run ``on_cluster`` (a distributed Client),
+    else up to an eighth of ``limits.block_voxels``."""
     shape = tuple(volume.shape)
     if isinstance(volume, da.Array):
         hint = tuple(max(c) for c in volume.chunks[1:])
@@ -78,7 +88,9 @@ def as_dask(volume, chunks: tuple | None = None, limits: StreamingLimits = DEFAU
     else:
         hint = tuple(volume.chunks[1:]) if isinstance(volume, zarr.Array) else None
         x = None
-    spatial = tuple(chunks) if chunks is not None else _default_spatial_chunks(shape[1:], hint, limits.block_voxels)
+    min_voxels = limits.cluster_block_voxels if on_cluster else limits.block_voxels // 8
+    spatial = tuple(chunks) if chunks is not None else _default_spatial_chunks(shape[1:], hint, limits.block_voxels,
+                                                                               min_voxels)
     if len(spatial) != len(shape) - 1 or not all(isinstance(c, (int, np.integer)) and c >= 1 for c in spatial):
         raise ValueError(
             f"chunks must give one positive integer block size per spatial axis ({len(shape) - 1}); got {chunks!r}"

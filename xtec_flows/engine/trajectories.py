@@ -158,7 +158,7 @@ def gather_trajectories(
     shape = validation.check_volume(volume)
     temps = validation.check_temperatures(temperatures, shape[0], params.ordering)
     timings = {}
-    x = as_dask(volume, chunks, limits)
+    x = as_dask(volume, chunks, limits, on_cluster=distributed_client_active())
     spatial_shape = shape[1:]
     spatial_chunks = x.chunks[1:]
     regular = tuple(c[0] for c in spatial_chunks)
