@@ -80,8 +80,11 @@ def provisional_cut(x: da.Array, params: ClusterParams, regions: list, limits: S
     n_sample = min(16, max(2, math.ceil(len(regions) / 20)))
     picks = np.unique(np.linspace(0, len(regions) - 1, n_sample).round().astype(int))
     xb = x.to_delayed().reshape(x.numblocks[1:])
-    stats = compute(*[dask.delayed(block_statistic)(xb[regions[i][0]], params.mask) for i in picks])
-    values = np.concatenate([log_valid(s) for s in stats])
+    # Every stride-th voxel of a block larger than limits.block_voxels (a cluster's merged blocks):
+    # the sample, and the memory it costs here, stay those of 16 blocks of the usual size.
+    stride = max(1, math.ceil(math.prod(c[0] for c in x.chunks[1:]) / limits.block_voxels))
+    values = np.concatenate(compute(*[dask.delayed(sampled_log_means)(xb[regions[i][0]], params.mask, stride)
+                                      for i in picks]))
     if values.size < 100 or values.max() <= values.min():
         return (KEEP_EVERY_VALID if on_disk else -math.inf), None
     hist = threshold.histogram_of(values)
@@ -97,6 +100,11 @@ def provisional_cut(x: da.Array, params: ClusterParams, regions: list, limits: S
         generous = float(np.quantile(values, 1.0 - fraction)) if fraction < 1.0 else KEEP_EVERY_VALID
         provisional = min(provisional, generous)
     return provisional, fine_edges
+
+
+def sampled_log_means(block, mask_type, stride: int) -> np.ndarray:
+    """(m,) float64 log <I>_T of every ``stride``-th valid voxel of one block (C order)."""
+    return log_valid(block_statistic(block, mask_type))[::stride]
 
 
 # A finite cut below every log-mean: the first pass keeps every valid voxel (on disk).
