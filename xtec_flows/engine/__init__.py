@@ -125,7 +125,8 @@ def cluster(
     labels_store : zarr store or path for the label array (default: in memory).
         A path holding other data is refused; an earlier xtec-flows label array
         there is replaced only with ``overwrite=True``.
-    chunks : spatial block shape for the streaming passes
+    chunks : spatial block shape for the streaming passes (default: the input's storage chunks,
+        merged into blocks of ``limits.cluster_block_voxels`` under a distributed Client)
     limits : :class:`~xtec_flows.engine.store.StreamingLimits`, memory against reads of the
         input (default: keep inputs under 512 MB whole, scratch under 1 GiB in memory); the
         labels do not depend on them

@@ -147,7 +147,8 @@ def gather_trajectories(
     ----------
     volume : numpy, zarr or dask array of shape (T, *spatial), 1, 2 or 3 spatial dims
     temperatures : array-like of shape (T,)
-    chunks : spatial block shape (default: from the input's chunks, or 64^3-ish)
+    chunks : spatial block shape (default: from the input's chunks, or 64^3-ish; merged into larger
+        blocks under a distributed Client, see :func:`~.store.as_dask`)
     scratch : directory for intermediate arrays (default: memory when small, else a temp dir)
     limits : memory against reads (:class:`~xtec_flows.engine.store.StreamingLimits`); never the labels
 
