@@ -78,6 +78,7 @@ from bench_engine import (  # noqa: E402  (shared formatting, machine line and R
     use_worker_dask_config,
     warm_workers,
 )
+from xtec_flows.engine import StreamingLimits  # noqa: E402
 
 #: --tiled: (RESULTS.md section id, its title)
 SECTIONS = {
@@ -171,6 +172,13 @@ def child_reference(cfg: dict) -> dict:
             "n_thresholded": int(len(th.ind_thresholded)), "rss": peak_rss_bytes()}
 
 
+# The model sizes Tiled server processes, so every read here goes over HTTP. The server and the benchmark
+# share a file system, where "auto" would read the zarr directly and bypass the server (section 15).
+READ_MODE = "http"
+
+CLUSTER_BLOCK_VOXELS = StreamingLimits().cluster_block_voxels
+
+
 def child_process_scan(cfg: dict) -> dict:
     """``process_scan`` from the Tiled server, ``cfg['repeat']`` times into fresh results roots (the first
     run also warms the workers up, as a long-lived worker is), then a plain read of the same scan.
@@ -188,10 +196,10 @@ def child_process_scan(cfg: dict) -> dict:
         base_rss = _current_rss()
         for i in range(cfg["repeat"]):
             t0 = time.perf_counter()
-            out = process_scan(client, cfg["scan"], params, root=f"{cfg['root']}_{i}")
+            out = process_scan(client, cfg["scan"], params, root=f"{cfg['root']}_{i}", read_mode=READ_MODE)
             runs.append((time.perf_counter() - t0, dict(out.node.metadata), out.reused))
         # The same scan read once more, alone, with the same scheduler: how much of a run is the read.
-        scan = tiled_io.open_scan(client, cfg["scan"])
+        scan = tiled_io.open_scan(client, cfg["scan"], read_mode=READ_MODE)
         t0 = time.perf_counter()
         checksum = float(scan.volume.sum(dtype=np.float64).compute())
         read = time.perf_counter() - t0
@@ -493,7 +501,7 @@ def measure_tiled(args, server, arr, temps, vt: float, nbytes: int) -> tuple[lis
         rows_io.append(["upload (`client.write_array` of `da.from_zarr(...)`: one `write_block` per zarr chunk, "
                         "2 dask threads)", fmt_t(t_up), fmt_mb(nbytes, t_up), "-", load_now()])
         local_sum = float(da.from_zarr(arr).sum(dtype=np.float64).compute())
-        scan = tiled_io.open_scan(client, server.scan_path)
+        scan = tiled_io.open_scan(client, server.scan_path, read_mode=READ_MODE)
         best = (0.0, None)
         for n in args.read_concurrency:
             times, cpu_srv, cpu_cli, sums = [], [], [], []
@@ -622,8 +630,10 @@ def sizing_tables(args, m: Measured, worker_rss: float | None, driver: tuple[flo
     ]
     if worker_rss is not None or driver is not None:
         md += ["", "Memory: "
-               + (f"peak RSS of one 1-thread worker {fmt_bytes(worker_rss)} (bounded by the block size: each task "
-                  f"holds one (T, 64, 64, 64) float32 block, {fmt_bytes(24 * 64**3 * 4)} at T=24, plus its kept "
+               + (f"peak RSS of one 1-thread worker {fmt_bytes(worker_rss)} (bounded by the block size: on a cluster "
+                  f"each task holds one float32 block of the whole T axis and at least {CLUSTER_BLOCK_VOXELS:,} "
+                  f"voxels (storage chunks merged, `StreamingLimits.cluster_block_voxels`), "
+                  f"{fmt_bytes(24 * CLUSTER_BLOCK_VOXELS * 4)} at T=24, plus its kept "
                   "trajectories; it does not grow with the scan). " if worker_rss is not None else "")
                + (f"The flow-run (driver) process peaked at {fmt_bytes(driver[1])} over a {fmt_bytes(driver[0])} "
                   f"baseline; the excess holds the kept trajectories and grows with the thresholded voxels: "
