@@ -78,9 +78,9 @@ def as_dask(volume, chunks: tuple | None = None, limits: StreamingLimits = DEFAU
             on_cluster: bool = False) -> da.Array:
     """(T, *spatial) dask array with the whole temperature axis in every block and
     regular spatial chunks (so blocks line up with zarr chunks of scratch arrays). Without
-    ``chunks`` the blocks follow the input's storage chunks, merged up to
-    ``limits.cluster_block_voxels`` when the passes run ``on_cluster`` (a distributed Client),
-    else up to an eighth of ``limits.block_voxels``."""
+    ``chunks`` the blocks follow the input's storage chunks, merged until a block holds at least
+    ``limits.cluster_block_voxels`` voxels when the passes run ``on_cluster`` (a distributed
+    Client), else at least an eighth of ``limits.block_voxels``."""
     shape = tuple(volume.shape)
     if isinstance(volume, da.Array):
         hint = tuple(max(c) for c in volume.chunks[1:])
