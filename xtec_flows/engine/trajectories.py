@@ -159,7 +159,8 @@ def gather_trajectories(
     shape = validation.check_volume(volume)
     temps = validation.check_temperatures(temperatures, shape[0], params.ordering)
     timings = {}
-    x = as_dask(volume, chunks, limits, on_cluster=distributed_client_active())
+    on_cluster = distributed_client_active()
+    x = as_dask(volume, chunks, limits, on_cluster=on_cluster)
     spatial_shape = shape[1:]
     spatial_chunks = x.chunks[1:]
     regular = tuple(c[0] for c in spatial_chunks)
@@ -169,7 +170,7 @@ def gather_trajectories(
     # The passes run on a thread pool of our own, not dask's shared one, so that on failure or
     # Ctrl-C the tasks still writing scratch can be waited for before the scratch is removed
     # (else a block written after the removal leaves a directory behind).
-    pool = None if distributed_client_active() else ThreadPoolExecutor(
+    pool = None if on_cluster else ThreadPoolExecutor(
         dask.config.get("num_workers", None) or os.cpu_count() or 1)
     passes = dask.config.set(pool=pool) if pool is not None else contextlib.nullcontext()
     with passes:
