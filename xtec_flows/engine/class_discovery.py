@@ -211,6 +211,40 @@ def _fit_components(temperatures, moments: ComponentMoments, factor: np.ndarray,
             for k in range(mean.shape[0])]
 
 
+def component_groups(temperatures, moments: ComponentMoments, *, factor: np.ndarray | None = None,
+                     **fit_kw) -> tuple:
+    """Curve fits of the components and their groups (the classes, not yet fitted).
+
+    Parameters
+    ----------
+    temperatures : ndarray of shape (T,)
+    moments : ComponentMoments of K components
+    factor : ndarray of shape (T,), a known common temperature factor; None estimates it
+        (:func:`common_temperature_factor`)
+    **fit_kw : options of :func:`numerics.classes.fit_curves` (``refine=False``: grid fits only)
+
+    Returns
+    -------
+    (groups: list of ComponentGroup in class-label order, fits: list of K CurveFit, factor (T,))
+    """
+    t = np.asarray(temperatures, dtype=float)
+    refine = fit_kw.get("refine", True)
+    if factor is None:
+        # Which components are static, and their curves, come from the grid alone (a static fit
+        # is linear; refinement never changes a curve's kind to or from static), so the factor
+        # needs no refined fits.
+        scouted = _fit_components(t, moments, np.ones(t.size), **{**fit_kw, "refine": False})
+        factor = common_temperature_factor(moments, scouted)
+        if np.max(np.abs(factor - 1.0)) < MIN_COMMON_FACTOR:
+            factor = np.ones(t.size)
+            fits = scouted if not refine else _fit_components(t, moments, factor, **fit_kw)
+        else:
+            fits = _fit_components(t, moments, factor, **fit_kw)
+    else:
+        fits = _fit_components(t, moments, factor, **fit_kw)
+    return curves.group_components(fits, moments.counts, t), fits, factor
+
+
 def group_into_classes(temperatures, moments: ComponentMoments, rescaled_means: np.ndarray,
                        *, factor: np.ndarray | None = None, **fit_kw):
     """Curve fits, groups and refitted classes from component moments (no stability).
@@ -220,24 +254,14 @@ def group_into_classes(temperatures, moments: ComponentMoments, rescaled_means: 
     temperatures : ndarray of shape (T,)
     moments : ComponentMoments of K components
     rescaled_means : ndarray of shape (K, T), the mixture's component means (rescaled units)
-    factor : ndarray of shape (T,), a known common temperature factor; None estimates it
-        (:func:`common_temperature_factor`)
+    factor : as :func:`component_groups`
 
     Returns
     -------
     ClassDiscovery without stability
     """
     t = np.asarray(temperatures, dtype=float)
-    if factor is None:
-        fits = _fit_components(t, moments, np.ones(t.size), **fit_kw)
-        factor = common_temperature_factor(moments, fits)
-        if np.max(np.abs(factor - 1.0)) < MIN_COMMON_FACTOR:
-            factor = np.ones(t.size)
-        else:
-            fits = _fit_components(t, moments, factor, **fit_kw)
-    else:
-        fits = _fit_components(t, moments, factor, **fit_kw)
-    groups = curves.group_components(fits, moments.counts, t)
+    groups, fits, factor = component_groups(t, moments, factor=factor, **fit_kw)
     return ClassDiscovery(fit_classes(t, moments, groups, rescaled_means, factor, **fit_kw),
                           component_class_of(groups, moments.counts.size), fits, factor)
 
@@ -271,8 +295,10 @@ def fit_classes(temperatures, moments: ComponentMoments, groups: list, rescaled_
             # A class of a stored model that no voxel of this scan joins: nothing to fit.
             fit = curves.CurveFit(kind=g.kind, model="empty", curve=np.full(t.size, np.nan))
         else:
+            # The fit also starts where the class's components put Tc (a pooled mean of cores
+            # and shells can have a deeper wrong basin than any of its components).
             fit = curves.fit_curve(t, mean[label] / factor, sem[label] / factor,
-                                   kinds=curves.MODELS_OF_KIND[g.kind], **fit_kw)
+                                   kinds=curves.MODELS_OF_KIND[g.kind], tc_hints=[g.tc], **fit_kw)
         fit.kind = g.kind
         if g.kind is ClassKind.STATIC:
             fit.trend = g.trend
@@ -334,9 +360,10 @@ def sample_classes(temperatures, raw_s: np.ndarray, component_labels: np.ndarray
     their raw rows ``raw_s`` (m, T) with grid fits only: restarts and refits are asked which
     classes they find, not for their errors. ``factor``: a known common temperature factor (None:
     estimated from this labelling)."""
-    grouped = group_into_classes(temperatures, curves.component_moments(raw_s, component_labels, n_components),
-                                 np.zeros((n_components, raw_s.shape[1])), factor=factor, refine=False)
-    return grouped.class_labels(component_labels), [c.kind for c in grouped.classes]
+    # Only which classes: no class-level fits.
+    groups, _, _ = component_groups(temperatures, curves.component_moments(raw_s, component_labels, n_components),
+                                    factor=factor, refine=False)
+    return _classes_of(component_labels, component_class_of(groups, n_components)), [g.kind for g in groups]
 
 
 def component_labels_of(rows: np.ndarray, params) -> np.ndarray:
@@ -379,10 +406,16 @@ class RestartChoice:
     def __call__(self, restarts: list) -> int:
         from ..numerics.mixture import most_likely_restart
 
-        self.labelings = [sample_classes(self.temperatures, self.raw_s, component_labels_of(self.Xs, params),
-                                         self.n_components) for params, _ in restarts]
+        labels = [component_labels_of(self.Xs, params) for params, _ in restarts]
         n = len(restarts)
         best_ll = most_likely_restart(restarts)
+        # The common temperature factor is a property of the data, not of a restart: estimated
+        # once, from the most likely restart's static components, it serves every restart.
+        _, _, factor = component_groups(self.temperatures,
+                                        curves.component_moments(self.raw_s, labels[best_ll], self.n_components),
+                                        refine=False)
+        self.labelings = [sample_classes(self.temperatures, self.raw_s, lab, self.n_components, factor=factor)
+                          for lab in labels]
         if n < 3:  # with two, agreement is symmetric: it cannot tell them apart
             return best_ll
         pair = np.ones((n, n))
