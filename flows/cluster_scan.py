@@ -107,13 +107,15 @@ def _with_error(value, error, digits: int) -> str:
 
 def class_table_markdown(classes: list) -> list[str]:
     """Markdown table lines for class summaries (dicts of ``result.classes``): label, kind,
-    voxels, Tc ± err, the exponent β ± err (or, for a critical class, the width), stable."""
-    lines = ["| class | kind | voxels | Tc | β or width | stable |", "|---|---|---|---|---|---|"]
+    voxels, Tc ± err, the exponent β ± err (or, for a critical class, the width and power law γ), stable."""
+    lines = ["| class | kind | voxels | Tc | β or width, γ | stable |", "|---|---|---|---|---|---|"]
     for c in classes:
         if c.get("beta") is not None:
             shape = "β " + _with_error(c["beta"], c.get("beta_err"), 3)
         elif c.get("width") is not None:
             shape = "width " + _with_error(c["width"], c.get("width_err"), 1)
+            if c.get("gamma") is not None:
+                shape += ", γ " + _with_error(c["gamma"], c.get("gamma_err"), 2)
         else:
             shape = "–"
         stable = {True: "yes", False: "**no**", None: "–"}[c.get("stable")]

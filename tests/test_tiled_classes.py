@@ -152,7 +152,7 @@ def test_publish_result_shows_the_classes(tiled_server, auto_node, tmp_path, mon
     images = [kw["key"] for kw in made["create_image_artifact"]]
     assert [k.rsplit("-", 1)[1] for k in images] == ["qmap", "trajectories", "classes"]
     markdown = made["create_markdown_artifact"][0]["markdown"]
-    assert f"## {n} classes" in markdown and "| class | kind | voxels | Tc | β or width | stable |" in markdown
+    assert f"## {n} classes" in markdown and "| class | kind | voxels | Tc | β or width, γ | stable |" in markdown
     assert "| component | voxels | fraction |" in markdown
     # the self-contained browser view, linked from the summary and as a link artifact
     view = tmp_path / key / "view.html"
@@ -167,13 +167,14 @@ def test_class_table_markdown():
         {"label": 0, "kind": "order_parameter", "trend": "flat", "n_voxels": 1234, "tc": 152.73, "tc_err": 3.88,
          "beta": 0.3284, "beta_err": 0.0119, "width": 25.0, "width_err": 3.0, "stable": True},
         {"label": 1, "kind": "critical", "trend": "flat", "n_voxels": 312, "tc": 152.28, "tc_err": None,
-         "beta": None, "beta_err": None, "width": 28.61, "width_err": 1.63, "stable": False},
+         "beta": None, "beta_err": None, "width": 28.61, "width_err": 1.63, "gamma": 1.31, "gamma_err": 0.12,
+         "stable": False},
         {"label": 2, "kind": "static", "trend": "decreasing", "n_voxels": 398, "tc": None, "tc_err": None,
          "beta": None, "beta_err": None, "width": None, "width_err": None, "stable": None},
     ]
     lines = class_table_markdown(classes)
     assert lines[2] == "| 0 | order parameter | 1,234 | 152.7 ± 3.9 | β 0.328 ± 0.012 | yes |"
-    assert lines[3] == "| 1 | critical | 312 | 152.3 | width 28.6 ± 1.6 | **no** |"
+    assert lines[3] == "| 1 | critical | 312 | 152.3 | width 28.6 ± 1.6, γ 1.31 ± 0.12 | **no** |"
     assert lines[4] == "| 2 | static (decreasing) | 398 | – | – | – |"
 
 

@@ -105,7 +105,7 @@ CLASS_LABELS = NodeSpec("labels", description="class label per voxel (classes='a
 COMPONENTS = NodeSpec("components", description="mixture component label per voxel; -1 = not clustered; the "
                       "rows of means/variances/counts/weights", content="components")
 CLASS_TABLE = NodeSpec("classes", description="one row per class (row i = class label i): kind, Tc, exponent "
-                       "or width, fit quality, stability; components is a comma-separated list")
+                       "or the critical peak's width and power law, fit quality, stability; components is a comma-separated list")
 #: (C, T) arrays, row i = class i, each from the per-class list of the same ``result.classes`` key.
 CLASS_CURVES = {
     "mean_raw": NodeSpec("class_means_raw", ("class", "temperature"), "class mean raw intensity",
@@ -119,8 +119,8 @@ CLASS_NODES = (COMPONENTS, CLASS_TABLE, *CLASS_CURVES.values())
 #: Columns of the class table (scalars only; NaN/None where a class has no such value).
 CLASS_TABLE_COLUMNS = (
     "label", "kind", "trend", "components", "n_voxels", "tc", "tc_err", "beta", "beta_err", "width", "width_err",
-    "amplitude", "amplitude_err", "critical_amplitude", "critical_amplitude_err", "r2", "chi2_red", "stability",
-    "stable",
+    "gamma", "gamma_err", "amplitude", "amplitude_err", "critical_amplitude", "critical_amplitude_err", "r2", "chi2_red",
+    "stability", "stable",
 )
 #: Per-class (T,) lists of ``result.classes`` left out of the container's metadata (arrays hold them).
 CLASS_PER_TEMPERATURE = ("mean_raw", "mean_relative", "mean_rescaled", "fit_curve")
