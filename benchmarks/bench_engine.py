@@ -1557,9 +1557,10 @@ GRID_METHOD_NOTE = (
     "temperature step (it was a Lorentzian at least one step wide); every model's static part stays ≥ 0; the "
     "refinement runs from several starts at once (the grid's deepest local minima over Tc, the data's own kink and "
     "peak, for a class the Tc its components agree on; `numerics.bounded_lm`) and the two best models by grid BIC are "
-    "compared again at their optima. On settings drawn at random over every knob (section 20) the old curve model "
-    "split one CDW into classes 8–9 K apart and put a CDW class's Tc 37 K past the true one; on this grid the found "
-    "fractions did not change."
+    "compared again at their optima. On the settings of section 20 (every knob drawn at random) the previous curve "
+    "model (6f3081b) split the CDW into two order-parameter classes in 10 of 48 runs (3 now) and put the CDW class's Tc 22–33 K "
+    "past the true one in 6 (u06, u07, u10): CDW and halo found with the Tc within a step in 24/48 runs, 36/48 now; on "
+    "this grid the found fractions did not change."
 )
 GRID_ALT_CONTRAST = 1.0
 """A second ground truth, for a diagnostic column only (the targets use the model's default
