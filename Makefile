@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_live.py --results benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/bench_worker_malloc.py
 	$(BIN)/python benchmarks/bench_worker_tasks.py
+	$(BIN)/python benchmarks/bench_unseen.py --results benchmarks/RESULTS.md
 
 clean:
 	rm -rf demo-output .pytest_cache
