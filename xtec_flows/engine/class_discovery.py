@@ -228,21 +228,31 @@ def component_groups(temperatures, moments: ComponentMoments, *, factor: np.ndar
     (groups: list of ComponentGroup in class-label order, fits: list of K CurveFit, factor (T,))
     """
     t = np.asarray(temperatures, dtype=float)
-    refine = fit_kw.get("refine", True)
+    fits = None
     if factor is None:
-        # Which components are static, and their curves, come from the grid alone (a static fit
-        # is linear; refinement never changes a curve's kind to or from static), so the factor
-        # needs no refined fits.
-        scouted = _fit_components(t, moments, np.ones(t.size), **{**fit_kw, "refine": False})
-        factor = common_temperature_factor(moments, scouted)
-        if np.max(np.abs(factor - 1.0)) < MIN_COMMON_FACTOR:
-            factor = np.ones(t.size)
-            fits = scouted if not refine else _fit_components(t, moments, factor, **fit_kw)
-        else:
-            fits = _fit_components(t, moments, factor, **fit_kw)
-    else:
+        factor, scouted = estimate_temperature_factor(t, moments, **fit_kw)
+        if not fit_kw.get("refine", True) and np.all(factor == 1.0):
+            fits = scouted  # the grid fits on undivided data are the fits asked for
+    if fits is None:
         fits = _fit_components(t, moments, factor, **fit_kw)
     return curves.group_components(fits, moments.counts, t), fits, factor
+
+
+def estimate_temperature_factor(temperatures, moments: ComponentMoments, **fit_kw) -> tuple:
+    """:func:`common_temperature_factor` from grid fits of the components, 1 where it is within
+    ``MIN_COMMON_FACTOR`` of 1 everywhere.
+
+    Which components are static, and their curves, come from the grid alone (a static fit is
+    linear; refinement never changes a curve's kind to or from static), so no refined fits.
+
+    Returns (factor (T,), the grid fits on undivided data: list of K CurveFit).
+    """
+    t = np.asarray(temperatures, dtype=float)
+    scouted = _fit_components(t, moments, np.ones(t.size), **{**fit_kw, "refine": False})
+    factor = common_temperature_factor(moments, scouted)
+    if np.max(np.abs(factor - 1.0)) < MIN_COMMON_FACTOR:
+        factor = np.ones(t.size)
+    return factor, scouted
 
 
 def group_into_classes(temperatures, moments: ComponentMoments, rescaled_means: np.ndarray,
@@ -378,8 +388,8 @@ class RestartChoice:
 
     Called by the mixture fit (``fit_mixture(choose_restart=...)``) with the converged restarts,
     [(MixtureParams, mean log L), ...]. Each restart labels the sample rows ``Xs`` (m, T), its
-    components are grouped into classes on the raw rows ``raw_s`` (m, T) (grid fits only, its
-    own common factor), and its agreement is its mean ARI with the other restarts' class labels.
+    components are grouped into classes on the raw rows ``raw_s`` (m, T) (grid fits only, one
+    common factor for all, from the most likely restart), and its agreement is its mean ARI with the other restarts' class labels.
     Among the restarts within ``tolerance`` of the highest agreement, the one of highest
     log-likelihood wins, so where the restarts agree this is the maximum-likelihood choice.
     Every restart's class labels on the sample stay in ``labelings`` ([(labels (m,), kinds)]):
@@ -411,9 +421,8 @@ class RestartChoice:
         best_ll = most_likely_restart(restarts)
         # The common temperature factor is a property of the data, not of a restart: estimated
         # once, from the most likely restart's static components, it serves every restart.
-        _, _, factor = component_groups(self.temperatures,
-                                        curves.component_moments(self.raw_s, labels[best_ll], self.n_components),
-                                        refine=False)
+        factor, _ = estimate_temperature_factor(
+            self.temperatures, curves.component_moments(self.raw_s, labels[best_ll], self.n_components))
         self.labelings = [sample_classes(self.temperatures, self.raw_s, lab, self.n_components, factor=factor)
                           for lab in labels]
         if n < 3:  # with two, agreement is symmetric: it cannot tell them apart

@@ -352,12 +352,13 @@ def _grid_projections(t_key: tuple, name: str):
     return TC, BE, WI, GA, m, projections
 
 
-def _grid_search(t, Y, name, tc_hints=None):
+def _grid_search(t, Y, name, tc_hints=None, all_starts=True):
     """Grid optima of a model for each row of ``Y`` (curves of shape (K, T) on the temperatures
     ``t``), shape amplitudes >= 0: per curve (RSS of the best point, starts), where a start is
     (tc, beta, width, gamma, linear coefficients) and ``starts`` holds the best point of each of
     the ``REFINE_STARTS`` deepest local minima of the RSS profile over Tc, best first, then the
-    best points at the Tc of ``tc_hints`` (K,) and of the data's own kink and peak.
+    best points at the Tc of ``tc_hints`` (K,) and of the data's own kink and peak; with
+    ``all_starts=False`` (grid fits, nothing to refine) the best point alone.
 
     The grid is searched unweighted, so its projections are shared by every curve on the
     same temperatures: all K curves are one matrix product per subset of shape columns.
@@ -401,11 +402,11 @@ def _grid_search(t, Y, name, tc_hints=None):
         minima = np.flatnonzero((r <= padded[:-2]) & (r <= padded[2:]) & np.isfinite(r))
         if minima.size == 0:
             minima = np.array([int(np.argmin(r))])
-        minima = list(minima[np.argsort(r[minima], kind="stable")][:REFINE_STARTS])
+        minima = list(minima[np.argsort(r[minima], kind="stable")][:REFINE_STARTS if all_starts else 1])
         # The grid is too coarse in beta, w and gamma to make the true Tc a local minimum
         # when the curve has a sharp kink there; the data's own kink and peak are starts too.
         hints = [] if tc_hints is None or not np.isfinite(tc_hints[k]) else [float(tc_hints[k])]
-        for tc in hints + _data_tc_candidates(t, Y[k]):
+        for tc in (hints + _data_tc_candidates(t, Y[k])) if all_starts else []:
             i = int(np.argmin(np.abs(tc_axis - tc)))
             if np.isfinite(r[i]) and i not in minima:
                 minima.append(i)
@@ -631,7 +632,7 @@ def fit_curves(
             r = Y.T - X @ coef
             candidates[name] = [(float(v), None) for v in np.einsum("tk,tk->k", r, r)]
         else:
-            candidates[name] = _grid_search(t, Y, name, tc_hints)
+            candidates[name] = _grid_search(t, Y, name, tc_hints, all_starts=refine)
     fits = []
     for k in range(Y.shape[0]):
         fit = _select(t, Y[k], S[k], {name: c[k] for name, c in candidates.items()}, min_amplitude, min_r2,
@@ -677,7 +678,6 @@ def _select(t, y, s, candidates: dict, min_amplitude: float, min_r2: float, kind
         best = None
         for name_r, _ in acceptable[:REFINED_MODELS]:
             refined = _finish(t, y, w, name_r, candidates[name_r][1], tss, math.nan, refine=True)
-            refined.bic = _bic(refined.chi2_red * max(n - _n_params(name_r), 1), n, _n_params(name_r))
             if (_change(refined) >= min_amplitude or kinds_given) and (best is None or refined.bic < best.bic):
                 best = refined
         if best is not None:
@@ -711,7 +711,8 @@ def _grid_point(t, name, start):
 
 def _finish(t, y, w, name, starts, tss, bic_value, refine=True) -> CurveFit:
     """Refine the selected model from each of its grid ``starts`` (the lowest weighted RSS wins;
-    without ``refine``, the best grid point is kept) and fill a CurveFit."""
+    without ``refine``, the best grid point is kept) and fill a CurveFit. ``bic_value`` is the
+    grid's; a refined fit carries the BIC of its own weighted RSS instead."""
     n = t.size
     if name == "static":
         X = _design(t, "static", None, None, None, None)
@@ -733,6 +734,7 @@ def _finish(t, y, w, name, starts, tss, bic_value, refine=True) -> CurveFit:
         )
     if refine:
         p, e, wrss, curve = _refine(t, y, w, name, starts)
+        bic_value = _bic(wrss, n, len(p))
     else:
         p, e, curve = _grid_point(t, name, starts[0])
         wrss = float(np.sum((w * (y - curve)) ** 2))
