@@ -2,9 +2,9 @@
 
 Curve models of a class's temperature dependence have at most 8 parameters and are fitted
 to at most a few dozen temperatures, from several starting points for every component and
-class (``numerics.classes``). At that size ``scipy.optimize.least_squares`` spends ~0.4 ms
-of bookkeeping per iteration (trust-region reflective, an SVD per step), about ten times
-the arithmetic, and it solves one problem at a time. This loop does the same damped
+class (``numerics.classes``). At that size ``scipy.optimize.least_squares`` spends most of
+each iteration on bookkeeping (trust-region reflective, an SVD per step) rather than on the
+arithmetic, and it solves one problem at a time. This loop does the same damped
 Gauss-Newton steps for a stack of S problems (the same model from S starts) with a handful
 of batched NumPy calls per step. Bounds are kept by projection: a parameter on a bound that
 the descent direction pushes outwards is held there for the step, and the step is clipped
